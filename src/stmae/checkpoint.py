@@ -1,0 +1,96 @@
+"""Run folders: the self-describing checkpoint that ``predict``/``test`` need and nothing else.
+
+A run folder holds
+
+- ``config.yaml``        the complete effective configuration,
+- ``model.safetensors``  transformer weights (``model.*``) and feature statistics
+                         (``feature_stats.mean`` / ``feature_stats.std``),
+- ``meta.json``          backbone, layers, image size, normalisation, threshold, seed,
+                         training summary and stmae version.
+
+Safetensors rather than pickle: loading a model someone sent you cannot execute code.
+``meta.json`` is written last, so a folder without it is an unfinished run and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Config, ConfigError
+from .features import FeatureStats
+from .fileio import atomic_write, atomic_write_json
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A run folder is missing, incomplete or unreadable; the message names the file."""
+
+
+@dataclass
+class RunContents:
+    """Everything read back from a run folder."""
+
+    config: Config
+    model_state: dict[str, torch.Tensor]
+    stats: FeatureStats
+    meta: dict[str, Any]
+
+
+def save_run(
+    run_dir: str | os.PathLike,
+    config: Config,
+    model: torch.nn.Module,
+    stats: FeatureStats,
+    meta: dict[str, Any],
+) -> Path:
+    """Write a run folder atomically file by file, ``meta.json`` last."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    config.save(run / CONFIG_FILE)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors["feature_stats.mean"] = stats.mean.cpu().contiguous()
+    tensors["feature_stats.std"] = stats.std.cpu().contiguous()
+    atomic_write(run / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "stmae"}))
+    atomic_write_json(run / META_FILE, meta)
+    return run
+
+
+def load_run(run_dir: str | os.PathLike) -> RunContents:
+    """Read a run folder written by :func:`save_run`; clear errors for anything missing."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: run folder not found (create one with `stmae fit`)")
+    for name in (META_FILE, CONFIG_FILE, WEIGHTS_FILE):
+        if not (run / name).is_file():
+            raise CheckpointError(
+                f"{run / name}: missing; {run} is not a complete stmae run folder "
+                "(an interrupted `stmae fit` leaves no meta.json)"
+            )
+    try:
+        meta = json.loads((run / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{run / META_FILE}: unreadable ({exc})") from None
+    try:
+        config = Config.load(run / CONFIG_FILE)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        tensors = load_file(str(run / WEIGHTS_FILE))
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{run / WEIGHTS_FILE}: unreadable ({exc})") from None
+    try:
+        stats = FeatureStats(tensors.pop("feature_stats.mean"), tensors.pop("feature_stats.std"))
+    except KeyError:
+        raise CheckpointError(f"{run / WEIGHTS_FILE}: no feature statistics stored") from None
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    return RunContents(config=config, model_state=state, stats=stats, meta=meta)

@@ -1,0 +1,255 @@
+"""The ``stmae`` command line: a thin Typer layer over the Python API.
+
+Every verb maps to one library call (``fit`` -> :func:`stmae.fit`, ``predict`` ->
+:meth:`stmae.Detector.predict`, ``test`` -> :func:`stmae.evaluate.evaluate`, ``demo`` ->
+:func:`stmae.demo.run_demo`, ...); this module only parses options, prints and maps known
+errors to a one-line message and exit code 2 (no traceback for a user's mistake).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="ST-MAE: unsupervised visual anomaly detection (train on good images, find defects).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stmae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """ST-MAE: unsupervised visual anomaly detection."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backbones import WeightsError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+
+    return (DataError, ConfigError, CheckpointError, WeightsError, ValueError, FileNotFoundError)
+
+
+def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's known error types into ``error: <message>`` and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _user_errors() as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _parse_sets(items: List[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. model.depth=6), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the run's / auto).")
+WEIGHTS = typer.Option(
+    None, "--backbone-weights", help="torchvision-format weights file for backbones without packaged weights."
+)
+
+
+@app.command()
+@friendly
+def fit(
+    data_dir: Path = typer.Argument(..., help="MVTec-style category folder (uses train/good) or a folder of good images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (config.yaml, model.safetensors, meta.json)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; options below override it."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone name, e.g. efficientnet_lite0, vgg19, resnet18."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. stride4,stride8,stride16."),
+    backbone_weights: Optional[Path] = WEIGHTS,
+    image_size: Optional[int] = typer.Option(None, help="Input side in pixels."),
+    grid_size: Optional[int] = typer.Option(None, help="Feature grid side."),
+    patch_size: Optional[int] = typer.Option(None, help="Feature patch side in grid cells."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the run)."),
+    device: Optional[str] = DEVICE,
+    set_: List[str] = typer.Option([], "--set", help="Any setting as KEY=VALUE, e.g. --set model.depth=6 (repeatable)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Train ST-MAE on good images and write a run folder."""
+    from .train import fit as fit_api
+
+    overrides: dict[str, Any] = {
+        "backbone.name": backbone,
+        "backbone.layers": layers,
+        "backbone.weights": str(backbone_weights) if backbone_weights else None,
+        "features.image_size": image_size,
+        "features.grid_size": grid_size,
+        "model.patch_size": patch_size,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+        "train.seed": seed,
+        "train.device": device,
+    }
+    overrides.update(_parse_sets(set_))
+    result = fit_api(data_dir, out, config, quiet=quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    m = result.meta
+    typer.echo(
+        f"trained on {m['n_train']} images ({m['n_val']} held out) in {m['fit_seconds']:.1f} s on {m['device']}; "
+        f"final loss {m['final_loss']:.4f}; threshold {m['threshold']:.5g}"
+    )
+    typer.echo(f"run folder: {result.run_dir}")
+
+
+@app.command()
+@friendly
+def predict(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`."),
+    paths: List[Path] = typer.Argument(..., help="Images and/or folders of images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv and heatmaps/."),
+    threshold: Optional[float] = typer.Option(None, help="Override the run's decision threshold."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write a heat-map PNG per image."),
+    device: Optional[str] = DEVICE,
+    backbone_weights: Optional[Path] = WEIGHTS,
+    quiet: bool = QUIET,
+) -> None:
+    """Score images: writes predictions.csv (path, score, label) and heat-map PNGs."""
+    from .data import DataError, list_images
+    from .infer import Detector
+    from .report import panel, save_png, write_csv
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = list_images(p, recursive=True)
+            if not found:
+                raise DataError(f"{p}: folder contains no images")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    detector = Detector.load(run_dir, device=device or "auto", backbone_weights=str(backbone_weights) if backbone_weights else None)
+    if threshold is not None:
+        detector.threshold = threshold
+    rows, names = [], _unique_names(files)
+    chunk = 32
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(files), chunk), desc="predict", unit="batch", disable=quiet, leave=False):
+        batch = files[start : start + chunk]
+        for path, name, pred in zip(batch, names[start : start + chunk], detector.predict(batch)):
+            row = {"path": str(path), "score": pred.score, "label": pred.label}
+            if heatmaps:
+                from .data import read_image
+
+                heat = out / "heatmaps" / f"{name}.png"
+                save_png(heat, panel(read_image(path), pred.anomaly_map, pred.threshold))
+                row["heatmap"] = str(heat.relative_to(out))
+            rows.append(row)
+    write_csv(out / "predictions.csv", rows, ["path", "score", "label", "heatmap"] if heatmaps else ["path", "score", "label"])
+    flagged = sum(r["label"] == 1 for r in rows)
+    typer.echo(f"{len(rows)} images scored, {flagged} flagged anomalous (threshold {detector.threshold}); wrote {out / 'predictions.csv'}")
+
+
+def _unique_names(files: List[Path]) -> list[str]:
+    """File stems, made unique with the parent folder name and a counter where needed."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        base = f"{f.parent.name}_{f.stem}" if f.parent.name else f.stem
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        names.append(base if count == 0 else f"{base}_{count}")
+    return names
+
+
+@app.command()
+@friendly
+def test(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`."),
+    data_dir: Path = typer.Argument(..., help="Dataset folder with a test split (MVTec/BTAD layout or Folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: RUN_DIR/test)."),
+    examples_per_type: int = typer.Option(4, help="Images per defect type shown in report.html."),
+    device: Optional[str] = DEVICE,
+    backbone_weights: Optional[Path] = WEIGHTS,
+    quiet: bool = QUIET,
+) -> None:
+    """Evaluate a run on a labelled test split: results.json, scores.csv, report.html."""
+    from .data import open_dataset
+    from .evaluate import evaluate
+    from .infer import Detector
+    from .report import write_evaluation
+
+    dataset = open_dataset(data_dir)
+    detector = Detector.load(run_dir, device=device or "auto", backbone_weights=str(backbone_weights) if backbone_weights else None)
+    evaluation = evaluate(detector, dataset, examples_per_type=examples_per_type, quiet=quiet)
+    target = out or Path(run_dir) / "test"
+    results = write_evaluation(
+        evaluation, target, title=f"stmae test: {dataset.name}", extra={"dataset": str(data_dir), "run": str(run_dir)}
+    )
+    _print_metrics(results)
+    typer.echo(f"wrote {target / 'results.json'}, {target / 'scores.csv'}, {target / 'report.html'}")
+
+
+def _print_metrics(results: dict[str, Any]) -> None:
+    keys = ["image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap"]
+    parts = []
+    for k in keys:
+        v = results.get(k)
+        parts.append(f"{k} {'n/a' if v is None else f'{v:.4f}'}")
+    typer.echo("  ".join(parts) + f"  (n_images {results.get('n_images')})")
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output folder."),
+    epochs: Optional[int] = typer.Option(None, help="Override the demo's training epochs."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = QUIET,
+) -> None:
+    """Build the built-in texture set, train, evaluate, write results.json and heat maps."""
+    from .demo import DEMO_TARGETS, run_demo
+
+    results = run_demo(out, epochs=epochs, device=device, quiet=quiet)
+    _print_metrics(results)
+    typer.echo(f"finished in {results['total_seconds']:.0f} s; results in {out / 'results.json'}, heat maps in {out / 'report_images'}, report {out / 'report.html'}")
+    if not results["passed_targets"]:
+        typer.secho(f"below the demo targets {DEMO_TARGETS}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="stmae")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Every knob of stmae in one place: typed dataclasses, YAML load/save, overrides.
+
+Why one module: the CLI, the Python API, checkpoints and benchmarks all need the same
+defaults. Keeping them here means a run folder's ``config.yaml`` is the complete recipe of
+that run, and ``stmae fit --config cfg.yaml --epochs 50`` means exactly "that file, with
+one field changed".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .fileio import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message says which and why."""
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen CNN produces the features, and from which depths."""
+
+    name: str = "efficientnet_lite0"
+    layers: tuple[str, ...] = ("stride4", "stride8", "stride16")
+    weights: str | None = None  # torchvision-format file for backbones without packaged weights
+
+
+@dataclass
+class FeatureConfig:
+    """How backbone outputs become the feature grid the transformer reconstructs."""
+
+    image_size: int = 256  # images are resized to image_size x image_size
+    grid_size: int = 32  # all layers are resized (bilinear) to grid_size x grid_size
+    aggregate: int = 3  # k x k local mean of the grid (1 = off); RESEARCH.md: helps
+    standardize: bool = True  # per-channel standardisation with training statistics
+
+
+@dataclass
+class ModelConfig:
+    """Size of the Siamese transition MAE."""
+
+    patch_size: int = 2  # feature patch side, in grid cells; tokens = (grid/patch)^2
+    embed_dim: int = 256
+    depth: int = 4
+    num_heads: int = 8
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation; the backbone is frozen so only the transformer trains."""
+
+    epochs: int = 200
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    cos_weight: float = 1.0  # loss = MSE + cos_weight * (1 - cosine)
+    val_fraction: float = 0.1  # share of good images held out to calibrate the threshold
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class InferConfig:
+    """How residuals become anomaly maps and image scores."""
+
+    num_pairs: int = 4  # K complementary split pairs averaged at test time
+    residual: str = "mse_cos"  # mse | cos | mse_cos
+    sigma: float = 4.0  # Gaussian smoothing of the map, in input pixels (0 = off)
+    score: str = "max"  # max | topk
+    topk: float = 0.01  # fraction of map pixels averaged when score == "topk"
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    """The complete recipe of a run."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "Config":
+        """Raise ConfigError for values that would only fail later, deep in training."""
+        f, m, t, i = self.features, self.model, self.train, self.infer
+        _check(f.image_size >= 32, "features.image_size must be >= 32")
+        _check(f.grid_size >= 2, "features.grid_size must be >= 2")
+        _check(f.aggregate >= 1 and f.aggregate % 2 == 1, "features.aggregate must be odd and >= 1")
+        _check(m.patch_size >= 1, "model.patch_size must be >= 1")
+        _check(
+            f.grid_size % m.patch_size == 0,
+            f"features.grid_size ({f.grid_size}) must be a multiple of model.patch_size ({m.patch_size})",
+        )
+        tokens = (f.grid_size // m.patch_size) ** 2
+        _check(
+            tokens % 2 == 0 and tokens >= 4,
+            f"(grid_size / patch_size)^2 = {tokens} tokens; it must be even and >= 4 so the "
+            "patches split into two equal halves",
+        )
+        _check(m.embed_dim % m.num_heads == 0, "model.embed_dim must be divisible by model.num_heads")
+        _check(
+            m.decoder_dim % m.decoder_heads == 0,
+            "model.decoder_dim must be divisible by model.decoder_heads",
+        )
+        _check(m.depth >= 1 and m.decoder_depth >= 1, "model.depth and model.decoder_depth must be >= 1")
+        _check(t.epochs >= 1, "train.epochs must be >= 1")
+        _check(t.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(0.0 <= t.val_fraction < 1.0, "train.val_fraction must be in [0, 1)")
+        _check(i.num_pairs >= 1, "infer.num_pairs must be >= 1")
+        _check(i.residual in RESIDUALS, f"infer.residual must be one of {RESIDUALS}")
+        _check(i.score in SCORES, f"infer.score must be one of {SCORES}")
+        _check(0.0 < i.topk <= 1.0, "infer.topk must be in (0, 1]")
+        _check(i.sigma >= 0, "infer.sigma must be >= 0")
+        return self
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "Config":
+        """Build from a nested dict; unknown sections or keys are errors, not silently ignored."""
+        cfg = cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        sections = {f.name for f in fields(cls)}
+        for section, values in data.items():
+            if section not in sections:
+                raise ConfigError(f"{source}: unknown section {section!r}; valid: {sorted(sections)}")
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{source}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value, source=source)
+        return cfg
+
+    def set(self, key: str, value: Any, source: str = "override") -> None:
+        """Set ``section.field`` (or a field name unique across sections) with type coercion."""
+        section, name = self._resolve(key, source)
+        obj = getattr(self, section)
+        current = {f.name: f for f in fields(obj)}[name]
+        setattr(obj, name, _coerce(value, current.type, f"{source}: {section}.{name}"))
+
+    def override(self, values: Mapping[str, Any]) -> "Config":
+        """Apply several ``key: value`` overrides, skipping values that are None."""
+        for key, value in values.items():
+            if value is not None:
+                self.set(key, value)
+        return self
+
+    def _resolve(self, key: str, source: str) -> tuple[str, str]:
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section in {f.name for f in fields(self)} and name in {
+                f.name for f in fields(getattr(self, section))
+            }:
+                return section, name
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+        hits = [(s.name, key) for s in fields(self) if key in {f.name for f in fields(getattr(self, s.name))}]
+        if len(hits) != 1:
+            what = "ambiguous" if hits else "unknown"
+            raise ConfigError(f"{source}: {what} setting {key!r}; use section.field")
+        return hits[0]
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write YAML atomically."""
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Config":
+        """Read a YAML config (possibly partial: missing keys keep their defaults)."""
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        return cls.from_dict(data, source=str(p)).validate()
+
+
+RESIDUALS = ("mse", "cos", "mse_cos")
+SCORES = ("max", "topk")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, type_name: Any, where: str) -> Any:
+    """Coerce YAML/CLI values to the declared field type (annotations are strings here)."""
+    t = str(type_name)
+    try:
+        if t.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+        if t == "bool":
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(value)
+                return low in {"true", "1", "yes"}
+            return bool(value)
+        if t == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if t == "float":
+            return float(value)
+        if t == "str | None":
+            return None if value in (None, "", "none", "None") else str(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot use {value!r} as {t}") from None

@@ -1,0 +1,133 @@
+"""Scoring a labelled test split: metrics, per-defect-type breakdown, per-image records.
+
+Protocol (what ``stmae test`` and the demo report): every test image and its mask are
+resized to the model input size (images bilinear, masks nearest) and all metrics are
+threshold-free, computed on raw scores over the whole test split. Pixel metrics are streamed
+image by image (:class:`stmae.metrics.PixelMetricAccumulator`) so the maps of a large test
+set are never all held in memory; only the maps of the images picked for the report are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import AnomalyDataset, Sample, resize_image, resize_mask
+from .features import batched
+from .infer import Detector
+from .metrics import PixelMetricAccumulator, auroc, average_precision, compute_metrics
+
+
+@dataclass
+class Evaluation:
+    """Everything ``stmae test`` writes.
+
+    metrics: image_auroc, image_ap, image_f1max, pixel_auroc, pixel_ap, pixel_f1max, aupro,
+        ... (pixel values None when the dataset has no masks).
+    per_type: defect type -> {n, mean_score, image_auroc, image_ap (vs. the good images), detected}.
+    records: one dict per test image (name, defect_type, label, score, predicted).
+    examples: image index -> (image uint8 (S,S,3), map float32 (S,S), mask bool (S,S) | None)
+        for the images chosen for the report.
+    """
+
+    metrics: dict[str, Any]
+    per_type: dict[str, dict[str, Any]]
+    records: list[dict[str, Any]]
+    threshold: float | None
+    examples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+
+
+def pick_examples(samples: Sequence[Sample], per_type: int) -> set[int]:
+    """The first ``per_type`` test images of each defect type (deterministic)."""
+    chosen: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        bucket = chosen.setdefault(s.defect_type, [])
+        if len(bucket) < per_type:
+            bucket.append(i)
+    return {i for idx in chosen.values() for i in idx}
+
+
+def evaluate(
+    detector: Detector,
+    dataset: AnomalyDataset,
+    *,
+    examples_per_type: int = 0,
+    quiet: bool = False,
+) -> Evaluation:
+    """Score ``dataset.test`` with ``detector`` and compute all metrics."""
+    samples = dataset.test
+    if not samples:
+        raise ValueError(f"{dataset.root or dataset.name}: the test split is empty; nothing to evaluate")
+    size = detector.config.features.image_size
+    pixel = PixelMetricAccumulator() if dataset.has_masks else None
+    keep = pick_examples(samples, examples_per_type)
+    scores = np.zeros(len(samples), dtype=np.float64)
+    examples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    bs = detector.config.infer.batch_size
+    with tqdm(total=len(samples), desc="test", unit="img", disable=quiet, leave=False) as bar:
+        for chunk in batched(list(range(len(samples))), bs):
+            images = [samples[i].load_image() for i in chunk]
+            maps, batch_scores = detector.score_arrays(images)
+            for j, i in enumerate(chunk):
+                scores[i] = float(batch_scores[j])
+                amap = maps[j].numpy()
+                mask = _mask_at(samples[i], images[j].shape[:2], size) if pixel or i in keep else None
+                if pixel is not None:
+                    pixel.update(mask, amap)
+                if i in keep:
+                    examples[i] = (resize_image(images[j], size), amap, mask)
+            bar.update(len(chunk))
+
+    labels = np.array([s.label for s in samples])
+    metrics = compute_metrics(labels, scores)
+    if pixel is not None:
+        metrics.update(pixel.result())
+    metrics["n_images"] = len(samples)
+    metrics["n_anomalous"] = int(labels.sum())
+    metrics["n_good"] = int(len(labels) - labels.sum())
+    threshold = detector.threshold
+    records = [
+        {
+            "name": s.name or (str(s.path) if s.path else str(i)),
+            "defect_type": s.defect_type,
+            "label": s.label,
+            "score": float(scores[i]),
+            "predicted": None if threshold is None else int(scores[i] > threshold),
+        }
+        for i, s in enumerate(samples)
+    ]
+    return Evaluation(metrics, per_type_breakdown(samples, scores, threshold), records, threshold, examples)
+
+
+def _mask_at(sample: Sample, shape: tuple[int, int], size: int) -> np.ndarray:
+    """The sample's mask at the model input size; all-False for images without one."""
+    mask = sample.load_mask()
+    if mask is None:
+        mask = np.zeros(shape, dtype=bool)
+    return resize_mask(mask, size)
+
+
+def per_type_breakdown(
+    samples: Sequence[Sample], scores: np.ndarray, threshold: float | None
+) -> dict[str, dict[str, Any]]:
+    """Per defect type: count, mean score, detection rate at the threshold, and image AUROC/AP
+    of that type against the good test images (None where there are no good images)."""
+    types = sorted({s.defect_type for s in samples})
+    good = np.array([s.label == 0 for s in samples])
+    out: dict[str, dict[str, Any]] = {}
+    for t in types:
+        sel = np.array([s.defect_type == t for s in samples])
+        row: dict[str, Any] = {"n": int(sel.sum()), "mean_score": float(scores[sel].mean())}
+        if threshold is not None:
+            row["flagged_rate"] = float((scores[sel] > threshold).mean())
+        is_anomalous_type = not good[sel].any()
+        if is_anomalous_type and good.any():
+            both = sel | good
+            labels = sel[both].astype(int)
+            row["image_auroc"] = auroc(labels, scores[both])
+            row["image_ap"] = average_precision(labels, scores[both])
+        out[t] = row
+    return out

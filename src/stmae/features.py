@@ -1,0 +1,121 @@
+"""Local perceptual semantic representation: multi-depth CNN features on one grid.
+
+Shallow layers localise small defects; deeper layers know what a "normal" part looks like.
+Each chosen layer is resized (bilinear) to one ``grid x grid`` size and the layers are
+concatenated on channels. An optional k x k local mean (RESEARCH.md: it helps both
+ST-MAE and the kNN yardstick) gives each position a little neighbourhood context, and
+per-channel standardisation with training statistics keeps the high-magnitude deep channels
+from dominating the reconstruction loss.
+
+Because the backbone is frozen, training computes these features once per image and caches
+them (:func:`extract_features`); the training loop then only runs the transformer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .backbones import Backbone
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone -> (N, C, grid, grid) feature grid.
+
+    Args:
+        backbone: a frozen :class:`stmae.backbones.Backbone` returning the chosen layers.
+        grid_size: output side; every layer is resized to it.
+        aggregate: odd k for a k x k local mean (1 = none).
+    """
+
+    def __init__(self, backbone: Backbone, grid_size: int, aggregate: int = 1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.grid_size = grid_size
+        self.aggregate = aggregate
+        self.out_channels = sum(backbone.channels[name] for name in backbone.layers)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) RGB in [0, 1] -> features (N, C, grid, grid) float32."""
+        outputs = self.backbone(images)
+        size = (self.grid_size, self.grid_size)
+        maps = [
+            F.interpolate(outputs[name].float(), size=size, mode="bilinear", align_corners=False)
+            for name in self.backbone.layers
+        ]
+        feats = torch.cat(maps, dim=1)
+        if self.aggregate > 1:
+            feats = F.avg_pool2d(
+                feats, self.aggregate, stride=1, padding=self.aggregate // 2, count_include_pad=False
+            )
+        return feats
+
+
+@dataclass
+class FeatureStats:
+    """Per-channel mean and std of training features (C,), used to standardise."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def identity(cls, channels: int) -> "FeatureStats":
+        """Statistics that leave features unchanged (standardisation off)."""
+        return cls(torch.zeros(channels), torch.ones(channels))
+
+    @classmethod
+    def from_features(cls, feats: torch.Tensor, eps: float = 1e-6) -> "FeatureStats":
+        """Channel statistics over all images and positions of (N, C, G, G) features.
+
+        Accumulates in float64 so large caches do not lose precision.
+        """
+        x = feats.transpose(0, 1).reshape(feats.shape[1], -1).double()
+        mean = x.mean(dim=1)
+        std = x.std(dim=1).clamp_min(eps)
+        return cls(mean.float(), std.float())
+
+    def apply(self, feats: torch.Tensor) -> torch.Tensor:
+        """Standardise (N, C, G, G) features (broadcast over N, G, G)."""
+        mean = self.mean.to(feats.device, feats.dtype).view(1, -1, 1, 1)
+        std = self.std.to(feats.device, feats.dtype).view(1, -1, 1, 1)
+        return (feats - mean) / std
+
+
+def batched(items: Sequence, size: int) -> Iterable[Sequence]:
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: FeatureExtractor,
+    load_batch: Callable[[Sequence[int]], torch.Tensor],
+    count: int,
+    *,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    desc: str = "features",
+    quiet: bool = False,
+) -> torch.Tensor:
+    """Run the extractor over ``count`` images, returning a CPU cache (count, C, G, G).
+
+    ``load_batch(indices)`` returns the (n, 3, H, W) [0, 1] tensor for those indices, so the
+    caller decides how images are read and resized while this function owns batching,
+    device placement and the progress bar.
+    """
+    out = torch.empty(count, extractor.out_channels, extractor.grid_size, extractor.grid_size)
+    indices = np.arange(count)
+    with tqdm(total=count, desc=desc, unit="img", disable=quiet, leave=False) as bar:
+        for chunk in batched(indices, batch_size):
+            images = load_batch(chunk).to(device)
+            out[chunk[0] : chunk[-1] + 1] = extractor(images).cpu()
+            bar.update(len(chunk))
+    return out

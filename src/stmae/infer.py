@@ -1,0 +1,229 @@
+"""Inference: the :class:`Detector` turns images into anomaly maps, scores and labels.
+
+Map recipe (one place, shared by validation during ``fit``, ``predict`` and ``test``):
+features -> K complementary split pairs -> per-position residual averaged over pairs ->
+bilinear upsampling to the model input size -> Gaussian smoothing -> image score (max or
+top-k mean). Using K fixed splits (seeded) makes scores deterministic for an image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .backbones import build_backbone
+from .checkpoint import load_run
+from .config import Config
+from .device import autocast, resolve_device
+from .data import resize_image, to_tensor_batch
+from .data.io import as_rgb
+from .features import FeatureExtractor, FeatureStats, batched
+from .model import STMAE, complementary_splits, feature_residual
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+@dataclass
+class Prediction:
+    """Result for one image.
+
+    score: image anomaly score (higher = more anomalous).
+    label: 1 if ``score > threshold`` (anomalous), else 0; -1 when no threshold is known.
+    anomaly_map: float32 (H, W) at the image's original size.
+    """
+
+    score: float
+    label: int
+    anomaly_map: np.ndarray
+    threshold: float | None
+    path: str | None = None
+
+
+def build_model(config: Config, in_channels: int) -> STMAE:
+    """The transformer described by ``config.model`` for ``in_channels`` feature channels."""
+    m = config.model
+    return STMAE(
+        in_channels=in_channels,
+        grid_size=config.features.grid_size,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        decoder_dim=m.decoder_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_heads=m.decoder_heads,
+        mlp_ratio=m.mlp_ratio,
+    )
+
+
+def build_extractor(config: Config, weights: str | None = None) -> FeatureExtractor:
+    """Frozen backbone + grid resizing as described by ``config``."""
+    backbone = build_backbone(
+        config.backbone.name, layers=config.backbone.layers, weights=weights or config.backbone.weights
+    )
+    return FeatureExtractor(backbone, config.features.grid_size, config.features.aggregate)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (N, H, W) maps; kernel radius 4 sigma, reflect border."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    h, w = maps.shape[-2:]
+    mode = "reflect" if radius < min(h, w) else "replicate"
+    out = maps.unsqueeze(1)
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
+    return out.squeeze(1)
+
+
+def image_scores(maps: torch.Tensor, score: str = "max", topk: float = 0.01) -> torch.Tensor:
+    """(N, H, W) maps -> (N,) scores: the maximum, or the mean of the top ``topk`` fraction."""
+    flat = maps.flatten(1)
+    if score == "max":
+        return flat.amax(dim=1)
+    k = max(1, int(math.ceil(topk * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+class Detector:
+    """A trained ST-MAE ready to score images.
+
+    Build with :meth:`load` from a run folder (or from parts right after training).
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        model: STMAE,
+        stats: FeatureStats,
+        config: Config,
+        threshold: float | None = None,
+        meta: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.extractor = extractor.to(self.device).eval()
+        self.model = model.to(self.device).eval()
+        self.stats = stats
+        self.config = config
+        self.threshold = threshold
+        self.meta = meta or {}
+        self.splits = complementary_splits(model.num_tokens, config.infer.num_pairs, seed=config.train.seed).to(
+            self.device
+        )
+
+    @classmethod
+    def load(
+        cls, run_dir: str | os.PathLike, device: str = "auto", backbone_weights: str | None = None
+    ) -> "Detector":
+        """Load a run folder written by ``stmae fit``.
+
+        ``backbone_weights`` overrides the backbone weights file recorded in the run (for
+        backbones whose weights are not packaged, e.g. VGG19 moved to another machine).
+        """
+        run = load_run(run_dir)
+        extractor = build_extractor(run.config, weights=backbone_weights)
+        model = build_model(run.config, extractor.out_channels)
+        model.load_state_dict(run.model_state, strict=True)
+        return cls(
+            extractor,
+            model,
+            run.stats,
+            run.config,
+            threshold=run.meta.get("threshold"),
+            meta=run.meta,
+            device=resolve_device(device),
+        )
+
+    # ------------------------------------------------------------------ core maths
+    @torch.no_grad()
+    def grid_maps(self, feats: torch.Tensor) -> torch.Tensor:
+        """Standardised features (N, C, G, G) -> residual maps on the grid (N, G, G).
+
+        Mean over the K complementary split pairs of the per-position residual.
+        """
+        feats = feats.to(self.device)
+        total = torch.zeros(feats.shape[0], feats.shape[2], feats.shape[3], device=self.device)
+        with autocast(self.device):
+            for split in self.splits:
+                recon = self.model(feats, split).float()
+                total += feature_residual(recon, feats, self.config.infer.residual)
+        return total / len(self.splits)
+
+    def postprocess(self, grid_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid maps (N, G, G) -> (maps (N, S, S) at the input size S, scores (N,))."""
+        size = self.config.features.image_size
+        maps = F.interpolate(grid_maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+        maps = gaussian_blur(maps.squeeze(1), self.config.infer.sigma)
+        return maps, image_scores(maps, self.config.infer.score, self.config.infer.topk)
+
+    @torch.no_grad()
+    def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (unstandardised) cached features -> (maps (N, S, S), scores (N,)) on CPU."""
+        maps, scores = [], []
+        for chunk in torch.split(feats, self.config.infer.batch_size):
+            m, s = self.postprocess(self.grid_maps(self.stats.apply(chunk.to(self.device))))
+            maps.append(m.cpu())
+            scores.append(s.cpu())
+        return torch.cat(maps), torch.cat(scores)
+
+    @torch.no_grad()
+    def score_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 3, S, S) in [0, 1], already resized -> (maps (N, S, S), scores (N,)) on CPU."""
+        return self.score_features(self.extractor(images.to(self.device)))
+
+    def score_arrays(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 RGB arrays of any size -> maps at the model input size and scores (CPU)."""
+        size = self.config.features.image_size
+        return self.score_tensor(to_tensor_batch([resize_image(im, size) for im in images]))
+
+    # ------------------------------------------------------------------ user API
+    def predict(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        *,
+        batch_size: int | None = None,
+        quiet: bool = True,
+    ) -> list[Prediction]:
+        """Score images given as paths, PIL images or numpy arrays (HxW, HxWx3/4, uint8/16).
+
+        Returns one :class:`Prediction` per image, maps at each image's original size.
+        """
+        items = [images] if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) else list(images)
+        results: list[Prediction] = []
+        bs = batch_size or self.config.infer.batch_size
+        with tqdm(total=len(items), desc="predict", unit="img", disable=quiet, leave=False) as bar:
+            for chunk in batched(items, bs):
+                arrays = [as_rgb(item) for item in chunk]
+                maps, scores = self.score_arrays(arrays)
+                for item, arr, amap, score in zip(chunk, arrays, maps, scores):
+                    results.append(self._prediction(item, arr, amap, float(score)))
+                bar.update(len(chunk))
+        return results
+
+    def _prediction(self, item: ImageInput, arr: np.ndarray, amap: torch.Tensor, score: float) -> Prediction:
+        h, w = arr.shape[:2]
+        full = F.interpolate(amap[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        label = -1 if self.threshold is None else int(score > self.threshold)
+        path = str(item) if isinstance(item, (str, os.PathLike)) else None
+        return Prediction(score, label, full.numpy().astype(np.float32), self.threshold, path)
+
+
+def load(run_dir: str | os.PathLike, device: str = "auto", backbone_weights: str | None = None) -> Detector:
+    """Shortcut for :meth:`Detector.load`."""
+    return Detector.load(run_dir, device=device, backbone_weights=backbone_weights)
+
+
+__all__ = ["Detector", "Prediction", "load", "gaussian_blur", "image_scores"]

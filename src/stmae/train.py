@@ -1,0 +1,234 @@
+"""Training: cache frozen-backbone features once, then train only the transformer.
+
+Why cache: the backbone is frozen and training images are not augmented, so their features
+never change; recomputing them every epoch would spend most of the time in the CNN.
+
+A share of the good images (``train.val_fraction``) is held out. Their scores calibrate the
+decision threshold (the largest held-out good score), so a fresh run can label images
+without ever having seen a defect.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import save_run
+from .config import Config, TrainConfig
+from .data import AnomalyDataset, DataError, Sample, open_dataset, resize_image, to_tensor_batch
+from .features import FeatureStats, extract_features
+from .device import autocast, resolve_device
+from .infer import Detector, build_extractor, build_model
+from .model import STMAE, random_splits, reconstruction_loss
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` produced: the run folder, a ready detector and the training record."""
+
+    run_dir: Path
+    detector: Detector
+    meta: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+
+
+def make_config(config: Config | str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """A validated config from a Config, a YAML path or defaults, plus ``key=value`` overrides."""
+    if config is None:
+        cfg = Config()
+    elif isinstance(config, Config):
+        cfg = Config.from_dict(config.to_dict())  # copy: never mutate the caller's object
+    else:
+        cfg = Config.load(config)
+    return cfg.override(overrides or {}).validate()
+
+
+def training_samples(data: str | os.PathLike | AnomalyDataset | Sequence[Sample]) -> tuple[list[Sample], str]:
+    """Normal training samples and a description of where they came from."""
+    if isinstance(data, AnomalyDataset):
+        samples, source = data.train, str(data.root or data.name)
+    elif isinstance(data, (str, os.PathLike)):
+        ds = open_dataset(data)
+        samples, source = ds.train, str(data)
+    else:
+        samples, source = list(data), "samples"
+    if len(samples) < 2:
+        raise DataError(f"{source}: need at least 2 good training images, found {len(samples)}")
+    return samples, source
+
+
+def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, held-out) index arrays; at least one of each when fraction > 0."""
+    if fraction <= 0:
+        return np.arange(count), np.arange(0)
+    n_val = min(count - 1, max(1, int(round(count * fraction))))
+    perm = np.random.default_rng(seed).permutation(count)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up to ``base`` then cosine decay to 1% of it."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train_model(
+    model: STMAE, feats: torch.Tensor, cfg: TrainConfig, device: torch.device, quiet: bool = False
+) -> list[float]:
+    """Train ``model`` to reconstruct standardised features (N, C, G, G); returns epoch losses.
+
+    Each step draws a fresh random split per image (the decoupling), so over training every
+    patch is reconstructed from many different halves of its image.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    n = feats.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)
+    losses: list[float] = []
+    step = 0
+    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=quiet, leave=False)
+    for _ in bar:
+        order = torch.randperm(n, generator=gen)
+        running = 0.0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            batch = feats[idx].to(device, non_blocking=True)
+            split = random_splits(len(idx), model.num_tokens, generator=gen, device=device)
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, total, warmup, cfg.lr)
+            with autocast(device):
+                loss = reconstruction_loss(model(batch, split).float(), batch, cfg.cos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item() * len(idx)
+            step += 1
+        losses.append(running / n)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    model.eval()
+    return losses
+
+
+def fit(
+    data: str | os.PathLike | AnomalyDataset | Sequence[Sample],
+    out_dir: str | os.PathLike,
+    config: Config | str | os.PathLike | None = None,
+    *,
+    quiet: bool = False,
+    **overrides: Any,
+) -> FitResult:
+    """Train ST-MAE on good images and write a run folder.
+
+    Args:
+        data: an MVTec-style category folder (its ``train/good`` is used), a folder of good
+            images, an :class:`AnomalyDataset`, or a list of :class:`Sample`.
+        out_dir: the run folder to write (created; files inside are replaced atomically).
+        config: a :class:`Config`, a YAML file, or None for the defaults.
+        quiet: no progress bars.
+        **overrides: settings by name, e.g. ``epochs=50`` or ``features.image_size=128``
+            (use ``__`` for the dot in Python keywords: ``features__image_size=128``).
+    """
+    cfg = make_config(config, {k.replace("__", "."): v for k, v in overrides.items()})
+    samples, source = training_samples(data)
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    started = time.perf_counter()
+
+    extractor = build_extractor(cfg).to(device)
+    size = cfg.features.image_size
+
+    def load_batch(indices: Sequence[int]) -> torch.Tensor:
+        return to_tensor_batch([resize_image(samples[i].load_image(), size) for i in indices])
+
+    feats = extract_features(
+        extractor, load_batch, len(samples), batch_size=cfg.infer.batch_size, device=device, quiet=quiet
+    )
+    train_idx, val_idx = holdout_split(len(samples), cfg.train.val_fraction, cfg.train.seed)
+    train_feats = feats[torch.from_numpy(train_idx)]
+    stats = (
+        FeatureStats.from_features(train_feats)
+        if cfg.features.standardize
+        else FeatureStats.identity(extractor.out_channels)
+    )
+    model = build_model(cfg, extractor.out_channels)
+    train_started = time.perf_counter()
+    losses = train_model(model, stats.apply(train_feats), cfg.train, device, quiet=quiet)
+    train_seconds = time.perf_counter() - train_started
+
+    detector = Detector(extractor, model, stats, cfg, device=device)
+    calib_idx = val_idx if len(val_idx) else train_idx
+    _, calib_scores = detector.score_features(feats[torch.from_numpy(calib_idx)])
+    detector.threshold = float(calib_scores.max())
+    meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, calib_scores, losses, device)
+    meta["train_seconds"] = round(train_seconds, 3)
+    meta["fit_seconds"] = round(time.perf_counter() - started, 3)
+    detector.meta = meta
+    run = save_run(out_dir, cfg, model, stats, meta)
+    return FitResult(run_dir=run, detector=detector, meta=meta, losses=losses)
+
+
+def _meta(
+    cfg: Config,
+    extractor: Any,
+    source: str,
+    samples: Sequence[Sample],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    calib_scores: torch.Tensor,
+    losses: list[float],
+    device: torch.device,
+) -> dict[str, Any]:
+    backbone = extractor.backbone
+    scores = calib_scores.tolist()
+    return {
+        "stmae_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": {
+            "name": backbone.info.name,
+            "layers": list(backbone.layers),
+            "channels": [backbone.channels[name] for name in backbone.layers],
+            "strides": [backbone.strides[name] for name in backbone.layers],
+            "weights_source": backbone.weights_source,
+            "input_mean": list(backbone.info.mean),
+            "input_std": list(backbone.info.std),
+        },
+        "image_size": cfg.features.image_size,
+        "grid_size": cfg.features.grid_size,
+        "feature_channels": extractor.out_channels,
+        "input": "RGB, resized to image_size x image_size (bilinear), scaled to [0, 1] then backbone normalisation",
+        "seed": cfg.train.seed,
+        "data": source,
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "val_images": [samples[i].name or str(samples[i].path) for i in val_idx],
+        "threshold": float(max(scores)),
+        "threshold_source": "max score of held-out good images" if len(val_idx) else "max score of training images (no held-out images)",
+        "calibration_scores": {
+            "min": float(min(scores)),
+            "mean": float(np.mean(scores)),
+            "max": float(max(scores)),
+            "all": scores,
+        },
+        "epochs": cfg.train.epochs,
+        "final_loss": losses[-1],
+        "losses": losses,
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny configs and tiny image folders generated on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stmae.config import Config
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_config(**overrides) -> Config:
+    """A model small enough to train in a second on CPU (64 px, 16 tokens)."""
+    cfg = Config()
+    values = {
+        "backbone.layers": "stride4,stride8",
+        "features.image_size": 64,
+        "features.grid_size": 8,
+        "model.patch_size": 2,
+        "model.embed_dim": 32,
+        "model.depth": 1,
+        "model.num_heads": 2,
+        "model.decoder_dim": 32,
+        "model.decoder_depth": 1,
+        "model.decoder_heads": 2,
+        "train.epochs": 2,
+        "train.batch_size": 4,
+        "train.warmup_epochs": 1,
+        "train.device": "cpu",
+        "infer.num_pairs": 2,
+        "infer.sigma": 1.0,
+    }
+    values.update(overrides)
+    return cfg.override(values).validate()
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_mvtec(tmp_path: Path) -> Path:
+    """An MVTec-style category: 8 good train images, 3 good + 3 defective test images with masks.
+
+    Images are noise textures of mixed sizes, some grayscale, to exercise conversion.
+    """
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiny"
+    for i in range(8):
+        shape = (48 + 4 * i, 64) if i % 2 else (64, 64, 3)
+        write_png(root / "train" / "good" / f"{i:03d}.png", rng.integers(90, 160, shape, dtype=np.uint8))
+    for i in range(3):
+        write_png(root / "test" / "good" / f"{i:03d}.png", rng.integers(90, 160, (64, 64, 3), dtype=np.uint8))
+        img = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[20:34, 24:40] = 255
+        img[mask > 0] = (250, 20, 20)
+        write_png(root / "test" / "spot" / f"{i:03d}.png", img)
+        write_png(root / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
+    return root
