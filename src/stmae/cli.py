@@ -246,6 +246,63 @@ def demo(
         raise typer.Exit(code=1)
 
 
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config; options override it.")
+EPOCHS = typer.Option(None, "--epochs", help="Training epochs.")
+SETS = typer.Option([], "--set", help="Any setting as KEY=VALUE, e.g. --set model.depth=6 (repeatable).")
+
+
+def _overrides(epochs: Optional[int], device: Optional[str], sets: List[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {"train.epochs": epochs, "train.device": device, **_parse_sets(sets)}
+    return {k.replace(".", "__"): v for k, v in values.items() if v is not None}
+
+
+@app.command()
+@friendly
+def benchmark(
+    root: Path = typer.Argument(..., help="MVTec-style root holding <category>/train/good, test/, ground_truth/."),
+    out: Path = typer.Option(Path("benchmark_out"), "--out", "-o", help="Output folder."),
+    categories: str = typer.Option("all", help="Comma-separated categories, or 'all'."),
+    config: Optional[Path] = CONFIG,
+    epochs: Optional[int] = EPOCHS,
+    device: Optional[str] = DEVICE,
+    set_: List[str] = SETS,
+    quiet: bool = QUIET,
+) -> None:
+    """Fit + test every category; writes summary.md and summary.json with a mean row."""
+    from .protocols import benchmark as run
+
+    summary = run(root, out, categories, config, quiet=quiet, log=typer.echo, **_overrides(epochs, device, set_))
+    typer.echo((out / "summary.md").read_text())
+    typer.echo(f"wrote {out / 'summary.md'} and {out / 'summary.json'} ({len(summary['rows'])} categories)")
+
+
+@app.command()
+@friendly
+def oneclass(
+    protocol: str = typer.Argument(..., help="fashion-mnist, mnist, cifar10 or folder."),
+    data: Path = typer.Argument(..., help="Dataset folder (or the MNIST CSV file)."),
+    normal_class: str = typer.Option("all", "--normal-class", help="Class index or name, comma list, or 'all'."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use at most K training images per class."),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Use a random subset of K test images."),
+    out: Path = typer.Option(Path("oneclass_out"), "--out", "-o", help="Output folder."),
+    config: Optional[Path] = CONFIG,
+    epochs: Optional[int] = EPOCHS,
+    device: Optional[str] = DEVICE,
+    seed: int = typer.Option(0, help="Seed for subsets and splits."),
+    set_: List[str] = SETS,
+    quiet: bool = QUIET,
+) -> None:
+    """One-class protocol: train on one class, test on the whole test split; one row per class."""
+    from .protocols import oneclass as run
+
+    summary = run(
+        protocol, data, out, normal_class, config, train_limit=train_limit, test_limit=test_limit,
+        seed=seed, quiet=quiet, log=typer.echo, **_overrides(epochs, device, set_),
+    )
+    typer.echo((out / "summary.md").read_text())
+    typer.echo(f"wrote {out / 'summary.md'} and {out / 'summary.json'} ({len(summary['rows'])} classes)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="stmae")

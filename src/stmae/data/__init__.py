@@ -11,7 +11,7 @@ from .btad import load_btad
 from .folder import load_folder
 from .io import IMAGE_EXTENSIONS, DataError, list_images, read_image, read_mask
 from .mvtec import load_mvtec
-from .oneclass import ONECLASS_PROTOCOLS, load_oneclass
+from .oneclass import ONECLASS_PROTOCOLS, load_oneclass, oneclass_classes
 from .transforms import resize_image, resize_mask, to_tensor_batch
 from .visa import load_visa
 
@@ -29,6 +29,7 @@ __all__ = [
     "load_visa",
     "load_folder",
     "load_oneclass",
+    "oneclass_classes",
     "ONECLASS_PROTOCOLS",
     "to_tensor_batch",
     "resize_image",

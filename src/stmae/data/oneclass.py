@@ -42,7 +42,7 @@ from ._sources import (
 from .base import NORMAL_TYPE, AnomalyDataset, Sample
 from .io import DataError
 
-__all__ = ["load_oneclass", "ONECLASS_PROTOCOLS"]
+__all__ = ["load_oneclass", "oneclass_classes", "ONECLASS_PROTOCOLS"]
 
 ONECLASS_PROTOCOLS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "folder")
 
@@ -151,6 +151,17 @@ def _samples(splits: ClassSplits, split: str, indices: np.ndarray, normal: int) 
     return out
 
 
+def oneclass_classes(protocol: str, data: str | Path, seed: int = 0) -> tuple[str, ...]:
+    """Class names of a one-class source in index order (index i is ``normal_class=i``)."""
+    return _read(protocol, data, seed).classes
+
+
+def _read(protocol: str, data: str | Path, seed: int) -> ClassSplits:
+    if protocol not in ONECLASS_PROTOCOLS:
+        raise DataError(f"Unknown one-class protocol {protocol!r}; choose one of {', '.join(ONECLASS_PROTOCOLS)}.")
+    return _READERS[protocol](Path(data), seed)
+
+
 def load_oneclass(
     protocol: str,
     data: str | Path,
@@ -176,9 +187,7 @@ def load_oneclass(
         every test image, with ``label`` 1 for other classes and ``defect_type`` the
         class name (``"good"`` for the normal class). ``has_masks`` is False.
     """
-    if protocol not in ONECLASS_PROTOCOLS:
-        raise DataError(f"Unknown one-class protocol {protocol!r}; choose one of {', '.join(ONECLASS_PROTOCOLS)}.")
-    splits = _READERS[protocol](Path(data), seed)
+    splits = _read(protocol, data, seed)
     normal = _resolve_class(normal_class, splits.classes)
     # Separate streams so that changing test_limit never changes the training subset.
     train_rng, test_rng = (np.random.default_rng([seed, k]) for k in (1, 2))

@@ -82,14 +82,14 @@ def _polyline(rng: np.random.Generator, size: int, length: float, turns: int) ->
 
 
 def _scratch(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> tuple[float, float, float]:
-    draw.line(_polyline(rng, size, rng.uniform(0.3, 0.55) * size, 4), fill=255, width=int(rng.integers(2, 4)))
+    draw.line(_polyline(rng, size, rng.uniform(0.4, 0.6) * size, 4), fill=255, width=int(rng.integers(3, 5)))
     level = 0.95 if rng.random() < 0.5 else 0.05
     return (level, level, level)
 
 
 def _hole(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> tuple[float, float, float]:
     cx, cy = _point(rng, size, size // 6)
-    rx, ry = rng.uniform(0.04, 0.08, size=2) * size
+    rx, ry = rng.uniform(0.06, 0.1, size=2) * size
     draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
     return (0.03, 0.03, 0.03)
 
@@ -98,16 +98,16 @@ def _stain(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> tu
     cx, cy = _point(rng, size, size // 4)
     for _ in range(int(rng.integers(3, 6))):
         ox, oy = rng.normal(0, 0.05 * size, size=2)
-        r = rng.uniform(0.04, 0.08) * size
+        r = rng.uniform(0.06, 0.1) * size
         draw.ellipse([cx + ox - r, cy + oy - r, cx + ox + r, cy + oy + r], fill=255)
     return (0.55, 0.33, 0.12)  # rust brown
 
 
 def _cut(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> tuple[float, float, float]:
-    (x0, y0), (x1, y1) = _polyline(rng, size, rng.uniform(0.25, 0.4) * size, 1)
+    (x0, y0), (x1, y1) = _polyline(rng, size, rng.uniform(0.3, 0.45) * size, 1)
     nx, ny = -(y1 - y0), x1 - x0
     norm = max(1e-6, float(np.hypot(nx, ny)))
-    w = rng.uniform(2.0, 3.5)
+    w = rng.uniform(3.0, 5.0)
     nx, ny = nx / norm * w, ny / norm * w
     mid = ((x0 + x1) / 2, (y0 + y1) / 2)
     draw.polygon([(x0, y0), (mid[0] + nx, mid[1] + ny), (x1, y1), (mid[0] - nx, mid[1] - ny)], fill=255)
@@ -118,7 +118,7 @@ def _foreign_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: i
     cx, cy = _point(rng, size, size // 6)
     n = int(rng.integers(5, 8))
     angles = np.sort(rng.uniform(0, 2 * np.pi, n))
-    radii = rng.uniform(0.04, 0.09, n) * size
+    radii = rng.uniform(0.06, 0.11, n) * size
     draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(angles, radii)], fill=255)
     palette = [(0.85, 0.15, 0.1), (0.1, 0.35, 0.85), (0.95, 0.8, 0.1), (0.15, 0.7, 0.2)]
     return palette[int(rng.integers(len(palette)))]
@@ -137,14 +137,14 @@ def draw_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple
     """Paint one defect of ``kind`` into a uint8 (S, S, 3) image.
 
     Returns (defective image uint8 (S, S, 3), mask bool (S, S)); the mask is exactly the
-    painted pixels. Colours are blended (opacity 0.75-0.9) so texture shows through a little.
+    painted pixels. Colours are blended (opacity 0.85-0.95) so texture shows through a little.
     """
     size = image.shape[0]
     layer = Image.new("L", (image.shape[1], size), 0)
     colour = PAINTERS[kind](ImageDraw.Draw(layer), rng, size)
     mask = np.asarray(layer) > 127
     out = image.astype(np.float32) / 255.0
-    alpha = rng.uniform(0.75, 0.9)
+    alpha = rng.uniform(0.85, 0.95)
     noise = rng.normal(0, 0.03, size=out.shape).astype(np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * (np.asarray(colour, np.float32) + noise[mask])
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8), mask

@@ -1,0 +1,29 @@
+# Two commands a new user needs; each sets up its own virtual environment in .venv.
+#   make demo   - build the built-in texture set, train, evaluate (CPU, a few minutes)
+#   make test   - the test suite
+# TORCH picks the torch build: the pinned CPU wheel by default (an unpinned torch pulls
+# gigabytes of CUDA packages). On a CUDA machine: make demo TORCH=torch
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+$(BIN)/stmae: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test,lite]"
+	touch $@
+
+install: $(BIN)/stmae
+
+demo: install
+	$(BIN)/stmae demo --out demo_out
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,457 @@
+"""PatchCore-style kNN yardstick on exactly the features and maps ST-MAE uses.
+
+Why this exists: RESEARCH.md compares ST-MAE with anomalib's PatchCore and with a throwaway
+kNN prototype. Those numbers came from other code (another feature pipeline, another
+resize, another post-processing), so a gap between them and ST-MAE mixes "the model is
+worse" with "the pipeline differs". This baseline removes the second part: it uses
+
+* the same frozen extractor (:func:`stmae.infer.build_extractor`: EfficientNet-Lite0,
+  stride 4/8/16 layers resized bilinearly to one grid and concatenated, optional k x k local
+  mean) and the same image loading/resizing (:mod:`stmae.data`);
+* the same per-channel standardisation as ST-MAE when ``cfg.features.standardize`` is on
+  (:class:`stmae.features.FeatureStats` from the training features);
+* the same map recipe as :meth:`stmae.infer.Detector.postprocess` (bilinear upsampling of the
+  grid map to the input size, :func:`stmae.infer.gaussian_blur`,
+  :func:`stmae.infer.image_scores`) and the same metrics (:mod:`stmae.metrics`);
+
+and only replaces the transformer by a memory bank: every training patch feature,
+subsampled by greedy k-center coreset selection (PatchCore, Roth et al. 2022), and a test
+patch's anomaly value is its L2 distance to the nearest bank entry.
+
+It is deliberately not part of the ``stmae`` package: it is a measuring stick, not a product.
+``benchmarks/quality.py`` imports :func:`knn_baseline`.
+
+Protocol of the committed result (``results/baseline_knn_magnetic_tile.json``), following
+RESEARCH.md: ``load_mvtec(.../magnetic_tile/magnetic_tile)``; ``train/good`` (in loader order,
+i.e. sorted file names) subsampled to 200 with
+``sorted(np.random.default_rng(42).choice(len(train), 200, replace=False))``; the whole test
+split; images resized to 256 x 256; grid 32, 3 x 3 local mean, coreset 10 %, sigma 4,
+image score = max of the map.
+
+Run: ``python benchmarks/baseline_knn.py [--data PATH] [--train-limit 200] [--seed 42]
+[--coreset 0.1] [--image-size 256] [--grid-size 32] [--aggregate 3] [--out JSON] [--quiet]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stmae.config import Config
+from stmae.data import Sample, load_mvtec, resize_image, resize_mask, to_tensor_batch
+from stmae.evaluate import per_type_breakdown
+from stmae.features import FeatureExtractor, FeatureStats, batched, extract_features
+from stmae.fileio import atomic_write_json
+from stmae.infer import build_extractor, gaussian_blur, image_scores
+from stmae.metrics import PixelMetricAccumulator, compute_metrics
+
+DEFAULT_DATA = Path("/work/shared/data/magnetic_tile/magnetic_tile")
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "baseline_knn_magnetic_tile.json"
+
+#: Dimension of the random projection used only to *select* the coreset (PatchCore uses
+#: ~128): k-center greedy is a long sequential loop over all patches, and distances in 128
+#: dims are ~1.4x cheaper than in 176 while approximately preserving which patch is farthest.
+PROJECTION_DIM = 128
+#: Test images per scoring step; bounds memory (features, distance blocks, full-size maps).
+TEST_CHUNK = 32
+#: Upper bound on elements of one (test patches x bank) distance block (~128 MB float32).
+DISTANCE_BLOCK = 1 << 25
+
+__all__ = [
+    "knn_baseline",
+    "fit_bank",
+    "MemoryBank",
+    "greedy_coreset",
+    "sparse_random_projection",
+    "nearest_distances",
+    "anomaly_maps",
+    "subsample_indices",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Memory bank
+# --------------------------------------------------------------------------------------
+
+
+def sparse_random_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A (in_dim, out_dim) very sparse random projection matrix (Li, Hastie & Church 2006).
+
+    Entries are +-sqrt(s / out_dim) with probability 1 / (2 s) each and 0 otherwise, with
+    s = sqrt(in_dim): the same family scikit-learn's ``SparseRandomProjection`` (and thus
+    anomalib's PatchCore) draws from. Squared distances are preserved in expectation. It is
+    stored dense because at 176 x 128 a sparse format would only be slower.
+    """
+    s = math.sqrt(in_dim)
+    u = torch.rand(in_dim, out_dim, generator=generator)
+    value = math.sqrt(s / out_dim)
+    zeros = torch.zeros(in_dim, out_dim)
+    return torch.where(u < 1 / (2 * s), value, torch.where(u < 1 / s, -value, zeros))
+
+
+@torch.no_grad()
+def greedy_coreset(
+    features: torch.Tensor,
+    count: int,
+    *,
+    seed: int = 42,
+    projection_dim: int = PROJECTION_DIM,
+    quiet: bool = True,
+) -> torch.Tensor:
+    """Indices of ``count`` rows of ``features`` (M, C) chosen by greedy k-center selection.
+
+    PatchCore's coreset: start from a random row, then repeatedly add the row farthest from
+    everything chosen so far. Unlike a random subset this keeps rare normal patterns (which
+    would otherwise become false positives) while dropping near-duplicates of common ones.
+    Distances for the selection are computed after a seeded sparse random projection to
+    ``projection_dim`` dims (skipped when C is already that small). The result is
+    deterministic for a given ``seed`` and contains ``min(count, M)`` distinct indices, in
+    selection order.
+    """
+    m = features.shape[0]
+    if count >= m:
+        return torch.arange(m)
+    if count < 1:
+        raise ValueError(f"coreset size must be >= 1, got {count}")
+    gen = torch.Generator().manual_seed(seed)
+    x = features.float()
+    if x.shape[1] > projection_dim:
+        x = x @ sparse_random_projection(x.shape[1], projection_dim, gen).to(x.device)
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per step instead
+    # of materialising x - c, which is what makes ~20k sequential steps affordable on CPU.
+    sq_norms = (x * x).sum(dim=1)
+    min_dist = torch.full((m,), math.inf, device=x.device)
+    selected = torch.empty(count, dtype=torch.long)
+    idx = int(torch.randint(m, (1,), generator=gen))
+    for i in tqdm(range(count), desc="coreset", unit="pt", disable=quiet, leave=False, mininterval=1.0):
+        selected[i] = idx
+        dist = sq_norms - 2.0 * (x @ x[idx]) + sq_norms[idx]
+        torch.minimum(min_dist, dist, out=min_dist)
+        # Mark chosen rows explicitly (-inf survives every later minimum): with duplicate
+        # patches (flat regions, repeated images) rounding could otherwise make a chosen row
+        # the "farthest" again and return repeated indices.
+        min_dist[idx] = -math.inf
+        idx = int(torch.argmax(min_dist))
+    return selected
+
+
+@torch.no_grad()
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """L2 distance of each query row (Q, C) to its nearest bank row (B, C) -> (Q,).
+
+    ``torch.cdist`` in blocks of queries so the (block x B) distance matrix stays around
+    ``DISTANCE_BLOCK`` elements whatever the bank size.
+    """
+    rows = max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
+    out = torch.empty(queries.shape[0], device=queries.device)
+    for start in range(0, queries.shape[0], rows):
+        block = torch.cdist(queries[start : start + rows], bank)
+        out[start : start + rows] = block.amin(dim=1)
+    return out
+
+
+def _patches(feats: torch.Tensor) -> torch.Tensor:
+    """(N, C, G, G) feature grids -> (N * G * G, C) patch rows (image-major, row-major)."""
+    return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+
+
+# --------------------------------------------------------------------------------------
+# Maps (shared recipe with ST-MAE)
+# --------------------------------------------------------------------------------------
+
+
+def anomaly_maps(grid_maps: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid maps (N, G, G) -> (maps (N, S, S) at ``cfg.features.image_size``, scores (N,)).
+
+    The same recipe as :meth:`stmae.infer.Detector.postprocess` (which needs a trained
+    model to be instantiated, hence not callable here): bilinear upsampling, then the shared
+    :func:`stmae.infer.gaussian_blur` and :func:`stmae.infer.image_scores`. The test suite
+    checks the two stay identical.
+    """
+    size = cfg.features.image_size
+    maps = F.interpolate(grid_maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+    maps = gaussian_blur(maps.squeeze(1), cfg.infer.sigma)
+    return maps, image_scores(maps, cfg.infer.score, cfg.infer.topk)
+
+
+# --------------------------------------------------------------------------------------
+# The baseline
+# --------------------------------------------------------------------------------------
+
+
+def _features(
+    extractor: FeatureExtractor,
+    samples: Sequence[Sample],
+    size: int,
+    device: torch.device,
+    *,
+    desc: str,
+    quiet: bool,
+) -> torch.Tensor:
+    """(len(samples), C, G, G) CPU features, images read and resized exactly as stmae does."""
+
+    def load_batch(indices: Sequence[int]) -> torch.Tensor:
+        return to_tensor_batch([resize_image(samples[i].load_image(), size) for i in indices])
+
+    return extract_features(
+        extractor, load_batch, len(samples), batch_size=16, device=device, desc=desc, quiet=quiet
+    )
+
+
+def _mask(sample: Sample, size: int) -> np.ndarray:
+    """Ground truth at the input size; no mask means no defect pixel (as in stmae.evaluate)."""
+    mask = sample.load_mask()
+    if mask is None:
+        return np.zeros((size, size), dtype=bool)
+    return resize_mask(mask, size)
+
+
+@dataclass
+class MemoryBank:
+    """A fitted kNN detector: extractor, standardisation statistics and the patch bank.
+
+    Kept separate from :func:`knn_baseline` so callers (and the tests) can look at the
+    maps themselves, not only at the metrics.
+    """
+
+    extractor: FeatureExtractor
+    stats: FeatureStats
+    bank: torch.Tensor  # (B, C) standardised patch features
+    cfg: Config
+    n_train_patches: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.bank.device
+
+    @torch.no_grad()
+    def score(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (maps (n, S, S), scores (n,)) on CPU, S = ``cfg.features.image_size``."""
+        size, grid = self.cfg.features.image_size, self.cfg.features.grid_size
+        feats = _features(self.extractor, samples, size, self.device, desc="test features", quiet=True)
+        dist = nearest_distances(_patches(self.stats.apply(feats)).to(self.device), self.bank)
+        maps, scores = anomaly_maps(dist.view(len(samples), grid, grid), self.cfg)
+        return maps.cpu(), scores.cpu()
+
+
+@torch.no_grad()
+def fit_bank(
+    train_samples: Sequence[Sample],
+    cfg: Config,
+    coreset_ratio: float = 0.1,
+    seed: int = 42,
+    quiet: bool = True,
+    *,
+    device: str | torch.device = "cpu",
+) -> MemoryBank:
+    """Extract training features, standardise them like ST-MAE (if configured) and keep a
+    greedy coreset of ``max(1, int(coreset_ratio * patches))`` patches."""
+    if not 0.0 < coreset_ratio <= 1.0:
+        raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+    if not train_samples:
+        raise ValueError("the memory bank needs at least one training sample")
+    dev = torch.device(device)
+    extractor = build_extractor(cfg).to(dev).eval()
+    feats = _features(extractor, train_samples, cfg.features.image_size, dev, desc="train features", quiet=quiet)
+    channels = feats.shape[1]
+    stats = FeatureStats.from_features(feats) if cfg.features.standardize else FeatureStats.identity(channels)
+    patches = _patches(stats.apply(feats)).to(dev)
+    count = max(1, int(patches.shape[0] * coreset_ratio))
+    bank = patches[greedy_coreset(patches, count, seed=seed, quiet=quiet).to(dev)].contiguous()
+    return MemoryBank(extractor, stats, bank, cfg, int(patches.shape[0]))
+
+
+def knn_baseline(
+    train_samples: Sequence[Sample],
+    test_samples: Sequence[Sample],
+    cfg: Config,
+    coreset_ratio: float = 0.1,
+    seed: int = 42,
+    quiet: bool = True,
+    *,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Fit a coreset memory bank on ``train_samples`` and evaluate it on ``test_samples``.
+
+    Args:
+        train_samples: normal images (e.g. ``dataset.train``, already subsampled if wanted).
+        test_samples: labelled test images; samples without a mask count as all-normal
+            pixels (pixel metrics are None when no sample has a defect pixel).
+        cfg: an stmae :class:`~stmae.config.Config`; only ``backbone``, ``features``
+            (image_size, grid_size, aggregate, standardize) and ``infer`` (sigma, score,
+            topk) are used, so passing an ST-MAE run's config compares like with like.
+        coreset_ratio: fraction of training patches kept in the bank (greedy k-center);
+            1.0 keeps them all.
+        seed: seeds the coreset's start point and random projection.
+        quiet: no progress bars.
+        device: where extraction, coreset selection and search run.
+
+    Returns:
+        The :func:`stmae.metrics.compute_metrics` keys (image_auroc, image_ap, image_f1max,
+        pixel_auroc, pixel_ap, pixel_f1max, aupro, ...), plus ``per_type``
+        (:func:`stmae.evaluate.per_type_breakdown`), ``scores`` (per test image, in order),
+        counts (n_images, n_good, n_anomalous, n_train, n_train_patches, bank_size,
+        feature_channels) and timings in seconds: ``fit_seconds`` (train features +
+        statistics + coreset), ``predict_seconds`` (test features + search + maps, without
+        mask loading and metrics), ``predict_images_per_second`` and ``metric_seconds``.
+    """
+    if not test_samples:
+        raise ValueError("knn_baseline needs at least one test sample")
+    started = time.perf_counter()
+    bank = fit_bank(train_samples, cfg, coreset_ratio, seed, quiet, device=device)
+    fit_seconds = time.perf_counter() - started
+
+    size = cfg.features.image_size
+    scores = np.zeros(len(test_samples), dtype=np.float64)
+    pixel = PixelMetricAccumulator()
+    predict_seconds = metric_seconds = 0.0
+    with tqdm(total=len(test_samples), desc="test", unit="img", disable=quiet, leave=False) as bar:
+        for chunk in batched(list(range(len(test_samples))), TEST_CHUNK):
+            t0 = time.perf_counter()
+            maps, chunk_scores = bank.score([test_samples[i] for i in chunk])
+            t1 = time.perf_counter()
+            for j, i in enumerate(chunk):
+                scores[i] = float(chunk_scores[j])
+                pixel.update(_mask(test_samples[i], size), maps[j].numpy())
+            predict_seconds += t1 - t0
+            metric_seconds += time.perf_counter() - t1
+            bar.update(len(chunk))
+
+    t0 = time.perf_counter()
+    labels = np.array([s.label for s in test_samples])
+    metrics: dict[str, Any] = compute_metrics(labels, scores)
+    metrics.update(pixel.result())
+    metric_seconds += time.perf_counter() - t0
+    metrics.update(
+        n_images=len(test_samples),
+        n_anomalous=int(labels.sum()),
+        n_good=int(len(labels) - labels.sum()),
+        n_train=len(train_samples),
+        n_train_patches=bank.n_train_patches,
+        bank_size=int(bank.bank.shape[0]),
+        feature_channels=int(bank.bank.shape[1]),
+        fit_seconds=round(fit_seconds, 2),
+        predict_seconds=round(predict_seconds, 2),
+        predict_images_per_second=round(len(test_samples) / predict_seconds, 2),
+        metric_seconds=round(metric_seconds, 2),
+        per_type=per_type_breakdown(test_samples, scores, None),
+        scores=scores.tolist(),
+    )
+    return metrics
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """RESEARCH.md's train subsampling: ``sorted(default_rng(seed).choice(n, limit, replace=False))``.
+
+    ``None`` or ``limit >= n`` keeps every index.
+    """
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def make_config(image_size: int, grid_size: int, aggregate: int, standardize: bool = True) -> Config:
+    """stmae defaults with the feature grid of this protocol (sigma 4, score max are defaults)."""
+    cfg = Config().override(
+        {
+            "features.image_size": image_size,
+            "features.grid_size": grid_size,
+            "features.aggregate": aggregate,
+            "features.standardize": standardize,
+            "infer.sigma": 4.0,
+            "infer.score": "max",
+        }
+    )
+    return cfg.validate()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MVTec-style category folder")
+    p.add_argument("--train-limit", type=int, default=200, help="train/good images kept (<= 0: all)")
+    p.add_argument("--seed", type=int, default=42, help="seeds the train subsample and the coreset")
+    p.add_argument("--coreset", type=float, default=0.1, help="fraction of training patches in the bank")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--grid-size", type=int, default=32)
+    p.add_argument("--aggregate", type=int, default=3, help="odd k of the k x k local mean (1 = off)")
+    p.add_argument(
+        "--no-standardize", action="store_true", help="raw features instead of ST-MAE's per-channel standardisation"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    p.add_argument("--out", type=Path, default=RESULTS_PATH, help="JSON results file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = make_config(args.image_size, args.grid_size, args.aggregate, standardize=not args.no_standardize)
+    dataset = load_mvtec(args.data)
+    limit = args.train_limit if args.train_limit > 0 else None
+    keep = subsample_indices(len(dataset.train), limit, args.seed)
+    train = [dataset.train[i] for i in keep]
+
+    results = knn_baseline(train, dataset.test, cfg, coreset_ratio=args.coreset, seed=args.seed, quiet=args.quiet)
+    scores = results.pop("scores")
+    per_type = results.pop("per_type")
+    report = {
+        "command": shlex.join(["python", "benchmarks/baseline_knn.py", *(sys.argv[1:] if argv is None else argv)]),
+        "method": "kNN memory bank (PatchCore-style greedy coreset) on stmae features",
+        "data": str(args.data),
+        "protocol": {
+            "train_subsample": (
+                f"sorted(np.random.default_rng({args.seed}).choice({len(dataset.train)}, {len(keep)}, "
+                "replace=False)) over dataset.train in loader order"
+                if limit is not None and limit < len(dataset.train)
+                else "all of train/good"
+            ),
+            "n_train_available": len(dataset.train),
+            "train_images": [s.display_name for s in train],
+            "test": "full test split",
+        },
+        "settings": {
+            "seed": args.seed,
+            "coreset_ratio": args.coreset,
+            "coreset_projection_dim": PROJECTION_DIM,
+            "distance": "L2 to nearest bank patch",
+            "threads": args.threads,
+            "config": {k: cfg.to_dict()[k] for k in ("backbone", "features", "infer")},
+        },
+        "device": "cpu",
+        "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+        "metrics": {k: v for k, v in results.items() if not k.endswith("seconds") and k != "predict_images_per_second"},
+        "timings": {k: v for k, v in results.items() if k.endswith("seconds") or k == "predict_images_per_second"},
+        "per_type": per_type,
+        "scores": [{"name": s.display_name, "label": s.label, "score": sc} for s, sc in zip(dataset.test, scores)],
+    }
+    atomic_write_json(args.out, report)
+    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap")
+    print("  ".join(f"{k} {results[k]:.4f}" for k in keys if results.get(k) is not None))
+    print(
+        f"fit {results['fit_seconds']:.1f} s  predict {results['predict_seconds']:.1f} s "
+        f"({results['predict_images_per_second']:.1f} img/s)  bank {results['bank_size']} of "
+        f"{results['n_train_patches']} patches  -> {args.out}"
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""End-to-end: the real `stmae` console script, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import tiny_config
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("stmae")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_fit_predict_test(tiny_mvtec, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    tiny_config().save(cfg)
+    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "run"), "--config", str(cfg), "--epochs", "3", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "trained on 7 images (1 held out)" in r.stdout
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["epochs"] == 3
+
+    r = run("predict", str(tmp_path / "run"), str(tiny_mvtec / "test"), "--out", str(tmp_path / "preds"), "-q")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "preds" / "predictions.csv")))
+    assert len(rows) == 6
+    assert {"path", "score", "label", "heatmap"} <= set(rows[0])
+    assert all((tmp_path / "preds" / row["heatmap"]).is_file() for row in rows)
+    assert all(row["label"] in ("0", "1") for row in rows)
+
+    r = run("test", str(tmp_path / "run"), str(tiny_mvtec), "--out", str(tmp_path / "eval"), "-q")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap"):
+        assert 0.0 <= res[key] <= 1.0, key
+    assert res["n_images"] == 6 and set(res["per_type"]) == {"good", "spot"}
+    assert (tmp_path / "eval" / "report.html").read_text().count("<img") == 6
+    assert len(list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))) == 6
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run("predict", str(tmp_path / "missing_run"), str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "Traceback" not in r.stderr
+    r = run("fit", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_version_and_help():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("stmae ")
+    r = run("--help")
+    for verb in ("fit", "predict", "test", "demo"):
+        assert verb in r.stdout

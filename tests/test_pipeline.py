@@ -1,0 +1,131 @@
+"""fit -> run folder -> Detector: API behaviour, checkpoints, determinism, inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stmae
+from stmae.checkpoint import CheckpointError
+from stmae.config import Config, ConfigError
+from stmae.infer import gaussian_blur, image_scores
+
+from .conftest import tiny_config
+
+
+@pytest.fixture
+def fitted(tiny_mvtec, tmp_path):
+    return stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(), quiet=True)
+
+
+def test_fit_writes_self_describing_run(fitted, tiny_mvtec):
+    run = fitted.run_dir
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "meta.json", "model.safetensors"]
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["backbone"]["name"] == "efficientnet_lite0"
+    assert meta["backbone"]["layers"] == ["stride4", "stride8"]
+    assert meta["backbone"]["weights_source"].startswith("package:")
+    assert meta["image_size"] == 64 and meta["seed"] == 0
+    assert meta["n_train"] + meta["n_val"] == 8 and meta["n_val"] == 1
+    assert meta["threshold"] == pytest.approx(max(meta["calibration_scores"]["all"]))
+    assert len(meta["losses"]) == 2
+    assert Config.load(run / "config.yaml").features.image_size == 64
+    assert not list(run.glob("*.tmp*"))
+
+
+def test_predict_inputs_paths_pil_numpy_agree(fitted, tiny_mvtec):
+    det = stmae.load(fitted.run_dir, device="cpu")
+    path = sorted((tiny_mvtec / "test" / "spot").glob("*.png"))[0]
+    arr = np.asarray(Image.open(path))
+    gray16 = (arr[:, :, 0].astype(np.uint16) * 257)
+    preds = det.predict([path, str(path), Image.open(path), arr, arr.astype(np.float32) / 255.0])
+    scores = [p.score for p in preds]
+    assert scores == pytest.approx([scores[0]] * 5, rel=1e-5)
+    assert preds[0].anomaly_map.shape == (64, 64) and preds[0].anomaly_map.dtype == np.float32
+    assert preds[0].path == str(path) and preds[2].path is None
+    assert preds[0].label in (0, 1) and preds[0].threshold == det.threshold
+    # grayscale 16-bit and odd sizes work; map comes back at the original size
+    odd = det.predict(np.ascontiguousarray(gray16[:50, :37]))[0]
+    assert odd.anomaly_map.shape == (50, 37)
+
+
+def test_scores_reproducible_across_loads_and_match_fit(fitted, tiny_mvtec):
+    img = sorted((tiny_mvtec / "test" / "good").glob("*.png"))[0]
+    a = stmae.load(fitted.run_dir, device="cpu").predict(img)[0].score
+    b = stmae.load(fitted.run_dir, device="cpu").predict(img)[0].score
+    c = fitted.detector.predict(img)[0].score
+    assert a == b == pytest.approx(c, rel=1e-6)
+
+
+def test_same_seed_same_scores(tiny_mvtec, tmp_path):
+    img = sorted((tiny_mvtec / "test" / "spot").glob("*.png"))[0]
+    s1 = stmae.fit(tiny_mvtec, tmp_path / "a", tiny_config(), quiet=True).detector.predict(img)[0].score
+    s2 = stmae.fit(tiny_mvtec, tmp_path / "b", tiny_config(), quiet=True).detector.predict(img)[0].score
+    s3 = stmae.fit(tiny_mvtec, tmp_path / "c", tiny_config(**{"train.seed": 1}), quiet=True).detector.predict(img)[0].score
+    assert s1 == s2
+    assert s1 != s3
+
+
+def test_overrides_by_keyword(tiny_mvtec, tmp_path):
+    res = stmae.fit(tiny_mvtec, tmp_path / "r", tiny_config(), quiet=True, epochs=1, infer__num_pairs=3)
+    cfg = Config.load(res.run_dir / "config.yaml")
+    assert cfg.train.epochs == 1 and cfg.infer.num_pairs == 3
+    with pytest.raises(ConfigError, match="unknown setting"):
+        stmae.fit(tiny_mvtec, tmp_path / "r2", tiny_config(), quiet=True, epochz=1)
+
+
+def test_incomplete_run_folder_is_refused(fitted):
+    (fitted.run_dir / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="meta.json"):
+        stmae.load(fitted.run_dir)
+    with pytest.raises(CheckpointError, match="not found"):
+        stmae.load(fitted.run_dir / "nope")
+
+
+def test_corrupt_weights_named(fitted):
+    (fitted.run_dir / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        stmae.load(fitted.run_dir)
+
+
+def test_too_few_images(tmp_path):
+    from stmae.data import DataError
+
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "one" / "a.png")
+    with pytest.raises(DataError, match="at least 2"):
+        stmae.fit(tmp_path / "one", tmp_path / "run", tiny_config(), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_gaussian_blur_preserves_mass_and_constant():
+    x = torch.zeros(1, 33, 33)
+    x[0, 16, 16] = 1.0
+    y = gaussian_blur(x, 2.0)
+    assert y.sum().item() == pytest.approx(1.0, rel=1e-4)
+    assert y[0, 16, 16] == y.max()
+    assert torch.allclose(gaussian_blur(torch.full((2, 10, 12), 3.0), 4.0), torch.full((2, 10, 12), 3.0))
+    assert torch.equal(gaussian_blur(x, 0.0), x)
+
+
+def test_image_scores_max_and_topk():
+    m = torch.arange(100, dtype=torch.float32).view(1, 10, 10)
+    assert image_scores(m, "max").item() == 99
+    assert image_scores(m, "topk", 0.05).item() == pytest.approx(97.0)
+
+
+def test_config_yaml_round_trip_and_errors(tmp_path):
+    cfg = tiny_config()
+    cfg.save(tmp_path / "c.yaml")
+    assert Config.load(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
+    (tmp_path / "bad.yaml").write_text("model:\n  depht: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*depht"):
+        Config.load(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="multiple of"):
+        Config().override({"features.grid_size": 30, "model.patch_size": 4}).validate()
+    with pytest.raises(ConfigError, match="cannot use"):
+        Config().set("epochs", "many")

@@ -1,0 +1,52 @@
+"""benchmark / oneclass runners on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stmae.data import DataError
+from stmae.protocols import benchmark, markdown_table, oneclass
+
+from .conftest import tiny_config, write_png
+
+
+def test_benchmark_writes_table_with_mean(tiny_mvtec, tmp_path):
+    root = tiny_mvtec.parent  # holds the single category "tiny"
+    summary = benchmark(root, tmp_path / "bench", "all", tiny_config(), quiet=True, log=lambda s: None)
+    assert [r["category"] for r in summary["rows"]] == ["tiny"]
+    assert summary["mean"]["image_auroc"] == pytest.approx(summary["rows"][0]["image_auroc"])
+    md = (tmp_path / "bench" / "summary.md").read_text()
+    assert "| tiny |" in md and "| mean |" in md
+    assert json.loads((tmp_path / "bench" / "summary.json").read_text())["rows"][0]["n_test"] == 6
+    assert (tmp_path / "bench" / "tiny" / "test" / "report.html").is_file()
+    with pytest.raises(DataError, match="unknown categories"):
+        benchmark(root, tmp_path / "b2", "nope", tiny_config(), quiet=True, log=lambda s: None)
+
+
+def test_oneclass_folder_protocol_rows_per_class(tmp_path):
+    rng = np.random.default_rng(0)
+    levels = {"dark": 40, "mid": 128, "light": 215}
+    for cls, level in levels.items():
+        for i in range(10):
+            img = np.clip(rng.normal(level, 8, (32, 32)), 0, 255).astype(np.uint8)
+            write_png(tmp_path / "classes" / cls / f"{i}.png", img)
+    lines: list[str] = []
+    summary = oneclass("folder", tmp_path / "classes", tmp_path / "out", "all", tiny_config(), quiet=True, log=lines.append)
+    assert [r["class"] for r in summary["rows"]] == ["dark", "light", "mid"]
+    assert len(lines) == 3
+    for row in summary["rows"]:
+        assert row["n_test"] == 6  # 20% of 10 images x 3 classes
+        assert row["n_train"] + 1 == 8  # 80% of 10, one held out for the threshold
+    assert summary["mean"]["image_auroc"] == pytest.approx(np.mean([r["image_auroc"] for r in summary["rows"]]))
+    # the classes differ grossly, so even a tiny model separates them
+    assert summary["mean"]["image_auroc"] > 0.8
+    one = oneclass("folder", tmp_path / "classes", tmp_path / "out1", "mid", tiny_config(), quiet=True, log=lambda s: None)
+    assert [r["class"] for r in one["rows"]] == ["mid"]
+
+
+def test_markdown_table():
+    md = markdown_table([{"a": "x", "b": 0.12345, "c": None}], ["a", "b", "c"])
+    assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | 0.123 | n/a |"]
