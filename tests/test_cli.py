@@ -56,3 +56,10 @@ def test_cli_version_and_help():
     r = run("--help")
     for verb in ("fit", "predict", "test", "demo"):
         assert verb in r.stdout
+
+
+def test_cli_config_and_preset_conflict(tiny_mvtec, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    tiny_config().save(cfg)
+    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "r"), "--config", str(cfg), "--preset", "fast")
+    assert r.returncode == 2 and "either --config or --preset" in r.stderr

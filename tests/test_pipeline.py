@@ -129,3 +129,21 @@ def test_config_yaml_round_trip_and_errors(tmp_path):
         Config().override({"features.grid_size": 30, "model.patch_size": 4}).validate()
     with pytest.raises(ConfigError, match="cannot use"):
         Config().set("epochs", "many")
+
+
+def test_presets_are_valid_and_distinct():
+    from stmae.config import PRESETS, preset
+
+    configs = {name: preset(name).to_dict() for name in PRESETS}
+    assert configs["accurate"] == Config().to_dict()
+    assert configs["fast"]["model"]["embed_dim"] < configs["accurate"]["model"]["embed_dim"]
+    assert configs["demo"]["features"]["image_size"] == 128
+    assert configs["lowres"]["features"]["image_size"] == 64
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("turbo")
+
+
+def test_fit_accepts_preset_name(tiny_mvtec, tmp_path):
+    res = stmae.fit(tiny_mvtec, tmp_path / "p", "lowres", quiet=True, epochs=1, train__batch_size=4)
+    cfg = Config.load(res.run_dir / "config.yaml")
+    assert cfg.features.image_size == 64 and cfg.infer.score == "topk" and cfg.train.epochs == 1

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from stmae.data import DataError
-from stmae.protocols import benchmark, markdown_table, oneclass
+from stmae.protocols import benchmark, oneclass
+from stmae.report import markdown_table
 
 from .conftest import tiny_config, write_png
 

@@ -87,6 +87,7 @@ def fit(
     data_dir: Path = typer.Argument(..., help="MVTec-style category folder (uses train/good) or a folder of good images."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (config.yaml, model.safetensors, meta.json)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; options below override it."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Start from a preset: accurate (default), fast, demo, lowres."),
     backbone: Optional[str] = typer.Option(None, help="Backbone name, e.g. efficientnet_lite0, vgg19, resnet18."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. stride4,stride8,stride16."),
     backbone_weights: Optional[Path] = WEIGHTS,
@@ -118,7 +119,7 @@ def fit(
         "train.device": device,
     }
     overrides.update(_parse_sets(set_))
-    result = fit_api(data_dir, out, config, quiet=quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    result = fit_api(data_dir, out, _base(config, preset), quiet=quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
     m = result.meta
     typer.echo(
         f"trained on {m['n_train']} images ({m['n_val']} held out) in {m['fit_seconds']:.1f} s on {m['device']}; "
@@ -247,8 +248,16 @@ def demo(
 
 
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config; options override it.")
+PRESET = typer.Option(None, "--preset", help="Start from a preset: accurate, fast, demo, lowres.")
 EPOCHS = typer.Option(None, "--epochs", help="Training epochs.")
 SETS = typer.Option([], "--set", help="Any setting as KEY=VALUE, e.g. --set model.depth=6 (repeatable).")
+
+
+def _base(config: Optional[Path], preset: Optional[str]) -> Any:
+    """The base configuration: a YAML file or a preset name (not both), or None for defaults."""
+    if config is not None and preset is not None:
+        raise ValueError("use either --config or --preset, not both (put the preset's values in the YAML)")
+    return config if config is not None else preset
 
 
 def _overrides(epochs: Optional[int], device: Optional[str], sets: List[str]) -> dict[str, Any]:
@@ -263,6 +272,7 @@ def benchmark(
     out: Path = typer.Option(Path("benchmark_out"), "--out", "-o", help="Output folder."),
     categories: str = typer.Option("all", help="Comma-separated categories, or 'all'."),
     config: Optional[Path] = CONFIG,
+    preset: Optional[str] = PRESET,
     epochs: Optional[int] = EPOCHS,
     device: Optional[str] = DEVICE,
     set_: List[str] = SETS,
@@ -271,7 +281,7 @@ def benchmark(
     """Fit + test every category; writes summary.md and summary.json with a mean row."""
     from .protocols import benchmark as run
 
-    summary = run(root, out, categories, config, quiet=quiet, log=typer.echo, **_overrides(epochs, device, set_))
+    summary = run(root, out, categories, _base(config, preset), quiet=quiet, log=typer.echo, **_overrides(epochs, device, set_))
     typer.echo((out / "summary.md").read_text())
     typer.echo(f"wrote {out / 'summary.md'} and {out / 'summary.json'} ({len(summary['rows'])} categories)")
 
@@ -286,6 +296,9 @@ def oneclass(
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Use a random subset of K test images."),
     out: Path = typer.Option(Path("oneclass_out"), "--out", "-o", help="Output folder."),
     config: Optional[Path] = CONFIG,
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Preset (default: lowres for fashion-mnist/mnist/cifar10, accurate for folder)."
+    ),
     epochs: Optional[int] = EPOCHS,
     device: Optional[str] = DEVICE,
     seed: int = typer.Option(0, help="Seed for subsets and splits."),
@@ -296,7 +309,7 @@ def oneclass(
     from .protocols import oneclass as run
 
     summary = run(
-        protocol, data, out, normal_class, config, train_limit=train_limit, test_limit=test_limit,
+        protocol, data, out, normal_class, _base(config, preset), train_limit=train_limit, test_limit=test_limit,
         seed=seed, quiet=quiet, log=typer.echo, **_overrides(epochs, device, set_),
     )
     typer.echo((out / "summary.md").read_text())

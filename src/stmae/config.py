@@ -196,6 +196,71 @@ class Config:
         return cls.from_dict(data, source=str(p)).validate()
 
 
+#: Named starting points; a preset is a set of overrides of the defaults above.
+#: accurate: the defaults (RESEARCH.md's best prototype recipe; meant for a GPU).
+#: fast:     a smaller transformer and fewer epochs, for CPUs and quick looks.
+#: demo:     128 px crops of the built-in texture set, minutes on two CPU cores.
+#: lowres:   28-32 px sources (MNIST, Fashion-MNIST, CIFAR-10) upsampled to 64 px.
+PRESETS: dict[str, dict[str, Any]] = {
+    "accurate": {},
+    "fast": {
+        "model.embed_dim": 128,
+        "model.depth": 3,
+        "model.num_heads": 4,
+        "model.decoder_dim": 96,
+        "model.decoder_depth": 1,
+        "train.epochs": 100,
+        "train.lr": 1e-3,
+        "infer.num_pairs": 4,
+    },
+    "demo": {
+        "features.image_size": 128,
+        "features.grid_size": 16,
+        "features.aggregate": 1,
+        "model.patch_size": 2,
+        "model.embed_dim": 128,
+        "model.depth": 3,
+        "model.num_heads": 4,
+        "model.decoder_dim": 96,
+        "model.decoder_depth": 1,
+        "train.epochs": 150,
+        "train.batch_size": 16,
+        "train.lr": 1e-3,
+        "train.warmup_epochs": 10,
+        "infer.num_pairs": 8,
+        "infer.sigma": 2.0,
+        "infer.score": "topk",
+        "infer.topk": 0.01,
+    },
+    "lowres": {
+        "features.image_size": 64,
+        "features.grid_size": 8,
+        "features.aggregate": 1,
+        "model.patch_size": 1,
+        "model.embed_dim": 128,
+        "model.depth": 3,
+        "model.num_heads": 4,
+        "model.decoder_dim": 96,
+        "model.decoder_depth": 1,
+        "train.epochs": 30,
+        "train.batch_size": 64,
+        "train.lr": 1e-3,
+        "train.warmup_epochs": 2,
+        "infer.num_pairs": 4,
+        "infer.sigma": 1.0,
+        "infer.score": "topk",
+        "infer.topk": 0.1,
+    },
+}
+
+
+def preset(name: str) -> Config:
+    """A fresh :class:`Config` for a named preset (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return Config().override(PRESETS[name]).validate()
+
+
 RESIDUALS = ("mse", "cos", "mse_cos")
 SCORES = ("max", "topk")
 

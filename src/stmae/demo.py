@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, preset
 from .data import load_mvtec
 from .data.synthetic import DemoSpec, make_demo_dataset
 from .evaluate import evaluate
@@ -25,26 +25,9 @@ DEMO_TARGETS = {"image_auroc": 0.95, "pixel_auroc": 0.95}
 
 
 def demo_config(epochs: int | None = None, device: str = "auto") -> Config:
-    """The demo's configuration: the default pipeline, sized for 128 px crops on a CPU."""
-    cfg = Config()
-    cfg.features.image_size = 128
-    cfg.features.grid_size = 16
-    cfg.features.aggregate = 3
-    cfg.model.patch_size = 2
-    cfg.model.embed_dim = 128
-    cfg.model.depth = 3
-    cfg.model.num_heads = 4
-    cfg.model.decoder_dim = 96
-    cfg.model.decoder_depth = 1
-    cfg.model.decoder_heads = 4
-    cfg.train.epochs = epochs or 300
-    cfg.train.batch_size = 16
-    cfg.train.lr = 1e-3
-    cfg.train.warmup_epochs = 10
-    cfg.train.device = device
-    cfg.infer.num_pairs = 8
-    cfg.infer.sigma = 2.0
-    return cfg.validate()
+    """The demo's configuration: the ``demo`` preset (128 px crops, 16 x 16 grid, CPU-sized)."""
+    cfg = preset("demo")
+    return cfg.override({"train.epochs": epochs, "train.device": device}).validate()
 
 
 def run_demo(

@@ -28,9 +28,10 @@ from .features import extract_features
 from .fileio import atomic_write_json, atomic_write_text
 from .infer import build_extractor
 from .metrics import compute_metrics
-from .report import write_evaluation
+from .report import markdown_table, write_evaluation
 from .train import fit, make_config
 
+LOWRES_PROTOCOLS = ("fashion-mnist", "mnist", "cifar10")
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap")
 
 
@@ -97,7 +98,11 @@ def oneclass(
     """One-class protocol: one row per normal class (image metrics) and a mean row.
 
     ``normal_class``: "all", an index or name, or a comma-separated list of them.
+    ``config``: None picks the ``lowres`` preset for the 28-32 px sources (Fashion-MNIST,
+    MNIST, CIFAR-10) and the defaults for the ``folder`` protocol.
     """
+    if config is None and protocol in LOWRES_PROTOCOLS:
+        config = "lowres"
     cfg = make_config(config, _dotted(overrides))
     classes = oneclass_classes(protocol, data, seed)
     wanted = list(range(len(classes))) if normal_class in ("all", ["all"]) else _as_list(normal_class)
@@ -162,21 +167,6 @@ def _write_summary(out: Path, rows: list[dict[str, Any]], key: str, extra: dict[
     return summary
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows of dicts as a GitHub-flavoured Markdown table (floats to 3 decimals, None as n/a)."""
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "n/a"
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _row_line(row: dict[str, Any], key: str) -> str:
     parts = [f"{k} {v:.4f}" for k, v in row.items() if k in TABLE_KEYS and isinstance(v, float)]
     return f"{row[key]}: " + "  ".join(parts) + f"  ({row['seconds']:.0f} s)"
@@ -196,4 +186,4 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-__all__ = ["benchmark", "oneclass", "categories_of", "markdown_table"]
+__all__ = ["benchmark", "oneclass", "categories_of"]

@@ -118,7 +118,7 @@ def html_report(
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     parts.append("<h2>Metrics</h2><table>")
     for key, value in metrics.items():
-        parts.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(_cell(value))}</td></tr>")
+        parts.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(format_cell(value))}</td></tr>")
     parts.append("</table>")
     if per_type:
         cols = sorted({k for row in per_type.values() for k in row})
@@ -126,7 +126,7 @@ def html_report(
         parts += [f"<th>{html.escape(c)}</th>" for c in cols]
         parts.append("</tr>")
         for t, row in per_type.items():
-            cells = "".join(f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in cols)
+            cells = "".join(f"<td>{html.escape(format_cell(row.get(c)))}</td>" for c in cols)
             parts.append(f"<tr><th>{html.escape(t)}</th>{cells}</tr>")
         parts.append("</table>")
     parts.append(
@@ -147,12 +147,20 @@ def html_report(
     atomic_write_text(path, "\n".join(parts))
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any, digits: int = 4) -> str:
+    """A table cell: floats rounded, None as n/a."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.{digits}f}"
     return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int = 3) -> str:
+    """Rows of dicts as a GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(r.get(c), digits) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def write_evaluation(

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import save_run
-from .config import Config, TrainConfig
+from .config import PRESETS, Config, TrainConfig, preset
 from .data import AnomalyDataset, DataError, Sample, open_dataset, resize_image, to_tensor_batch
 from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
@@ -44,9 +44,11 @@ class FitResult:
 
 
 def make_config(config: Config | str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """A validated config from a Config, a YAML path or defaults, plus ``key=value`` overrides."""
+    """A validated config from a Config, a preset name, a YAML path or defaults, plus overrides."""
     if config is None:
         cfg = Config()
+    elif isinstance(config, str) and config in PRESETS:
+        cfg = preset(config)
     elif isinstance(config, Config):
         cfg = Config.from_dict(config.to_dict())  # copy: never mutate the caller's object
     else:
@@ -139,7 +141,8 @@ def fit(
         data: an MVTec-style category folder (its ``train/good`` is used), a folder of good
             images, an :class:`AnomalyDataset`, or a list of :class:`Sample`.
         out_dir: the run folder to write (created; files inside are replaced atomically).
-        config: a :class:`Config`, a YAML file, or None for the defaults.
+        config: a :class:`Config`, a preset name (``fast``, ``accurate``, ``demo``, ``lowres``),
+            a YAML file, or None for the defaults (= ``accurate``).
         quiet: no progress bars.
         **overrides: settings by name, e.g. ``epochs=50`` or ``features.image_size=128``
             (use ``__`` for the dot in Python keywords: ``features__image_size=128``).
