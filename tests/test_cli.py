@@ -63,3 +63,16 @@ def test_cli_config_and_preset_conflict(tiny_mvtec, tmp_path):
     tiny_config().save(cfg)
     r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "r"), "--config", str(cfg), "--preset", "fast")
     assert r.returncode == 2 and "either --config or --preset" in r.stderr
+
+
+def test_cli_unreadable_file_named_or_skipped(tiny_mvtec, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    tiny_config().save(cfg)
+    bad = tiny_mvtec / "train" / "good" / "999.png"
+    bad.write_bytes(b"not a png")
+    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "r1"), "--config", str(cfg), "-q")
+    assert r.returncode == 2 and "999.png" in r.stderr
+    assert not (tmp_path / "r1" / "meta.json").exists()
+    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "r2"), "--config", str(cfg), "--skip-unreadable", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "skipped" in r.stderr and "999.png" in r.stderr

@@ -81,25 +81,61 @@ WEIGHTS = typer.Option(
 )
 
 
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config; options override it.")
+PRESET = typer.Option(None, "--preset", help="Start from a preset: accurate (default), fast, demo, lowres.")
+EPOCHS = typer.Option(None, "--epochs", help="Training epochs.")
+SETS = typer.Option([], "--set", help="Any setting as KEY=VALUE, e.g. --set model.depth=6 (repeatable).")
+
+
+SKIP = typer.Option(
+    False, "--skip-unreadable", help="Skip (and list) unreadable image files instead of stopping at the first."
+)
+
+
+def _open(data_dir: Path, skip_unreadable: bool) -> Any:
+    """Open a dataset folder; with skip_unreadable, list the files that were dropped."""
+    from .data import open_dataset
+
+    if not skip_unreadable:
+        return open_dataset(data_dir)
+    dataset = open_dataset(data_dir, skip_unreadable=True)
+    for file, reason in dataset.skipped:
+        typer.secho(f"skipped {file}: {reason}", fg=typer.colors.YELLOW, err=True)
+    return dataset
+
+
+def _base(config: Optional[Path], preset: Optional[str]) -> Any:
+    """The base configuration: a YAML file or a preset name (not both), or None for defaults."""
+    if config is not None and preset is not None:
+        raise ValueError("use either --config or --preset, not both (put the preset's values in the YAML)")
+    return config if config is not None else preset
+
+
+def _overrides(epochs: Optional[int], device: Optional[str], sets: List[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {"train.epochs": epochs, "train.device": device, **_parse_sets(sets)}
+    return {k.replace(".", "__"): v for k, v in values.items() if v is not None}
+
+
 @app.command()
 @friendly
 def fit(
     data_dir: Path = typer.Argument(..., help="MVTec-style category folder (uses train/good) or a folder of good images."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (config.yaml, model.safetensors, meta.json)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; options below override it."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Start from a preset: accurate (default), fast, demo, lowres."),
+    config: Optional[Path] = CONFIG,
+    preset: Optional[str] = PRESET,
     backbone: Optional[str] = typer.Option(None, help="Backbone name, e.g. efficientnet_lite0, vgg19, resnet18."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. stride4,stride8,stride16."),
     backbone_weights: Optional[Path] = WEIGHTS,
     image_size: Optional[int] = typer.Option(None, help="Input side in pixels."),
     grid_size: Optional[int] = typer.Option(None, help="Feature grid side."),
     patch_size: Optional[int] = typer.Option(None, help="Feature patch side in grid cells."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs."),
+    epochs: Optional[int] = EPOCHS,
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the run)."),
     device: Optional[str] = DEVICE,
-    set_: List[str] = typer.Option([], "--set", help="Any setting as KEY=VALUE, e.g. --set model.depth=6 (repeatable)."),
+    set_: List[str] = SETS,
+    skip_unreadable: bool = SKIP,
     quiet: bool = QUIET,
 ) -> None:
     """Train ST-MAE on good images and write a run folder."""
@@ -119,7 +155,7 @@ def fit(
         "train.device": device,
     }
     overrides.update(_parse_sets(set_))
-    result = fit_api(data_dir, out, _base(config, preset), quiet=quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    result = fit_api(_open(data_dir, skip_unreadable), out, _base(config, preset), quiet=quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
     m = result.meta
     typer.echo(
         f"trained on {m['n_train']} images ({m['n_val']} held out) in {m['fit_seconds']:.1f} s on {m['device']}; "
@@ -141,7 +177,10 @@ def predict(
     quiet: bool = QUIET,
 ) -> None:
     """Score images: writes predictions.csv (path, score, label) and heat-map PNGs."""
-    from .data import DataError, list_images
+    from tqdm.auto import tqdm
+
+    from .data import DataError, list_images, read_image
+    from .features import batched
     from .infer import Detector
     from .report import panel, save_png, write_csv
 
@@ -156,27 +195,31 @@ def predict(
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or folder")
-    detector = Detector.load(run_dir, device=device or "auto", backbone_weights=str(backbone_weights) if backbone_weights else None)
+    weights = str(backbone_weights) if backbone_weights else None
+    detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
     if threshold is not None:
         detector.threshold = threshold
-    rows, names = [], _unique_names(files)
-    chunk = 32
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, len(files), chunk), desc="predict", unit="batch", disable=quiet, leave=False):
-        batch = files[start : start + chunk]
-        for path, name, pred in zip(batch, names[start : start + chunk], detector.predict(batch)):
-            row = {"path": str(path), "score": pred.score, "label": pred.label}
-            if heatmaps:
-                from .data import read_image
-
-                heat = out / "heatmaps" / f"{name}.png"
-                save_png(heat, panel(read_image(path), pred.anomaly_map, pred.threshold))
-                row["heatmap"] = str(heat.relative_to(out))
-            rows.append(row)
-    write_csv(out / "predictions.csv", rows, ["path", "score", "label", "heatmap"] if heatmaps else ["path", "score", "label"])
+    names = dict(zip(files, _unique_names(files)))
+    rows = []
+    with tqdm(total=len(files), desc="predict", unit="img", disable=quiet, leave=False) as bar:
+        for batch in batched(files, detector.config.infer.batch_size):
+            images = [read_image(f) for f in batch]  # read once: scored and drawn
+            for path, image, pred in zip(batch, images, detector.predict(images)):
+                row = {"path": str(path), "score": pred.score, "label": pred.label}
+                if heatmaps:
+                    heat = out / "heatmaps" / f"{names[path]}.png"
+                    save_png(heat, panel(image, pred.anomaly_map, pred.threshold))
+                    row["heatmap"] = str(heat.relative_to(out))
+                rows.append(row)
+            bar.update(len(batch))
+    columns = ["path", "score", "label", "heatmap"] if heatmaps else ["path", "score", "label"]
+    write_csv(out / "predictions.csv", rows, columns)
     flagged = sum(r["label"] == 1 for r in rows)
-    typer.echo(f"{len(rows)} images scored, {flagged} flagged anomalous (threshold {detector.threshold}); wrote {out / 'predictions.csv'}")
+    limit = "none" if detector.threshold is None else f"{detector.threshold:.5g}"
+    typer.echo(
+        f"{len(rows)} images scored, {flagged} flagged anomalous (threshold {limit}); "
+        f"wrote {out / 'predictions.csv'}"
+    )
 
 
 def _unique_names(files: List[Path]) -> list[str]:
@@ -200,16 +243,17 @@ def test(
     examples_per_type: int = typer.Option(4, help="Images per defect type shown in report.html."),
     device: Optional[str] = DEVICE,
     backbone_weights: Optional[Path] = WEIGHTS,
+    skip_unreadable: bool = SKIP,
     quiet: bool = QUIET,
 ) -> None:
     """Evaluate a run on a labelled test split: results.json, scores.csv, report.html."""
-    from .data import open_dataset
     from .evaluate import evaluate
     from .infer import Detector
     from .report import write_evaluation
 
-    dataset = open_dataset(data_dir)
-    detector = Detector.load(run_dir, device=device or "auto", backbone_weights=str(backbone_weights) if backbone_weights else None)
+    dataset = _open(data_dir, skip_unreadable)
+    weights = str(backbone_weights) if backbone_weights else None
+    detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
     evaluation = evaluate(detector, dataset, examples_per_type=examples_per_type, quiet=quiet)
     target = out or Path(run_dir) / "test"
     results = write_evaluation(
@@ -245,24 +289,6 @@ def demo(
     if not results["passed_targets"]:
         typer.secho(f"below the demo targets {DEMO_TARGETS}", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(code=1)
-
-
-CONFIG = typer.Option(None, "--config", "-c", help="YAML config; options override it.")
-PRESET = typer.Option(None, "--preset", help="Start from a preset: accurate, fast, demo, lowres.")
-EPOCHS = typer.Option(None, "--epochs", help="Training epochs.")
-SETS = typer.Option([], "--set", help="Any setting as KEY=VALUE, e.g. --set model.depth=6 (repeatable).")
-
-
-def _base(config: Optional[Path], preset: Optional[str]) -> Any:
-    """The base configuration: a YAML file or a preset name (not both), or None for defaults."""
-    if config is not None and preset is not None:
-        raise ValueError("use either --config or --preset, not both (put the preset's values in the YAML)")
-    return config if config is not None else preset
-
-
-def _overrides(epochs: Optional[int], device: Optional[str], sets: List[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {"train.epochs": epochs, "train.device": device, **_parse_sets(sets)}
-    return {k.replace(".", "__"): v for k, v in values.items() if v is not None}
 
 
 @app.command()
