@@ -147,3 +147,13 @@ def test_fit_accepts_preset_name(tiny_mvtec, tmp_path):
     res = stmae.fit(tiny_mvtec, tmp_path / "p", "lowres", quiet=True, epochs=1, train__batch_size=4)
     cfg = Config.load(res.run_dir / "config.yaml")
     assert cfg.features.image_size == 64 and cfg.infer.score == "topk" and cfg.train.epochs == 1
+
+
+def test_explicit_validation_images_set_the_threshold(tiny_mvtec, tmp_path):
+    val = tiny_mvtec / "test" / "good"
+    res = stmae.fit(tiny_mvtec, tmp_path / "v", tiny_config(), val_data=val, quiet=True)
+    meta = res.meta
+    assert meta["n_train"] == 8 and meta["n_val"] == 3
+    assert "validation images" in meta["threshold_source"]
+    scores = [p.score for p in res.detector.predict(sorted(val.glob("*.png")))]
+    assert meta["threshold"] == pytest.approx(max(scores), rel=1e-5)

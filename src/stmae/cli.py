@@ -134,6 +134,9 @@ def fit(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the run)."),
     device: Optional[str] = DEVICE,
+    val_dir: Optional[Path] = typer.Option(
+        None, "--val-dir", help="Good images that set the threshold (default: hold out 10% of the training images)."
+    ),
     set_: List[str] = SETS,
     skip_unreadable: bool = SKIP,
     quiet: bool = QUIET,
@@ -155,7 +158,8 @@ def fit(
         "train.device": device,
     }
     overrides.update(_parse_sets(set_))
-    result = fit_api(_open(data_dir, skip_unreadable), out, _base(config, preset), quiet=quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    val = _open(val_dir, skip_unreadable) if val_dir is not None else None
+    result = fit_api(_open(data_dir, skip_unreadable), out, _base(config, preset), val_data=val, quiet=quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
     m = result.meta
     typer.echo(
         f"trained on {m['n_train']} images ({m['n_val']} held out) in {m['fit_seconds']:.1f} s on {m['device']}; "

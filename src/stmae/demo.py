@@ -40,14 +40,15 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo into ``out_dir`` and return the results written to results.json.
 
-    ``out_dir`` receives ``textures/`` (the generated data), ``run/`` (the trained model),
+    ``out_dir`` receives ``textures/`` (the generated data; ``textures/validation/good`` sets
+    the threshold), ``run/`` (the trained model),
     ``results.json``, ``scores.csv``, ``report.html`` and ``report_images/`` (heat-map panels
     for every test image).
     """
     out = Path(out_dir)
     started = time.perf_counter()
     root = make_demo_dataset(out, spec)
-    fitted = fit(root, out / "run", demo_config(epochs, device), quiet=quiet)
+    fitted = fit(root, out / "run", demo_config(epochs, device), val_data=root / "validation" / "good", quiet=quiet)
     dataset = load_mvtec(root)
     evaluation = evaluate(fitted.detector, dataset, examples_per_type=len(dataset.test), quiet=quiet)
     extra = {

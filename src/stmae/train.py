@@ -5,7 +5,8 @@ never change; recomputing them every epoch would spend most of the time in the C
 
 A share of the good images (``train.val_fraction``) is held out. Their scores calibrate the
 decision threshold (the largest held-out good score), so a fresh run can label images
-without ever having seen a defect.
+without ever having seen a defect. Callers can instead name their own validation images
+(``val_data``), which is better when training images are near-duplicates of each other.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def make_config(config: Config | str | os.PathLike | None = None, overrides: Map
     return cfg.override(overrides or {}).validate()
 
 
-def training_samples(data: str | os.PathLike | AnomalyDataset | Sequence[Sample]) -> tuple[list[Sample], str]:
+def training_samples(
+    data: str | os.PathLike | AnomalyDataset | Sequence[Sample], minimum: int = 2
+) -> tuple[list[Sample], str]:
     """Normal training samples and a description of where they came from."""
     if isinstance(data, AnomalyDataset):
         samples, source = data.train, str(data.root or data.name)
@@ -65,8 +68,8 @@ def training_samples(data: str | os.PathLike | AnomalyDataset | Sequence[Sample]
         samples, source = ds.train, str(data)
     else:
         samples, source = list(data), "samples"
-    if len(samples) < 2:
-        raise DataError(f"{source}: need at least 2 good training images, found {len(samples)}")
+    if len(samples) < minimum:
+        raise DataError(f"{source}: need at least {minimum} good images, found {len(samples)}")
     return samples, source
 
 
@@ -132,6 +135,7 @@ def fit(
     out_dir: str | os.PathLike,
     config: Config | str | os.PathLike | None = None,
     *,
+    val_data: str | os.PathLike | AnomalyDataset | Sequence[Sample] | None = None,
     quiet: bool = False,
     **overrides: Any,
 ) -> FitResult:
@@ -143,12 +147,27 @@ def fit(
         out_dir: the run folder to write (created; files inside are replaced atomically).
         config: a :class:`Config`, a preset name (``fast``, ``accurate``, ``demo``, ``lowres``),
             a YAML file, or None for the defaults (= ``accurate``).
+        val_data: good images to calibrate the threshold on (same forms as ``data``). Default:
+            hold out ``train.val_fraction`` of ``data``. Give them when training images are
+            near-duplicates of each other (overlapping crops, video frames): held-out
+            near-duplicates score too low and make the threshold too strict.
         quiet: no progress bars.
         **overrides: settings by name, e.g. ``epochs=50`` or ``features.image_size=128``
             (use ``__`` for the dot in Python keywords: ``features__image_size=128``).
     """
     cfg = make_config(config, {k.replace("__", "."): v for k, v in overrides.items()})
     samples, source = training_samples(data)
+    if val_data is None:
+        train_idx, val_idx = holdout_split(len(samples), cfg.train.val_fraction, cfg.train.seed)
+        threshold_source = "max score of held-out good images"
+    else:
+        val_samples, val_source = training_samples(val_data, minimum=1)
+        train_idx = np.arange(len(samples))
+        val_idx = np.arange(len(samples), len(samples) + len(val_samples))
+        samples = samples + val_samples
+        threshold_source = f"max score of the validation images in {val_source}"
+    if not len(val_idx):
+        threshold_source = "max score of training images (no held-out images)"
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     started = time.perf_counter()
@@ -162,7 +181,6 @@ def fit(
     feats = extract_features(
         extractor, load_batch, len(samples), batch_size=cfg.infer.batch_size, device=device, quiet=quiet
     )
-    train_idx, val_idx = holdout_split(len(samples), cfg.train.val_fraction, cfg.train.seed)
     train_feats = feats[torch.from_numpy(train_idx)]
     stats = (
         FeatureStats.from_features(train_feats)
@@ -179,6 +197,7 @@ def fit(
     _, calib_scores = detector.score_features(feats[torch.from_numpy(calib_idx)])
     detector.threshold = float(calib_scores.max())
     meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, calib_scores, losses, device)
+    meta["threshold_source"] = threshold_source
     meta["train_seconds"] = round(train_seconds, 3)
     meta["fit_seconds"] = round(time.perf_counter() - started, 3)
     detector.meta = meta
@@ -221,7 +240,6 @@ def _meta(
         "n_val": int(len(val_idx)),
         "val_images": [samples[i].name or str(samples[i].path) for i in val_idx],
         "threshold": float(max(scores)),
-        "threshold_source": "max score of held-out good images" if len(val_idx) else "max score of training images (no held-out images)",
         "calibration_scores": {
             "min": float(min(scores)),
             "mean": float(np.mean(scores)),

@@ -3,14 +3,18 @@
 Why this set: the demo must run offline, on any machine, with no download and no licence
 question. scikit-image ships three real texture photographs (brick, grass, gravel; public
 domain / CC0). Good crops come from the top 65% of each photo and test crops from the bottom
-35%, so no test pixel was seen in training, while both come from the same surface.
+35%, so no test pixel was seen in training, while both come from the same surface. Inside the
+top band, training crops use the left 75% of the columns and validation crops (which set the
+decision threshold) the right 25%: random crops of one region overlap heavily, and a held-out
+crop that shares pixels with training crops would score too low and make the threshold too
+strict.
 
 Defects are drawn with PIL into a separate mask layer first and then painted through that
 mask, so the ground truth is exact by construction. Five types, as on real inspection
 lines: scratch, hole, stain, cut, foreign_object.
 
-The set is written in the MVTec AD layout, so the demo exercises the same loader that real
-benchmarks use.
+The set is written in the MVTec AD layout (plus ``validation/`` beside it), so the demo
+exercises the same loader that real benchmarks use.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from ..fileio import atomic_write
 
 TEXTURES = ("brick", "grass", "gravel")
 DEFECT_TYPES = ("scratch", "hole", "stain", "cut", "foreign_object")
-TRAIN_ROWS = 0.65  # share of each photo's rows reserved for training crops
+TRAIN_ROWS = 0.65  # share of each photo's rows reserved for training and validation crops
+TRAIN_COLS = 0.75  # inside those rows, training crops use these columns, validation the rest
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class DemoSpec:
 
     crop: int = 128
     train_per_texture: int = 40
+    val_per_texture: int = 10
     good_test_per_texture: int = 8
     defects_per_type: int = 2  # per texture and defect type
     seed: int = 0
@@ -51,10 +57,17 @@ def texture_photo(name: str) -> np.ndarray:
     return np.asarray(getattr(skdata, name)(), dtype=np.uint8)
 
 
-def random_crop(photo: np.ndarray, rows: tuple[int, int], size: int, rng: np.random.Generator) -> np.ndarray:
-    """A size x size RGB uint8 crop whose rows lie in ``rows`` = [start, stop), random flip."""
+def random_crop(
+    photo: np.ndarray,
+    rows: tuple[int, int],
+    size: int,
+    rng: np.random.Generator,
+    cols: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """A size x size RGB uint8 crop inside ``rows`` x ``cols`` (each [start, stop)), random flip."""
+    cols = cols or (0, photo.shape[1])
     top = int(rng.integers(rows[0], rows[1] - size + 1))
-    left = int(rng.integers(0, photo.shape[1] - size + 1))
+    left = int(rng.integers(cols[0], cols[1] - size + 1))
     crop = photo[top : top + size, left : left + size]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
@@ -153,7 +166,8 @@ def draw_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple
 def make_demo_dataset(out_dir: str | os.PathLike, spec: DemoSpec = DemoSpec()) -> Path:
     """Write the demo set to ``out_dir/textures`` in the MVTec AD layout and return that path.
 
-    Layout: ``train/good``, ``test/good``, ``test/<defect>``, ``ground_truth/<defect>/<n>_mask.png``.
+    Layout: ``train/good``, ``test/good``, ``test/<defect>``, ``ground_truth/<defect>/<n>_mask.png``,
+    plus ``validation/good`` (good crops for the threshold, see the module notes).
     Deterministic in ``spec.seed``. An existing ``textures`` folder is replaced.
     """
     root = Path(out_dir) / "textures"
@@ -172,8 +186,11 @@ def make_demo_dataset(out_dir: str | os.PathLike, spec: DemoSpec = DemoSpec()) -
         photo = texture_photo(name)
         cut = int(photo.shape[0] * TRAIN_ROWS)
         train_rows, test_rows = (0, cut), (cut, photo.shape[0])
+        split_col = int(photo.shape[1] * TRAIN_COLS)
         for _ in range(spec.train_per_texture):
-            save(random_crop(photo, train_rows, spec.crop, rng), "train", "good")
+            save(random_crop(photo, train_rows, spec.crop, rng, (0, split_col)), "train", "good")
+        for _ in range(spec.val_per_texture):
+            save(random_crop(photo, train_rows, spec.crop, rng, (split_col, photo.shape[1])), "validation", "good")
         for _ in range(spec.good_test_per_texture):
             save(random_crop(photo, test_rows, spec.crop, rng), "test", "good")
         for kind in DEFECT_TYPES:

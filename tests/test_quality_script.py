@@ -1,0 +1,224 @@
+"""benchmarks/quality.py without training: tables, targets, README markers, the command line.
+
+The script lives outside the package (benchmarks/ is not importable), so it is loaded from
+its file. Results are a small hand-made dict in the script's JSON layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+def _load_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("quality_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load_module()
+
+
+def _row(key: str, dataset: str, name: str, method: str, image: float, pixel: float | None, aupro: float | None,
+         f1: float, **extra: Any) -> dict[str, Any]:  # fmt: skip
+    return {
+        "key": key, "dataset": dataset, "row": name, "method": method, "image_auroc": image,
+        "pixel_auroc": pixel, "aupro": aupro, "image_f1max": f1, "fit_seconds": 12.4,
+        "device": "cpu (1 thread)", "settings": f"settings of {method}", **extra,
+    }  # fmt: skip
+
+
+def fake_results() -> dict[str, Any]:
+    """MT 200: ST-MAE beats PatchCore on image/pixel AUROC, misses AUPRO (0.700 < 0.703) and
+    the kNN's AUPRO; Fashion-MNIST mean 0.91 (< 0.93); MNIST skipped; demo run."""
+    mt = "Magnetic Tile, 200-image protocol"
+    fm = "Fashion-MNIST one-class, mean"
+    per_class = [{"class": "T-shirt_top", "image_auroc": 0.90, "image_f1max": 0.5, "n_train": 180, "fit_seconds": 3.0},
+                 {"class": "Bag", "image_auroc": 0.92, "image_f1max": 0.6, "n_train": 180, "fit_seconds": 5.0}]  # fmt: skip
+    knn_class = [{"class": "T-shirt_top", "image_auroc": 0.95, "image_f1max": 0.7, "n_train": 200, "fit_seconds": 1.0},
+                 {"class": "Bag", "image_auroc": 0.97, "image_f1max": 0.8, "n_train": 200, "fit_seconds": 1.0}]  # fmt: skip
+    return {
+        "command": "python benchmarks/quality.py --quick",
+        "mode": "quick",
+        "created": "2025-01-02T03:04:05+00:00",
+        "stmae_version": "0.1.0",
+        "commit": "abc1234",
+        "device_label": "cpu (1 thread)",
+        "platform": {"torch": "2.13.0"},
+        "total_seconds": 600.0,
+        "json_name": "benchmarks/results/quality_quick.json",
+        "reduced_settings": {"fashion_mnist": "Fashion-MNIST one-class: ST-MAE 15 epochs instead of 30"},
+        "datasets": {
+            "magnetic_tile": {
+                "status": "ok", "data": "/data/mt", "seconds": 300.0, "settings": {"preset": "accurate"},
+                "rows": [
+                    _row("mt200", "magnetic_tile", mt, quality.STMAE, 0.950, 0.850, 0.700, 0.900),
+                    _row("mt200", "magnetic_tile", mt, quality.KNN, 0.800, 0.790, 0.760, 0.850),
+                ],
+            },
+            "fashion_mnist": {
+                "status": "ok", "data": "/data/fm", "seconds": 100.0, "settings": {"classes": "0,8"},
+                "rows": [
+                    _row("fashion_mnist", "fashion_mnist", fm, quality.STMAE, 0.91, None, None, 0.55,
+                         per_class=per_class),
+                    _row("fashion_mnist", "fashion_mnist", fm, quality.KNN, 0.96, None, None, 0.75,
+                         per_class=knn_class),
+                ],
+            },
+            "mnist": {"status": "skipped", "reason": "data not found: /nowhere/mnist_5k.csv.gz"},
+        },
+    }  # fmt: skip
+
+
+def _targets_by_name(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["target"]: t for t in quality.evaluate_targets(results)}
+
+
+def test_targets_met_missed_and_not_run() -> None:
+    t = _targets_by_name(fake_results())
+    status = {name: v["status"] for name, v in t.items()}
+    assert status == {
+        "Magnetic Tile 200: ST-MAE image AUROC >= PatchCore": "met",
+        "Magnetic Tile 200: ST-MAE pixel AUROC >= PatchCore": "met",
+        "Magnetic Tile 200: ST-MAE AUPRO >= PatchCore": "missed",
+        "Magnetic Tile 200: ST-MAE image AUROC >= same-run kNN": "met",
+        "Magnetic Tile 200: ST-MAE pixel AUROC >= same-run kNN": "met",
+        "Magnetic Tile 200: ST-MAE AUPRO >= same-run kNN": "missed",
+        "Fashion-MNIST: ST-MAE mean image AUROC >= 0.93": "missed",
+        "MNIST: ST-MAE mean image AUROC >= 0.98": "not run",
+    }
+    # The kNN targets compare against the same run's kNN figures.
+    assert t["Magnetic Tile 200: ST-MAE AUPRO >= same-run kNN"]["required"] == 0.760
+    assert t["Magnetic Tile 200: ST-MAE AUPRO >= PatchCore"]["required"] == 0.703
+    # Only the dataset run with reduced settings is flagged as indicative.
+    assert t["Fashion-MNIST: ST-MAE mean image AUROC >= 0.93"]["indicative_only"] is True
+    assert t["Magnetic Tile 200: ST-MAE AUPRO >= PatchCore"]["indicative_only"] is False
+
+
+def test_results_table_rows_and_flags() -> None:
+    table = quality.results_table(fake_results())
+    lines = table.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:8] == [
+        "dataset / row", "method", "image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "fit s", "device",
+    ]  # fmt: skip
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert len(cells) == 5  # 2 MT rows, 2 Fashion-MNIST rows, 1 skipped MNIST row
+    st_mt, knn_mt, st_fm, knn_fm, mnist = cells
+    assert st_mt[:8] == ["Magnetic Tile, 200-image protocol", "ST-MAE", "0.950", "0.850", "0.700", "0.900", "12",
+                         "cpu (1 thread)"]  # fmt: skip
+    assert st_mt[8] == "settings of ST-MAE"
+    assert st_mt[9] == "PatchCore: missed (AUPRO); kNN: missed (AUPRO)"
+    assert knn_mt[1] == "kNN baseline" and knn_mt[9] == ""
+    assert st_fm[:5] == ["Fashion-MNIST one-class, mean", "ST-MAE", "0.910", "n/a", "n/a"]
+    assert st_fm[9] == ">= 0.93: missed (image AUROC) [reduced settings: indicative]"
+    assert knn_fm[9] == ""
+    assert mnist[0] == "MNIST one-class (5k CSV)" and "skipped: data not found" in mnist[8]
+
+
+def test_provenance_marks_uncommitted_changes() -> None:
+    results = fake_results()
+    assert "commit abc1234," in quality.provenance(results)
+    results["modified"] = ["src/stmae/train.py", "README.md"]
+    line = quality.provenance(results)
+    assert "commit abc1234 + uncommitted changes to 2 file(s)" in line and "\n" not in line
+
+
+def test_target_cell_met() -> None:
+    results = fake_results()
+    results["datasets"]["magnetic_tile"]["rows"][0]["aupro"] = 0.80
+    row = next(r for r in quality.table_rows(results) if r["method"] == quality.STMAE)
+    assert row["target"] == "PatchCore: met; kNN: met"
+
+
+def test_render_markdown_sections() -> None:
+    md = quality.render_markdown(fake_results())
+    assert md.startswith("# stmae quality benchmark (quick)")
+    assert "python benchmarks/quality.py --quick" in md and "commit abc1234" in md
+    assert "- Fashion-MNIST one-class: ST-MAE 15 epochs instead of 30" in md
+    assert "| Magnetic Tile 200: ST-MAE AUPRO >= PatchCore | 0.703 | 0.700 | missed |" in md
+    assert "| Fashion-MNIST: ST-MAE mean image AUROC >= 0.93 | 0.930 | 0.910 | missed (indicative) |" in md
+    assert "| MNIST: ST-MAE mean image AUROC >= 0.98 | 0.980 | n/a | not run |" in md
+    assert "## Fashion-MNIST one-class: per class" in md
+    assert "| Bag | 0.920 | 0.970 |" in md
+    assert "\n\n\n" not in md
+
+
+def test_readme_markers_replaced(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    start, end = quality.MARKERS
+    readme.write_text(f"# Title\n\nbefore\n\n{start}\nold table\n{end}\n\nafter\n")
+    results = fake_results()
+    quality.update_readme(readme, quality.readme_block(results))
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith("# Title\n\nbefore\n\n" + start + "\n| dataset / row |")
+    assert text.endswith(end + "\n\nafter\n")
+    inside = text[text.index(start) + len(start) : text.index(end)]
+    assert "| Magnetic Tile, 200-image protocol | ST-MAE | 0.950 |" in inside
+    assert inside.strip().splitlines()[-1].startswith("Generated by `python benchmarks/quality.py --quick`")
+    quality.update_readme(readme, quality.readme_block(results))  # idempotent
+    assert readme.read_text() == text
+
+
+@pytest.mark.parametrize("body", ["no markers at all\n", "<!-- quality:end -->\nx\n<!-- quality:start -->\n"])
+def test_readme_without_markers_is_an_error(tmp_path: Path, body: str) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(body)
+    with pytest.raises(quality.ReadmeMarkerError) as info:
+        quality.update_readme(readme, "table")
+    message = str(info.value)
+    assert "README.md" in message and quality.MARKERS[0] in message and quality.MARKERS[1] in message
+    assert readme.read_text() == body
+
+
+def test_main_from_json_updates_readme_and_rejects_missing_markers(tmp_path: Path, capsys) -> None:
+    results_file = tmp_path / "quality.json"
+    results_file.write_text(json.dumps(fake_results()))
+    readme = tmp_path / "README.md"
+    readme.write_text("nothing here\n")
+    assert quality.main(["--from-json", str(results_file), "--update-readme", "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err
+    assert "README.md" in err and quality.MARKERS[0] in err
+    assert not results_file.with_suffix(".md").exists()  # failed before writing anything
+
+    readme.write_text(f"{quality.MARKERS[0]}\n{quality.MARKERS[1]}\n")
+    assert quality.main(["--from-json", str(results_file), "--update-readme", "--readme", str(readme)]) == 0
+    assert "| Magnetic Tile, 200-image protocol | ST-MAE |" in readme.read_text()
+    assert "## Targets" in results_file.with_suffix(".md").read_text()
+
+
+def test_only_and_settings() -> None:
+    assert quality.parse_only("d,a") == ["magnetic_tile", "demo"]
+    assert quality.parse_only("mnist, fmnist") == ["fashion_mnist", "mnist"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown dataset"):
+        quality.parse_only("a,x")
+    quick = quality.resolve_settings(quality.parse_args(["--quick"]))
+    assert quality.describe_reductions(quick, list(quality.DATASETS)).keys() == set(quality.DATASETS)
+    full = quality.resolve_settings(quality.parse_args([]))
+    assert full["magnetic_tile"]["protocols"] == ["200", "full"]
+    assert quality.describe_reductions(full, list(quality.DATASETS)) == {}
+    custom = quality.resolve_settings(quality.parse_args(["--epochs", "3", "--train-limit", "0", "--classes", "1"]))
+    assert custom["mnist"]["epochs"] == 3 and custom["mnist"]["train_limit"] is None
+    assert "ST-MAE 3 epochs instead of 30" in quality.describe_reductions(custom, ["mnist"])["mnist"]
+    assert quality.default_out(True).name == "quality_quick.json" and quality.default_out(False).name == "quality.json"
+
+
+def test_help_runs() -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--quick", "--out", "--device", "--only", "--update-readme", "--threads"):
+        assert flag in proc.stdout
