@@ -68,7 +68,7 @@ from stmae.fileio import atomic_write_json
 from stmae.infer import build_extractor, gaussian_blur, image_scores
 from stmae.metrics import PixelMetricAccumulator, compute_metrics
 
-DEFAULT_DATA = Path("/work/shared/data/magnetic_tile/magnetic_tile")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "baseline_knn_magnetic_tile.json"
 #: RESEARCH.md's magnetic_tile rows this baseline is checked against (other code, H100).
 REFERENCE = {

@@ -6,10 +6,8 @@ from its file. Data is a tiny generated MVTec-style folder of 64 x 64 noise text
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,20 +18,12 @@ from stmae.config import Config
 from stmae.data import load_mvtec
 from stmae.infer import Detector
 
-MODULE_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "baseline_knn.py"
+from .conftest import load_benchmark
+
 SQUARE = (slice(20, 36), slice(24, 40))  # the defect: rows 20-35, columns 24-39
 
 
-def _load_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("baseline_knn", MODULE_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-knn = _load_module()
+knn = load_benchmark("baseline_knn")
 
 
 def _png(path: Path, array: np.ndarray) -> None:

@@ -7,29 +7,20 @@ its file. Results are a small hand-made dict in the script's JSON layout.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from .conftest import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
 
-def _load_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("quality_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_module()
+quality = load_benchmark("quality")
 
 
 def _row(key: str, dataset: str, name: str, method: str, image: float, pixel: float | None, aupro: float | None,
