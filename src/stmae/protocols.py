@@ -160,7 +160,8 @@ def _write_summary(out: Path, rows: list[dict[str, Any]], key: str, extra: dict[
     mean: dict[str, Any] = {key: "mean"}
     for k in numeric:
         vals = [r[k] for r in rows if r.get(k) is not None]
-        mean[k] = float(np.mean(vals)) if vals else None
+        # counts are not averaged: a mean of image counts reads like a count
+        mean[k] = float(np.mean(vals)) if vals and not k.startswith("n_") else None
     summary = {**extra, "rows": rows, "mean": mean}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", markdown_table(rows + [mean], [key, *numeric]))
