@@ -157,3 +157,29 @@ def test_explicit_validation_images_set_the_threshold(tiny_mvtec, tmp_path):
     assert "validation images" in meta["threshold_source"]
     scores = [p.score for p in res.detector.predict(sorted(val.glob("*.png")))]
     assert meta["threshold"] == pytest.approx(max(scores), rel=1e-5)
+
+
+def test_run_demo_writes_results_and_panels(tmp_path):
+    from stmae.data.synthetic import DEFECT_TYPES, TEXTURES, DemoSpec
+
+    spec = DemoSpec(train_per_texture=4, val_per_texture=1, good_test_per_texture=1, defects_per_type=1)
+    results = stmae.run_demo(tmp_path / "demo", epochs=1, spec=spec, device="cpu", quiet=True)
+    n_test = len(TEXTURES) * (1 + len(DEFECT_TYPES))
+    on_disk = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["n_images"] == n_test and on_disk["n_val"] == len(TEXTURES)
+    assert isinstance(on_disk["passed_targets"], bool) and on_disk["total_seconds"] > 0
+    assert 0.0 <= on_disk["pixel_auroc"] <= 1.0
+    assert len(list((tmp_path / "demo" / "report_images").glob("*.png"))) == n_test
+
+
+def test_demo_masks_match_painted_pixels():
+    from stmae.data.synthetic import draw_defect
+
+    rng = np.random.default_rng(0)
+    base = np.full((64, 64, 3), 128, np.uint8)
+    for kind in ("scratch", "hole", "stain", "cut", "foreign_object"):
+        img, mask = draw_defect(base, kind, rng)
+        changed = (img != base).any(axis=2)
+        assert mask.any(), kind
+        assert np.array_equal(changed, mask), kind
