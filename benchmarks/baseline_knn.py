@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stmae.config import Config
-from stmae.data import Sample, load_mvtec, resize_image, resize_mask, to_tensor_batch
-from stmae.evaluate import per_type_breakdown
+from stmae.data import Sample, load_mvtec
+from stmae.evaluate import mask_at, per_type_breakdown
 from stmae.features import FeatureExtractor, FeatureStats, batched, extract_features
 from stmae.fileio import atomic_write_json
 from stmae.infer import build_extractor, gaussian_blur, image_scores
@@ -207,33 +207,6 @@ def anomaly_maps(grid_maps: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, to
 # --------------------------------------------------------------------------------------
 
 
-def _features(
-    extractor: FeatureExtractor,
-    samples: Sequence[Sample],
-    size: int,
-    device: torch.device,
-    *,
-    desc: str,
-    quiet: bool,
-) -> torch.Tensor:
-    """(len(samples), C, G, G) CPU features, images read and resized exactly as stmae does."""
-
-    def load_batch(indices: Sequence[int]) -> torch.Tensor:
-        return to_tensor_batch([resize_image(samples[i].load_image(), size) for i in indices])
-
-    return extract_features(
-        extractor, load_batch, len(samples), batch_size=16, device=device, desc=desc, quiet=quiet
-    )
-
-
-def _mask(sample: Sample, size: int) -> np.ndarray:
-    """Ground truth at the input size; no mask means no defect pixel (as in stmae.evaluate)."""
-    mask = sample.load_mask()
-    if mask is None:
-        return np.zeros((size, size), dtype=bool)
-    return resize_mask(mask, size)
-
-
 @dataclass
 class MemoryBank:
     """A fitted kNN detector: extractor, standardisation statistics and the patch bank.
@@ -256,7 +229,7 @@ class MemoryBank:
     def score(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (maps (n, S, S), scores (n,)) on CPU, S = ``cfg.features.image_size``."""
         size, grid = self.cfg.features.image_size, self.cfg.features.grid_size
-        feats = _features(self.extractor, samples, size, self.device, desc="test features", quiet=True)
+        feats = extract_features(self.extractor, samples, size, device=self.device, desc="test features", quiet=True)
         dist = nearest_distances(_patches(self.stats.apply(feats)).to(self.device), self.bank)
         maps, scores = anomaly_maps(dist.view(len(samples), grid, grid), self.cfg)
         return maps.cpu(), scores.cpu()
@@ -280,7 +253,7 @@ def fit_bank(
         raise ValueError("the memory bank needs at least one training sample")
     dev = torch.device(device)
     extractor = build_extractor(cfg).to(dev).eval()
-    feats = _features(extractor, train_samples, cfg.features.image_size, dev, desc="train features", quiet=quiet)
+    feats = extract_features(extractor, train_samples, cfg.features.image_size, device=dev, desc="train features", quiet=quiet)
     channels = feats.shape[1]
     stats = FeatureStats.from_features(feats) if cfg.features.standardize else FeatureStats.identity(channels)
     patches = _patches(stats.apply(feats)).to(dev)
@@ -340,7 +313,7 @@ def knn_baseline(
             t1 = time.perf_counter()
             for j, i in enumerate(chunk):
                 scores[i] = float(chunk_scores[j])
-                pixel.update(_mask(test_samples[i], size), maps[j].numpy())
+                pixel.update(mask_at(test_samples[i], size), maps[j].numpy())
             predict_seconds += t1 - t0
             metric_seconds += time.perf_counter() - t1
             bar.update(len(chunk))

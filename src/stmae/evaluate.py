@@ -74,7 +74,7 @@ def evaluate(
             for j, i in enumerate(chunk):
                 scores[i] = float(batch_scores[j])
                 amap = maps[j].numpy()
-                mask = _mask_at(samples[i], images[j].shape[:2], size) if pixel or i in keep else None
+                mask = mask_at(samples[i], size) if pixel or i in keep else None
                 if pixel is not None:
                     pixel.update(mask, amap)
                 if i in keep:
@@ -102,11 +102,11 @@ def evaluate(
     return Evaluation(metrics, per_type_breakdown(samples, scores, threshold), records, threshold, examples)
 
 
-def _mask_at(sample: Sample, shape: tuple[int, int], size: int) -> np.ndarray:
-    """The sample's mask at the model input size; all-False for images without one."""
+def mask_at(sample: Sample, size: int) -> np.ndarray:
+    """The sample's mask at the model input size (nearest); all-False for images without one."""
     mask = sample.load_mask()
     if mask is None:
-        mask = np.zeros(shape, dtype=bool)
+        return np.zeros((size, size), dtype=bool)
     return resize_mask(mask, size)
 
 

@@ -14,15 +14,15 @@ them (:func:`extract_features`); the training loop then only runs the transforme
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
+from .data import Sample, resize_image, to_tensor_batch
 
 
 class FeatureExtractor(nn.Module):
@@ -99,25 +99,24 @@ def batched(items: Sequence, size: int) -> Iterable[Sequence]:
 @torch.no_grad()
 def extract_features(
     extractor: FeatureExtractor,
-    load_batch: Callable[[Sequence[int]], torch.Tensor],
-    count: int,
+    samples: Sequence[Sample],
+    image_size: int,
     *,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     desc: str = "features",
     quiet: bool = False,
 ) -> torch.Tensor:
-    """Run the extractor over ``count`` images, returning a CPU cache (count, C, G, G).
+    """Read, resize (to ``image_size``) and featurise samples: a CPU cache (len, C, G, G).
 
-    ``load_batch(indices)`` returns the (n, 3, H, W) [0, 1] tensor for those indices, so the
-    caller decides how images are read and resized while this function owns batching,
-    device placement and the progress bar.
+    The one place where images become cached features, so training, the one-class test
+    cache and the kNN yardstick all see exactly the same inputs.
     """
-    out = torch.empty(count, extractor.out_channels, extractor.grid_size, extractor.grid_size)
-    indices = np.arange(count)
-    with tqdm(total=count, desc=desc, unit="img", disable=quiet, leave=False) as bar:
-        for chunk in batched(indices, batch_size):
-            images = load_batch(chunk).to(device)
-            out[chunk[0] : chunk[-1] + 1] = extractor(images).cpu()
+    out = torch.empty(len(samples), extractor.out_channels, extractor.grid_size, extractor.grid_size)
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            images = to_tensor_batch([resize_image(s.load_image(), image_size) for s in chunk])
+            out[start : start + len(chunk)] = extractor(images.to(device)).cpu()
             bar.update(len(chunk))
     return out

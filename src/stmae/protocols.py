@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import AnomalyDataset, DataError, load_mvtec, load_oneclass, oneclass_classes, resize_image, to_tensor_batch
+from .data import AnomalyDataset, DataError, load_mvtec, load_oneclass, oneclass_classes
+from .device import resolve_device
 from .evaluate import evaluate
 from .features import extract_features
 from .fileio import atomic_write_json, atomic_write_text
@@ -142,17 +143,11 @@ def oneclass(
 
 def _test_features(cfg: Config, dataset: AnomalyDataset, quiet: bool) -> torch.Tensor:
     """Features of the (shared) test split, extracted once."""
-    from .device import resolve_device
-
     device = resolve_device(cfg.train.device)
     extractor = build_extractor(cfg).to(device)
-    size = cfg.features.image_size
-    samples = dataset.test
-
-    def load_batch(idx: Sequence[int]) -> torch.Tensor:
-        return to_tensor_batch([resize_image(samples[i].load_image(), size) for i in idx])
-
-    return extract_features(extractor, load_batch, len(samples), batch_size=64, device=device, desc="test features", quiet=quiet)
+    return extract_features(
+        extractor, dataset.test, cfg.features.image_size, batch_size=64, device=device, desc="test features", quiet=quiet
+    )
 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]], key: str, extra: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint import save_run
 from .config import PRESETS, Config, TrainConfig, preset
-from .data import AnomalyDataset, DataError, Sample, open_dataset, resize_image, to_tensor_batch
+from .data import AnomalyDataset, DataError, Sample, open_dataset
 from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
 from .infer import Detector, build_extractor, build_model
@@ -173,13 +173,8 @@ def fit(
     started = time.perf_counter()
 
     extractor = build_extractor(cfg).to(device)
-    size = cfg.features.image_size
-
-    def load_batch(indices: Sequence[int]) -> torch.Tensor:
-        return to_tensor_batch([resize_image(samples[i].load_image(), size) for i in indices])
-
     feats = extract_features(
-        extractor, load_batch, len(samples), batch_size=cfg.infer.batch_size, device=device, quiet=quiet
+        extractor, samples, cfg.features.image_size, batch_size=cfg.infer.batch_size, device=device, quiet=quiet
     )
     train_feats = feats[torch.from_numpy(train_idx)]
     stats = (
