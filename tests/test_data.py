@@ -437,6 +437,17 @@ def test_oneclass_fashion_mnist_idx(tmp_path):
     assert len(load_oneclass("fashion-mnist", root, 3, test_limit=7).test) == 7
 
 
+def test_oneclass_validation_split_never_touches_test(tmp_path):
+    root = make_idx_folder(tmp_path)
+    ds = load_oneclass("fashion-mnist", root, 3, train_limit=2, seed=1, validation=10)
+    assert ds.name == "fashion_mnist-Dress-validation"
+    assert len(ds.test) == 10 and all(s.name.startswith("fashion_mnist/train/") for s in ds.test)
+    assert not {s.name for s in ds.test} & {s.name for s in ds.train}
+    assert {s.label for s in ds.test if s.defect_type == "Dress"} <= {0}
+    everything = load_oneclass("fashion-mnist", root, 3, train_limit=2, seed=1, validation=10_000)
+    assert len(everything.test) == 40 - 2  # every unused training image
+
+
 def test_oneclass_invalid_class_and_protocol(tmp_path):
     root = make_idx_folder(tmp_path)
     with pytest.raises(DataError, match="0=T-shirt_top, 1=Trouser"):

@@ -109,6 +109,40 @@ def test_loss_and_residuals():
     assert torch.allclose(feature_residual(r, f, "mse_cos"), mse * feature_residual(r, f, "cos"))
     with pytest.raises(ValueError, match="unknown residual"):
         feature_residual(r, f, "l1")
+    with pytest.raises(ValueError, match="needs ResidualStats"):
+        feature_residual(r, f, "mahalanobis")
+
+
+def test_mahalanobis_residual_matches_explicit_formula():
+    from stmae.model import ResidualAccumulator
+
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(5, 5, generator=gen)
+    feats = [torch.randn(3, 5, 4, 4, generator=gen) for _ in range(2)]
+    recons = [f + torch.einsum("cd,ndhw->nchw", mix, torch.randn(f.shape, generator=gen)) + 0.5 for f in feats]
+    acc = ResidualAccumulator(5)
+    for r, f in zip(recons, feats):
+        acc.add(r, f)
+    stats = acc.finish(shrinkage=0.1)
+    vecs = torch.cat([(r - f).permute(0, 2, 3, 1).reshape(-1, 5) for r, f in zip(recons, feats)]).double()
+    cov = torch.cov(vecs.T)
+    cov = 0.9 * cov + 0.1 * cov.diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    assert torch.allclose(stats.mean.double(), vecs.mean(0), atol=1e-5)
+    assert torch.allclose(stats.precision.double(), torch.linalg.inv(cov), rtol=1e-4, atol=1e-5)
+    d = (recons[0] - feats[0]).permute(0, 2, 3, 1).double() - vecs.mean(0)
+    expected = torch.einsum("nhwc,cd,nhwd->nhw", d, torch.linalg.inv(cov), d)
+    got = feature_residual(recons[0], feats[0], "mahalanobis", stats)
+    assert got.shape == (3, 4, 4)
+    assert torch.allclose(got.double(), expected, rtol=1e-3, atol=1e-4)
+    # A residual along a direction good images never err in scores far higher than an
+    # equally large one along their usual error direction.
+    usual = torch.linalg.eigh(cov).eigenvectors[:, -1].float()
+    rare = torch.linalg.eigh(cov).eigenvectors[:, 0].float()
+    base = torch.zeros(1, 5, 1, 1)
+    m = stats.mean.view(1, 5, 1, 1)
+    s_usual = feature_residual(base + m + 3 * usual.view(1, 5, 1, 1), base, "mahalanobis", stats)
+    s_rare = feature_residual(base + m + 3 * rare.view(1, 5, 1, 1), base, "mahalanobis", stats)
+    assert s_rare.item() > 5 * s_usual.item()
 
 
 def test_training_reduces_loss():
@@ -119,6 +153,14 @@ def test_training_reduces_loss():
     base = torch.randn(1, 6, 1, 1)
     feats = base.expand(12, 6, 8, 8) + 0.05 * torch.randn(12, 6, 8, 8)
     m = STMAE(6, 8, patch_size=2, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    init = {k: v.clone() for k, v in m.state_dict().items()}
     losses = train_model(m, feats, TrainConfig(epochs=15, batch_size=4, lr=3e-3, warmup_epochs=1), torch.device("cpu"), quiet=True)
     assert losses[-1] < 0.5 * losses[0]
     assert not m.training
+    # EMA weights: same trajectory, but the kept weights are the average, not the last step.
+    m2 = STMAE(6, 8, patch_size=2, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    m2.load_state_dict(init)
+    cfg = TrainConfig(epochs=15, batch_size=4, lr=3e-3, warmup_epochs=1, ema=0.9)
+    assert train_model(m2, feats, cfg, torch.device("cpu"), quiet=True) == losses
+    differs = [not torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters())]
+    assert all(differs)

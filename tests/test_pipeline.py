@@ -78,6 +78,23 @@ def test_overrides_by_keyword(tiny_mvtec, tmp_path):
         stmae.fit(tiny_mvtec, tmp_path / "r2", tiny_config(), quiet=True, epochz=1)
 
 
+def test_mahalanobis_residual_stats_travel_with_the_run(tiny_mvtec, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    res = stmae.fit(tiny_mvtec, tmp_path / "m", tiny_config(**{"infer.residual": "mahalanobis"}), quiet=True)
+    c = res.detector.residual_stats.precision.shape[0]
+    assert c == res.detector.extractor.out_channels
+    img = sorted((tiny_mvtec / "test" / "spot").glob("*.png"))[0]
+    loaded = stmae.load(res.run_dir, device="cpu")
+    assert torch.equal(loaded.residual_stats.precision, res.detector.residual_stats.precision)
+    assert loaded.predict(img)[0].score == pytest.approx(res.detector.predict(img)[0].score, rel=1e-6)
+    weights = res.run_dir / "model.safetensors"
+    tensors = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("residual_stats.")}
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="no residual\n?.*statistics|residual statistics"):
+        stmae.load(res.run_dir)
+
+
 def test_incomplete_run_folder_is_refused(fitted):
     (fitted.run_dir / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="meta.json"):

@@ -204,7 +204,7 @@ def test_only_and_settings() -> None:
     assert quality.describe_reductions(full, list(quality.DATASETS)) == {}
     custom = quality.resolve_settings(quality.parse_args(["--epochs", "3", "--train-limit", "0", "--classes", "1"]))
     assert custom["mnist"]["epochs"] == 3 and custom["mnist"]["train_limit"] is None
-    assert "ST-MAE 3 epochs instead of 30" in quality.describe_reductions(custom, ["mnist"])["mnist"]
+    assert "ST-MAE 3 epochs instead of 60" in quality.describe_reductions(custom, ["mnist"])["mnist"]
     assert quality.default_out(True).name == "quality_quick.json" and quality.default_out(False).name == "quality.json"
 
 

@@ -3,8 +3,9 @@
 A run folder holds
 
 - ``config.yaml``        the complete effective configuration,
-- ``model.safetensors``  transformer weights (``model.*``) and feature statistics
-                         (``feature_stats.mean`` / ``feature_stats.std``),
+- ``model.safetensors``  transformer weights (``model.*``), feature statistics
+                         (``feature_stats.mean`` / ``feature_stats.std``) and, for the
+                         ``mahalanobis`` residual, ``residual_stats.mean`` / ``.precision``,
 - ``meta.json``          backbone, layers, image size, normalisation, threshold, seed,
                          training summary and stmae version.
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError
 from .features import FeatureStats
+from .model import ResidualStats
 from .fileio import atomic_write, atomic_write_json
 
 CONFIG_FILE = "config.yaml"
@@ -44,6 +46,7 @@ class RunContents:
     model_state: dict[str, torch.Tensor]
     stats: FeatureStats
     meta: dict[str, Any]
+    residual_stats: ResidualStats | None = None
 
 
 def save_run(
@@ -52,6 +55,7 @@ def save_run(
     model: torch.nn.Module,
     stats: FeatureStats,
     meta: dict[str, Any],
+    residual_stats: ResidualStats | None = None,
 ) -> Path:
     """Write a run folder atomically file by file, ``meta.json`` last."""
     run = Path(run_dir)
@@ -60,6 +64,9 @@ def save_run(
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors["feature_stats.mean"] = stats.mean.cpu().contiguous()
     tensors["feature_stats.std"] = stats.std.cpu().contiguous()
+    if residual_stats is not None:
+        tensors["residual_stats.mean"] = residual_stats.mean.cpu().contiguous()
+        tensors["residual_stats.precision"] = residual_stats.precision.cpu().contiguous()
     atomic_write(run / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "stmae"}))
     atomic_write_json(run / META_FILE, meta)
     return run
@@ -92,5 +99,13 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
         stats = FeatureStats(tensors.pop("feature_stats.mean"), tensors.pop("feature_stats.std"))
     except KeyError:
         raise CheckpointError(f"{run / WEIGHTS_FILE}: no feature statistics stored") from None
+    residual_stats = None
+    if "residual_stats.mean" in tensors and "residual_stats.precision" in tensors:
+        residual_stats = ResidualStats(tensors.pop("residual_stats.mean"), tensors.pop("residual_stats.precision"))
+    elif config.infer.residual == "mahalanobis":
+        raise CheckpointError(
+            f"{run / WEIGHTS_FILE}: config.yaml asks for the mahalanobis residual but no residual "
+            "statistics are stored (refit with `stmae fit`)"
+        )
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    return RunContents(config=config, model_state=state, stats=stats, meta=meta)
+    return RunContents(config=config, model_state=state, stats=stats, meta=meta, residual_stats=residual_stats)

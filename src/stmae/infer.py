@@ -26,7 +26,7 @@ from .device import autocast, resolve_device
 from .data import resize_image, to_tensor_batch
 from .data.io import as_rgb
 from .features import FeatureExtractor, FeatureStats, batched
-from .model import STMAE, complementary_splits, feature_residual
+from .model import STMAE, ResidualAccumulator, ResidualStats, complementary_splits, feature_residual
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -112,6 +112,7 @@ class Detector:
         threshold: float | None = None,
         meta: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
+        residual_stats: ResidualStats | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.extractor = extractor.to(self.device).eval()
@@ -120,6 +121,7 @@ class Detector:
         self.config = config
         self.threshold = threshold
         self.meta = meta or {}
+        self.residual_stats = residual_stats
         self.splits = complementary_splits(model.num_tokens, config.infer.num_pairs, seed=config.train.seed).to(
             self.device
         )
@@ -145,6 +147,7 @@ class Detector:
             threshold=run.meta.get("threshold"),
             meta=run.meta,
             device=resolve_device(device),
+            residual_stats=run.residual_stats,
         )
 
     # ------------------------------------------------------------------ core maths
@@ -154,13 +157,39 @@ class Detector:
 
         Mean over the K complementary split pairs of the per-position residual.
         """
+        kind = self.config.infer.residual
+        if kind == "mahalanobis" and self.residual_stats is None:
+            raise ValueError(
+                "infer.residual is 'mahalanobis' but this detector has no residual statistics; "
+                "call fit_residual_stats() on good training features (stmae fit does this)"
+            )
         feats = feats.to(self.device)
         total = torch.zeros(feats.shape[0], feats.shape[2], feats.shape[3], device=self.device)
-        with autocast(self.device):
-            for split in self.splits:
-                recon = self.model(feats, split).float()
-                total += feature_residual(recon, feats, self.config.infer.residual)
+        for recon in self._reconstructions(feats):
+            total += feature_residual(recon, feats, kind, self.residual_stats)
         return total / len(self.splits)
+
+    def _reconstructions(self, feats: torch.Tensor) -> Iterable[torch.Tensor]:
+        """The K reconstructions (one per split pair) of standardised features on the device."""
+        with torch.no_grad(), autocast(self.device):
+            for split in self.splits:
+                yield self.model(feats, split).float()
+
+    @torch.no_grad()
+    def fit_residual_stats(self, feats: torch.Tensor, quiet: bool = True) -> ResidualStats:
+        """Fit (and keep) the Mahalanobis residual statistics on raw features of good images.
+
+        Uses the same K split pairs as scoring, so the statistics describe exactly the
+        residuals that will be scored.
+        """
+        acc = ResidualAccumulator(feats.shape[1])
+        chunks = torch.split(feats, self.config.infer.batch_size)
+        for chunk in tqdm(chunks, desc="residual stats", unit="batch", disable=quiet, leave=False):
+            x = self.stats.apply(chunk.to(self.device))
+            for recon in self._reconstructions(x):
+                acc.add(recon, x)
+        self.residual_stats = acc.finish(self.config.infer.shrinkage)
+        return self.residual_stats
 
     def postprocess(self, grid_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid maps (N, G, G) -> (maps (N, S, S) at the input size S, scores (N,))."""

@@ -96,7 +96,9 @@ def train_model(
     """Train ``model`` to reconstruct standardised features (N, C, G, G); returns epoch losses.
 
     Each step draws a fresh random split per image (the decoupling), so over training every
-    patch is reconstructed from many different halves of its image.
+    patch is reconstructed from many different halves of its image. With ``cfg.ema > 0`` an
+    exponential moving average of the weights (decay ``cfg.ema`` per step) replaces the
+    final weights: it smooths the noise of the random splits out of the last steps.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device).train()
@@ -107,6 +109,7 @@ def train_model(
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)
     losses: list[float] = []
     step = 0
+    ema = [p.detach().clone() for p in model.parameters()] if cfg.ema > 0 else None
     bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=quiet, leave=False)
     for _ in bar:
         order = torch.randperm(n, generator=gen)
@@ -122,10 +125,21 @@ def train_model(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                # Warm-up of the decay (as TensorFlow's num_updates) so short runs do not
+                # average in the random initial weights.
+                decay = min(cfg.ema, (1.0 + step) / (10.0 + step))
+                with torch.no_grad():
+                    for avg, param in zip(ema, model.parameters()):
+                        avg.lerp_(param.detach(), 1.0 - decay)
             running += loss.item() * len(idx)
             step += 1
         losses.append(running / n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if ema is not None:  # the averaged weights are the ones kept
+        with torch.no_grad():
+            for param, avg in zip(model.parameters(), ema):
+                param.copy_(avg)
     model.eval()
     return losses
 
@@ -188,6 +202,8 @@ def fit(
     train_seconds = time.perf_counter() - train_started
 
     detector = Detector(extractor, model, stats, cfg, device=device)
+    if cfg.infer.residual == "mahalanobis":
+        detector.fit_residual_stats(train_feats, quiet=quiet)
     calib_idx = val_idx if len(val_idx) else train_idx
     _, calib_scores = detector.score_features(feats[torch.from_numpy(calib_idx)])
     detector.threshold = float(calib_scores.max())
@@ -196,7 +212,7 @@ def fit(
     meta["train_seconds"] = round(train_seconds, 3)
     meta["fit_seconds"] = round(time.perf_counter() - started, 3)
     detector.meta = meta
-    run = save_run(out_dir, cfg, model, stats, meta)
+    run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats)
     return FitResult(run_dir=run, detector=detector, meta=meta, losses=losses)
 
 

@@ -170,6 +170,7 @@ def load_oneclass(
     train_limit: int | None = None,
     test_limit: int | None = None,
     seed: int = 0,
+    validation: int | None = None,
 ) -> AnomalyDataset:
     """Build a one-vs-rest anomaly dataset from a classification dataset.
 
@@ -181,6 +182,9 @@ def load_oneclass(
         train_limit: keep a seeded random subset of this many normal training images.
         test_limit: keep a seeded random subset of this many test images.
         seed: drives the subsets and, for unsplit data, the 80/20 split.
+        validation: if given, the returned "test" split is instead this many seeded
+            *training-split* images of all classes that are not among the training images.
+            Use it to choose settings without ever looking at the test split.
 
     Returns:
         Dataset whose train split holds the normal class only and whose test split holds
@@ -194,11 +198,17 @@ def load_oneclass(
     train_idx = _subset(np.flatnonzero(splits.train_labels == normal), train_limit, train_rng, "train_limit")
     if len(train_idx) == 0:
         raise DataError(f"{data}: class {splits.classes[normal]!r} has no training images.")
-    test_idx = _subset(np.arange(len(splits.test_labels)), test_limit, test_rng, "test_limit")
+    if validation is None:
+        test_split = "test"
+        test_idx = _subset(np.arange(len(splits.test_labels)), test_limit, test_rng, "test_limit")
+    else:
+        test_split = "train"
+        unused = np.setdiff1d(np.arange(len(splits.train_labels)), train_idx)
+        test_idx = _subset(unused, validation, np.random.default_rng([seed, 3]), "validation")
     return AnomalyDataset(
-        name=f"{splits.source}-{splits.classes[normal]}",
+        name=f"{splits.source}-{splits.classes[normal]}" + ("-validation" if validation is not None else ""),
         root=Path(data),
         train=_samples(splits, "train", train_idx, normal),
-        test=_samples(splits, "test", test_idx, normal),
+        test=_samples(splits, test_split, test_idx, normal),
         has_masks=False,
     )

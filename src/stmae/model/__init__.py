@@ -1,6 +1,16 @@
 """The Siamese transition masked autoencoder and its parts."""
 
 from .decoupling import complementary_splits, random_splits
-from .stmae import STMAE, feature_residual, reconstruction_loss
+from .residual import RESIDUALS, ResidualAccumulator, ResidualStats, feature_residual
+from .stmae import STMAE, reconstruction_loss
 
-__all__ = ["STMAE", "complementary_splits", "random_splits", "feature_residual", "reconstruction_loss"]
+__all__ = [
+    "STMAE",
+    "RESIDUALS",
+    "ResidualAccumulator",
+    "ResidualStats",
+    "complementary_splits",
+    "random_splits",
+    "feature_residual",
+    "reconstruction_loss",
+]

@@ -162,19 +162,3 @@ def reconstruction_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: fl
     mse = (recon - feats).pow(2).mean()
     cos = 1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6).mean()
     return mse + cos_weight * cos
-
-
-def feature_residual(recon: torch.Tensor, feats: torch.Tensor, kind: str = "mse_cos") -> torch.Tensor:
-    """Deep feature residual per grid position: (N, C, G, G) x2 -> (N, G, G).
-
-    kind: ``mse`` (channel-mean squared error), ``cos`` (1 - cosine similarity) or
-    ``mse_cos`` (their product: high only where magnitude *and* direction disagree).
-    """
-    if kind == "mse":
-        return (recon - feats).pow(2).mean(dim=1)
-    cos = 1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6)
-    if kind == "cos":
-        return cos
-    if kind == "mse_cos":
-        return (recon - feats).pow(2).mean(dim=1) * cos
-    raise ValueError(f"unknown residual {kind!r}; use mse, cos or mse_cos")

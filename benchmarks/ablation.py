@@ -1,0 +1,450 @@
+"""Ablation study on validation data only: which ST-MAE recipe to make the default.
+
+Why a separate script from ``quality.py``: the quality benchmark reports *test* numbers once;
+choosing settings on them would be tuning on the test split. Every figure here comes from
+data the quality benchmark never scores:
+
+``fmnist`` / ``mnist``
+    One-class protocol built from the *training* split only
+    (:func:`stmae.load_oneclass` with ``validation=N``): each normal class trains on
+    ``--train-limit`` of its training images and is scored against ``--val`` other
+    training-split images of all classes. Mean image AUROC over ``--classes``.
+``mt``
+    Magnetic Tile: ST-MAE trains on the 200-image protocol's training subset (RESEARCH.md's
+    seed-42 subsample of ``train/good``). Validation uses other ``train/good`` images the
+    protocol never trains on: half stay good, half get one synthetic defect each
+    (:func:`synthetic_defect`: a dark or bright soft blob, or a thin dark crack, with its
+    mask). Image AUROC and pixel AUROC. The real defects of the test split are never read.
+
+Rows. A *training* variant (a set of config overrides, :data:`TRAIN_VARIANTS`) trains a
+model; every trained model is then scored with every *scoring* variant
+(:data:`SCORING_VARIANTS`: residual function, image score, K split pairs, per-position
+normalisation), which costs inference only. The kNN yardstick
+(``baseline_knn.py``, same features) is scored on the same validation images for
+reference. All settings are reduced to fit a 2-core CPU (see ``PROTOCOLS``) and every row
+says so; they rank recipes, they are not the quality figures.
+
+Outputs: ``benchmarks/results/ablation_<protocol>.json`` and ``.md`` (rows merge with an
+existing file, so protocols and variants can run in separate processes).
+
+Run: ``python benchmarks/ablation.py --protocol fmnist [--variants base,epochs_x2]
+[--classes 0,1,...] [--train-limit 150] [--val 500] [--threads 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from stmae.config import Config
+from stmae.data import Sample, load_mvtec, load_oneclass, resize_image
+from stmae.features import FeatureStats, extract_features
+from stmae.fileio import atomic_write_json, atomic_write_text
+from stmae.infer import Detector, build_extractor, build_model
+from stmae.metrics import auroc
+from stmae.model import complementary_splits, feature_residual
+from stmae.train import make_config, train_model
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+DATA_ROOT = HERE.parent.parent / "shared" / "data"
+
+#: Per protocol: data, base preset, reduced epochs and what to call the reduction.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "fmnist": {"data": DATA_ROOT / "fashion_mnist", "kind": "fashion-mnist", "preset": "lowres", "epochs": 15},
+    "mnist": {"data": DATA_ROOT / "mnist_5k" / "mnist_5k.csv.gz", "kind": "mnist", "preset": "lowres", "epochs": 15},
+    "mt": {"data": DATA_ROOT / "magnetic_tile" / "magnetic_tile", "kind": "mvtec", "preset": "fast", "epochs": 30},
+}
+
+#: Training variants: overrides of the protocol's base config. ``epochs_x2`` doubles the
+#: protocol's reduced schedule. Keys that do not apply to a preset are skipped there.
+TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "epochs_x2": {"train.epochs": "x2"},
+    "epochs_x4": {"train.epochs": "x4"},
+    "aggregate_1": {"features.aggregate": 1},
+    "aggregate_3": {"features.aggregate": 3},
+    "with_stride2": {"backbone.layers": "stride2,stride4,stride8,stride16"},
+    "stride8_16": {"backbone.layers": "stride8,stride16"},
+    "lite1": {"backbone.name": "efficientnet_lite1"},
+    "lite2": {"backbone.name": "efficientnet_lite2"},
+    "no_standardize": {"features.standardize": False},
+    "wide_deep": {"model.embed_dim": 256, "model.depth": 6, "model.num_heads": 8, "model.decoder_dim": 128,
+                  "model.decoder_depth": 2},
+    "mse_loss_only": {"train.cos_weight": 0.0},
+    "ema_0.99": {"train.ema": 0.99},
+    "patch_2": {"model.patch_size": 2},
+    "grid_16_patch_1": {"features.grid_size": 16, "model.patch_size": 1},
+    "image_128_grid_16": {"features.image_size": 128, "features.grid_size": 16, "model.patch_size": 2},
+}
+
+#: Scoring variants: (residual, image score, K pairs, per-position normalisation[, top-k
+#: fraction; default: the preset's]).
+SCORING_VARIANTS: dict[str, tuple] = {
+    "mse/max": ("mse", "max", 4, False),
+    "mse/topk": ("mse", "topk", 4, False),
+    "cos/max": ("cos", "max", 4, False),
+    "cos/topk": ("cos", "topk", 4, False),
+    "mse_cos/max": ("mse_cos", "max", 4, False),
+    "mse_cos/topk": ("mse_cos", "topk", 4, False),
+    "mahalanobis/max": ("mahalanobis", "max", 4, False),
+    "mahalanobis/topk": ("mahalanobis", "topk", 4, False),
+    "mahalanobis/topk/K1": ("mahalanobis", "topk", 1, False),
+    "mahalanobis/topk/K16": ("mahalanobis", "topk", 16, False),
+    "mahalanobis/topk/posnorm": ("mahalanobis", "topk", 4, True),
+    "mse_cos/topk/posnorm": ("mse_cos", "topk", 4, True),
+    "mahalanobis/top1%": ("mahalanobis", "topk", 4, False, 0.01),
+    "mahalanobis/top30%": ("mahalanobis", "topk", 4, False, 0.3),
+    "mahalanobis/mean": ("mahalanobis", "topk", 4, False, 1.0),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic defects (Magnetic Tile validation)
+# --------------------------------------------------------------------------------------
+
+
+def synthetic_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one subtle defect on a uint8 RGB image; returns (defective image, bool mask).
+
+    Four kinds, chosen uniformly, loosely after Magnetic Tile's defect types: a small dark
+    soft blob (blowhole), a small bright soft blob, a thin dark polyline (crack) and a large,
+    heavily blurred shading change (uneven). Contrasts are moderate (15-60 %) on purpose:
+    with strong ones every recipe and the kNN scored 1.000, which ranks nothing; with
+    10-35 % the kNN fell to 0.63. These give a kNN with a random 10 % bank 0.82 image AUROC
+    (0.89 on the real test defects), i.e. a comparable difficulty.
+    The mask is the painted region before blurring.
+    """
+    h, w = image.shape[:2]
+    side = min(h, w)
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    kind = int(rng.integers(4))
+    blur = max(1.0, 0.004 * side)
+    if kind in (0, 1):
+        rx, ry = rng.uniform(0.02, 0.06, 2) * side
+        cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
+        factor = rng.uniform(0.45, 0.7) if kind == 0 else rng.uniform(1.3, 1.6)
+    elif kind == 2:
+        x, y = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
+        angle = rng.uniform(0, 2 * np.pi)
+        points = [(x, y)]
+        for _ in range(int(rng.integers(3, 7))):
+            angle += rng.normal(0, 0.5)
+            step = rng.uniform(0.02, 0.06) * side
+            x, y = x + step * np.cos(angle), y + step * np.sin(angle)
+            points.append((x, y))
+        draw.line(points, fill=255, width=max(2, int(0.01 * side)))
+        factor = rng.uniform(0.4, 0.65)
+    else:
+        rx, ry = rng.uniform(0.1, 0.2, 2) * side
+        cx, cy = rng.uniform(0.25, 0.75) * w, rng.uniform(0.25, 0.75) * h
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
+        factor = rng.choice([rng.uniform(0.7, 0.85), rng.uniform(1.15, 1.3)])
+        blur = 0.04 * side
+    soft = np.asarray(canvas.filter(ImageFilter.GaussianBlur(blur)), np.float32)[..., None] / 255
+    mask = np.asarray(canvas) > 127
+    f = image.astype(np.float32)
+    return np.clip(f * (1 - soft) + f * factor * soft, 0, 255).astype(np.uint8), mask
+
+
+# --------------------------------------------------------------------------------------
+# Data: (train samples, validation samples, validation masks or None) per "task"
+# --------------------------------------------------------------------------------------
+
+
+def oneclass_tasks(name: str, classes: Sequence[int], train_limit: int, val: int) -> list[tuple[str, Any]]:
+    spec = PROTOCOLS[name]
+    return [
+        (str(c), load_oneclass(spec["kind"], spec["data"], c, train_limit=train_limit, validation=val, seed=0))
+        for c in classes
+    ]
+
+
+def mt_task(image_size: int, n_val: int) -> list[tuple[str, Any]]:
+    """The 200-image protocol's training subset; validation from the other train/good images."""
+    ds = load_mvtec(PROTOCOLS["mt"]["data"])
+    train = ds.train
+    chosen = sorted(np.random.default_rng(42).choice(len(train), 200, replace=False))
+    unused = np.setdiff1d(np.arange(len(train)), chosen)
+    rng = np.random.default_rng(7)
+    picked = rng.choice(unused, 2 * (n_val // 2), replace=False)
+    good = [train[int(i)] for i in picked[: n_val // 2]]
+    defective, masks = [], [np.zeros((image_size, image_size), bool) for _ in good]
+    for i in picked[n_val // 2 :]:
+        img, mask = synthetic_defect(resize_image(train[int(i)].load_image(), image_size), rng)
+        defective.append(Sample(path=None, label=1, defect_type="synthetic", array=img, name=f"synthetic/{i}"))
+        masks.append(mask)
+    return [("magnetic_tile", Task([train[int(i)] for i in chosen], good + defective, np.stack(masks)))]
+
+
+class Task:
+    """Training samples, validation samples and (MT only) validation masks at the input size."""
+
+    def __init__(self, train: list[Sample], test: list[Sample], masks: np.ndarray | None = None) -> None:
+        self.train, self.test, self.masks = train, test, masks
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def _knn_module() -> Any:
+    spec = importlib.util.spec_from_file_location("baseline_knn", HERE / "baseline_knn.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class FeatureCache:
+    """Features per (feature settings, task, split): training variants that only change the
+    transformer reuse them."""
+
+    def __init__(self) -> None:
+        self.store: dict[tuple, torch.Tensor] = {}
+        self.extractors: dict[tuple, Any] = {}
+
+    def get(self, cfg: Config, task: str, split: str, samples: Sequence[Sample]) -> torch.Tensor:
+        fkey = (cfg.backbone.name, tuple(cfg.backbone.layers), cfg.features.image_size, cfg.features.grid_size,
+                cfg.features.aggregate)
+        key = (*fkey, task, split)
+        if key not in self.store:
+            if fkey not in self.extractors:
+                self.extractors = {fkey: build_extractor(cfg).eval()}  # one backbone in memory
+            self.store[key] = extract_features(self.extractors[fkey], samples, cfg.features.image_size, quiet=True)
+        return self.store[key]
+
+
+def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Tensor, labels: np.ndarray,
+                   masks: np.ndarray | None, scorings: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The named scoring variants on one trained detector -> {variant: {image_auroc, pixel_auroc?}}."""
+    out: dict[str, dict[str, float]] = {}
+    base_infer = copy.deepcopy(det.config.infer)
+    for name in scorings:
+        residual, score, pairs, posnorm, *fraction = SCORING_VARIANTS[name]
+        det.config.infer = copy.deepcopy(base_infer)
+        if fraction:
+            det.config.infer.topk = fraction[0]
+        det.config.infer.residual, det.config.infer.score, det.config.infer.num_pairs = residual, score, pairs
+        det.splits = complementary_splits(det.model.num_tokens, pairs, seed=det.config.train.seed)
+        det.residual_stats = det.fit_residual_stats(train_feats) if residual == "mahalanobis" else None
+        grid_val = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(val_feats, 64)])
+        if posnorm:
+            grid_train = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(train_feats, 64)])
+            grid_val = (grid_val - grid_train.mean(0)) / grid_train.std(0).clamp_min(1e-6)
+        maps, scores = det.postprocess(grid_val)
+        row = {"image_auroc": auroc(labels, scores.numpy())}
+        if masks is not None:
+            row["pixel_auroc"] = auroc(masks.ravel(), maps.numpy().ravel())
+        out[name] = row
+    det.config.infer = base_infer
+    return out
+
+
+def knn_scores(cfg: Config, train_feats: torch.Tensor, val_feats: torch.Tensor, labels: np.ndarray,
+               masks: np.ndarray | None, knn: Any) -> dict[str, dict[str, float]]:
+    """kNN yardstick (greedy 10 % coreset) on the same cached features, max and top-k score."""
+    stats = FeatureStats.from_features(train_feats) if cfg.features.standardize else FeatureStats.identity(
+        train_feats.shape[1])
+    patches = knn._patches(stats.apply(train_feats))
+    bank = patches[knn.greedy_coreset(patches, max(1, int(0.1 * len(patches))), seed=42, quiet=True)]
+    g = cfg.features.grid_size
+    dist = knn.nearest_distances(knn._patches(stats.apply(val_feats)), bank).view(len(val_feats), g, g)
+    out = {}
+    for score in ("max", "topk"):
+        c = copy.deepcopy(cfg)
+        c.infer.score = score
+        maps, scores = knn.anomaly_maps(dist, c)
+        row = {"image_auroc": auroc(labels, scores.numpy())}
+        if masks is not None:
+            row["pixel_auroc"] = auroc(masks.ravel(), maps.numpy().ravel())
+        out[f"knn/{score}"] = row
+    return out
+
+
+def resolve_variant(base: Config, overrides: dict[str, Any]) -> Config | None:
+    """The base config with a variant's overrides, or None when the variant is a no-op here."""
+    values = {}
+    for key, value in overrides.items():
+        if isinstance(value, str) and value.startswith("x") and key == "train.epochs":
+            value = base.train.epochs * int(value[1:])
+        values[key] = value
+    cfg = make_config(base, values)
+    if overrides and cfg.to_dict() == base.to_dict():
+        return None
+    return cfg
+
+
+def run_variant(name: str, cfg: Config, tasks: list[tuple[str, Any]], cache: FeatureCache, knn: Any,
+                log: Callable[[str], None], scorings: Sequence[str]) -> dict[str, Any]:
+    per_task: dict[str, Any] = {}
+    started = time.perf_counter()
+    for task_name, task in tasks:
+        train_feats = cache.get(cfg, task_name, "train", task.train)
+        val_feats = cache.get(cfg, task_name, "val", task.test)
+        labels = np.array([s.label for s in task.test])
+        masks = getattr(task, "masks", None)
+        stats = FeatureStats.from_features(train_feats) if cfg.features.standardize else FeatureStats.identity(
+            train_feats.shape[1])
+        torch.manual_seed(cfg.train.seed)
+        extractor = cache.extractors[next(iter(cache.extractors))]
+        model = build_model(cfg, train_feats.shape[1])
+        t0 = time.perf_counter()
+        losses = train_model(model, stats.apply(train_feats), cfg.train, torch.device("cpu"), quiet=True)
+        train_s = time.perf_counter() - t0
+        det = Detector(extractor, model, stats, copy.deepcopy(cfg))
+        rows = score_variants(det, train_feats, val_feats, labels, masks, scorings)
+        if name == "base":
+            rows.update(knn_scores(cfg, train_feats, val_feats, labels, masks, knn))
+        per_task[task_name] = {"scores": rows, "train_seconds": round(train_s, 1), "final_loss": losses[-1]}
+        best = max(((k, v) for k, v in rows.items() if not k.startswith("knn/")), key=lambda kv: kv[1]["image_auroc"])
+        log(f"    {name} / {task_name}: train {train_s:.0f} s; best {best[0]} {best[1]['image_auroc']:.3f}")
+    keys = next(iter(per_task.values()))["scores"].keys()
+    mean = {
+        k: {m: float(np.mean([t["scores"][k][m] for t in per_task.values()]))
+            for m in next(iter(per_task.values()))["scores"][k]}
+        for k in keys
+    }
+    return {"config": cfg.to_dict(), "mean": mean, "per_task": per_task,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def common_means(results: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, dict[str, float]]]]:
+    """Means over the tasks (classes) that every training variant ran, so rows compare alike."""
+    variants = results["variants"]
+    common = sorted(set.intersection(*(set(r["per_task"]) for r in variants.values())), key=str)
+    means = {}
+    for name, row in variants.items():
+        keys = next(iter(row["per_task"].values()))["scores"].keys()
+        means[name] = {
+            k: {m: float(np.mean([row["per_task"][t]["scores"][k][m] for t in common]))
+                for m in row["per_task"][common[0]]["scores"][k]}
+            for k in keys
+        }
+    return common, means
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown: one row per training variant, columns = scoring variants (image AUROC)."""
+    variants = results["variants"]
+    if not variants:
+        return "(no rows)\n"
+    common, means = common_means(results)
+    scorings = [k for k in SCORING_VARIANTS if any(k in m for m in means.values())]
+    pixel = any("pixel_auroc" in v for m in means.values() for v in m.values())
+    lines = [
+        f"# Ablation: {results['protocol']} (validation data only)",
+        "",
+        results["description"],
+        "",
+        "Mean image AUROC" + (" / pixel AUROC" if pixel else "") + f" over the tasks every row ran "
+        f"({', '.join(common)}); rows = training variants (overrides of the base config), columns = scoring "
+        "variants (residual / image score / K split pairs / per-position normalisation); blank = not run. "
+        "Bold = best cell of the row.",
+        "",
+    ]
+    head = ["training variant", "overrides", *scorings, "train s (mean)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in variants.items():
+        mine = {k: v for k, v in means[name].items() if not k.startswith("knn/")}
+        best = max(m["image_auroc"] for m in mine.values())
+        cells = []
+        for s in scorings:
+            m = mine.get(s)
+            if m is None:
+                cells.append("")
+                continue
+            text = f"{m['image_auroc']:.3f}" + (f" / {m['pixel_auroc']:.3f}" if "pixel_auroc" in m else "")
+            cells.append(f"**{text}**" if m["image_auroc"] == best else text)
+        train_s = np.mean([row["per_task"][t]["train_seconds"] for t in common])
+        overrides = ", ".join(f"{k}={v}" for k, v in TRAIN_VARIANTS.get(name, {}).items()) or "-"
+        lines.append(f"| {name} | {overrides} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+    knn = {k: v for k, v in means.get("base", {}).items() if k.startswith("knn/")}
+    if knn:
+        lines += ["", "kNN yardstick (greedy 10 % coreset) on the same validation data and tasks: " + "; ".join(
+            f"{k} {v['image_auroc']:.3f}" + (f" / {v['pixel_auroc']:.3f}" if "pixel_auroc" in v else "")
+            for k, v in knn.items())]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    p.add_argument("--variants", default="base", help="comma list of " + ", ".join(TRAIN_VARIANTS))
+    p.add_argument("--scoring", default="all",
+                   help="scoring variants to run: all, or a comma list of " + ", ".join(SCORING_VARIANTS))
+    p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="one-class protocols: normal classes")
+    p.add_argument("--train-limit", type=int, default=150, help="one-class: training images per class")
+    p.add_argument("--val", type=int, default=500, help="validation images per class (mt: good + synthetic)")
+    p.add_argument("--epochs", type=int, default=None, help="base epochs (default: the protocol's)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = PROTOCOLS[args.protocol]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in TRAIN_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(TRAIN_VARIANTS)}")
+    scorings = list(SCORING_VARIANTS) if args.scoring == "all" else [s.strip() for s in args.scoring.split(",")]
+    unknown = [n for n in scorings if n not in SCORING_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown scoring variant(s) {unknown}; choose from {', '.join(SCORING_VARIANTS)}")
+    base = make_config(spec["preset"], {"train.epochs": args.epochs or spec["epochs"], "train.device": "cpu"})
+    if args.protocol == "mt":
+        tasks = mt_task(base.features.image_size, args.val)
+        description = (f"Magnetic Tile: train on the 200-image protocol's subset (seed 42); validate on "
+                       f"{args.val // 2} other train/good images + {args.val // 2} with one synthetic defect each. "
+                       f"Base: `{spec['preset']}` preset, {base.train.epochs} epochs, CPU 1 thread (reduced).")
+    else:
+        classes = [int(c) for c in args.classes.split(",")]
+        tasks = oneclass_tasks(args.protocol, classes, args.train_limit, args.val)
+        description = (f"{spec['kind']} one-class on the training split only: {args.train_limit} training images "
+                       f"per class, {args.val} other training-split images as validation; classes {classes}. "
+                       f"Base: `{spec['preset']}` preset, {base.train.epochs} epochs, CPU 1 thread (reduced).")
+    out = args.out or RESULTS_DIR / f"ablation_{args.protocol}.json"
+    results: dict[str, Any] = {"protocol": args.protocol, "description": description, "variants": {}}
+    if out.exists():
+        results["variants"] = json.loads(out.read_text()).get("variants", {})
+    cache, knn = FeatureCache(), _knn_module()
+    for name in names:
+        cfg = resolve_variant(base, TRAIN_VARIANTS[name])
+        if cfg is None:
+            print(f"{name}: same as base for this protocol, skipped", flush=True)
+            continue
+        print(f"{name}:", flush=True)
+        row = run_variant(name, cfg, tasks, cache, knn, lambda m: print(m, flush=True), scorings)
+        row["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        results["variants"][name] = row
+        atomic_write_json(out, results)
+        atomic_write_text(out.with_suffix(".md"), render(results))
+    print(render(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

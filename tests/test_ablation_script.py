@@ -1,0 +1,62 @@
+"""benchmarks/ablation.py: synthetic validation defects, result merging/rendering, a tiny real run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import SHARED_DATA, load_benchmark
+
+ablation = load_benchmark("ablation")
+
+
+def test_synthetic_defect_is_local_seeded_and_masked():
+    image = np.full((128, 128, 3), 120, np.uint8)
+    a, mask_a = ablation.synthetic_defect(image, np.random.default_rng(3))
+    b, mask_b = ablation.synthetic_defect(image, np.random.default_rng(3))
+    assert np.array_equal(a, b) and np.array_equal(mask_a, mask_b)
+    assert mask_a.shape == (128, 128) and mask_a.dtype == bool and mask_a.any()
+    changed = np.abs(a.astype(int) - image).max(axis=2) > 0
+    assert changed[mask_a].mean() > 0.9  # the painted region changes ...
+    near = torch.nn.functional.max_pool2d(torch.from_numpy(mask_a).float()[None, None], 41, 1, 20)[0, 0].bool()
+    assert not changed[~near.numpy()].any()  # ... and nothing 20 px away from it does
+    areas = [ablation.synthetic_defect(image, np.random.default_rng(s))[1].sum() for s in range(40)]
+    assert min(areas) < 300 < max(areas)  # small blobs/cracks and large shading changes both occur
+
+
+def _row(tasks: dict[str, float]) -> dict:
+    return {"per_task": {t: {"scores": {"mse/max": {"image_auroc": v}, "knn/max": {"image_auroc": 0.9}},
+                             "train_seconds": 1.0} for t, v in tasks.items()}}
+
+
+def test_rows_compare_on_common_tasks_only():
+    results = {"protocol": "fmnist", "description": "d",
+               "variants": {"base": _row({"0": 0.8, "1": 0.6, "2": 1.0}), "x": _row({"0": 0.9, "2": 0.7})}}
+    common, means = ablation.common_means(results)
+    assert common == ["0", "2"]
+    assert means["base"]["mse/max"]["image_auroc"] == pytest.approx(0.9)
+    assert means["x"]["mse/max"]["image_auroc"] == pytest.approx(0.8)
+    text = ablation.render(results)
+    assert "| base | - | **0.900** | 1 |" in text and "knn/max 0.900" in text
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist_5k").is_dir(), reason="needs ../shared/data/mnist_5k")
+def test_tiny_run_writes_and_merges(tmp_path):
+    out = tmp_path / "abl.json"
+    common = ["--protocol", "mnist", "--classes", "1", "--train-limit", "12", "--val", "30", "--epochs", "1",
+              "--scoring", "mse/max,mahalanobis/topk", "--out", str(out)]
+    ablation.main([*common, "--variants", "base"])
+    ablation.main([*common, "--variants", "ema_0.99,aggregate_3"])  # aggregate_3 = lowres default: skipped
+    data = json.loads(out.read_text())
+    assert list(data["variants"]) == ["base", "ema_0.99"]
+    scores = data["variants"]["base"]["per_task"]["1"]["scores"]
+    assert set(scores) == {"mse/max", "mahalanobis/topk", "knn/max", "knn/topk"}
+    assert all(0.0 <= v["image_auroc"] <= 1.0 for v in scores.values())
+    assert data["variants"]["ema_0.99"]["config"]["train"]["ema"] == 0.99
+    md = out.with_suffix(".md").read_text()
+    assert "| ema_0.99 | train.ema=0.99 |" in md
+    with pytest.raises(SystemExit, match="unknown variant"):
+        ablation.main([*common, "--variants", "nope"])
