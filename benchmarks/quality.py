@@ -745,6 +745,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                    help=f"folder holding magnetic_tile/, fashion_mnist/, mnist_5k/ (default {DEFAULT_DATA_ROOT})")
     p.add_argument("--epochs", type=int, default=None, help="override ST-MAE epochs on every dataset")
+    p.add_argument("--mt-protocols", default=None, type=_mt_protocols,
+                   help="Magnetic Tile protocols to run: 200, full or 200,full (default: the mode's)")
     p.add_argument("--classes", default=None, help="one-class normal classes: 'all' or indices/names, e.g. 0,4,8")
     p.add_argument("--train-limit", type=int, default=None,
                    help="one-class training images per class (<= 0: all; default: all, 200 with --quick)")
@@ -766,6 +768,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.coreset is not None and not 0.0 < args.coreset <= 1.0:
         p.error("--coreset must be in (0, 1]")
     return args
+
+
+def _mt_protocols(text: str) -> list[str]:
+    """``"200,full"`` -> ["200", "full"], in that order; anything else is an argparse error."""
+    wanted = {p.strip() for p in text.split(",") if p.strip()}
+    if not wanted or wanted - {"200", "full"}:
+        raise argparse.ArgumentTypeError(f"Magnetic Tile protocols must be 200 and/or full, got {text!r}")
+    return [p for p in ("200", "full") if p in wanted]
 
 
 def _preset_epochs(preset_name: str) -> int:
@@ -813,6 +823,8 @@ def describe_reductions(settings: dict[str, dict[str, Any]], datasets: Sequence[
 def resolve_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The mode's settings with the command-line overrides applied."""
     settings = copy.deepcopy(MODES["quick" if args.quick else "full"])
+    if getattr(args, "mt_protocols", None):
+        settings["magnetic_tile"]["protocols"] = args.mt_protocols
     for s in settings.values():
         if args.epochs is not None:
             s["epochs"] = args.epochs

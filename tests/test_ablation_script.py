@@ -49,7 +49,7 @@ def test_tiny_run_writes_and_merges(tmp_path):
     common = ["--protocol", "mnist", "--classes", "1", "--train-limit", "12", "--val", "30", "--epochs", "1",
               "--scoring", "mse/max,mahalanobis/topk", "--out", str(out)]
     ablation.main([*common, "--variants", "base"])
-    ablation.main([*common, "--variants", "ema_0.99,aggregate_3"])  # aggregate_3 = lowres default: skipped
+    ablation.main([*common, "--variants", "ema_0.99,aggregate_1"])  # aggregate_1 = the base here: skipped
     data = json.loads(out.read_text())
     assert list(data["variants"]) == ["base", "ema_0.99"]
     scores = data["variants"]["base"]["per_task"]["1"]["scores"]

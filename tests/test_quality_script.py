@@ -204,6 +204,12 @@ def test_only_and_settings() -> None:
     assert quality.describe_reductions(full, list(quality.DATASETS)) == {}
     custom = quality.resolve_settings(quality.parse_args(["--epochs", "3", "--train-limit", "0", "--classes", "1"]))
     assert custom["mnist"]["epochs"] == 3 and custom["mnist"]["train_limit"] is None
+    mt = quality.resolve_settings(quality.parse_args(["--mt-protocols", "full,200"]))["magnetic_tile"]
+    assert mt["protocols"] == ["200", "full"]
+    only200 = quality.resolve_settings(quality.parse_args(["--mt-protocols", "200"]))
+    assert "200-image protocol only" in quality.describe_reductions(only200, ["magnetic_tile"])["magnetic_tile"]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--mt-protocols", "300"])
     assert "ST-MAE 3 epochs instead of 60" in quality.describe_reductions(custom, ["mnist"])["mnist"]
     assert quality.default_out(True).name == "quality_quick.json" and quality.default_out(False).name == "quality.json"
 
