@@ -170,10 +170,15 @@ class Detector:
         return total / len(self.splits)
 
     def _reconstructions(self, feats: torch.Tensor) -> Iterable[torch.Tensor]:
-        """The K reconstructions (one per split pair) of standardised features on the device."""
-        with torch.no_grad(), autocast(self.device):
-            for split in self.splits:
-                yield self.model(feats, split).float()
+        """The K reconstructions (one per split pair) of standardised features on the device.
+
+        Autocast covers the model only, never the caller's code between yields, so residuals
+        (the Mahalanobis whitening in particular) are computed in float32.
+        """
+        for split in self.splits:
+            with torch.no_grad(), autocast(self.device):
+                recon = self.model(feats, split)
+            yield recon.float()
 
     @torch.no_grad()
     def fit_residual_stats(self, feats: torch.Tensor, quiet: bool = True) -> ResidualStats:
