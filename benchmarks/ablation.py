@@ -53,7 +53,7 @@ from stmae.features import FeatureStats, extract_features
 from stmae.fileio import atomic_write_json, atomic_write_text
 from stmae.infer import Detector, build_extractor, build_model
 from stmae.metrics import auroc
-from stmae.model import complementary_splits, feature_residual
+from stmae.model import complementary_splits
 from stmae.train import make_config, train_model
 
 HERE = Path(__file__).resolve().parent
@@ -218,20 +218,28 @@ def _knn_module() -> Any:
 
 class FeatureCache:
     """Features per (feature settings, task, split): training variants that only change the
-    transformer reuse them."""
+    transformer reuse them. Holds one backbone at a time."""
 
     def __init__(self) -> None:
         self.store: dict[tuple, torch.Tensor] = {}
-        self.extractors: dict[tuple, Any] = {}
+        self._extractor: tuple[tuple, Any] | None = None
+
+    @staticmethod
+    def _feature_key(cfg: Config) -> tuple:
+        return (cfg.backbone.name, tuple(cfg.backbone.layers), cfg.features.image_size, cfg.features.grid_size,
+                cfg.features.aggregate)
+
+    def extractor(self, cfg: Config) -> Any:
+        """The frozen extractor for ``cfg`` (built once, replaced when the feature settings change)."""
+        fkey = self._feature_key(cfg)
+        if self._extractor is None or self._extractor[0] != fkey:
+            self._extractor = (fkey, build_extractor(cfg).eval())
+        return self._extractor[1]
 
     def get(self, cfg: Config, task: str, split: str, samples: Sequence[Sample]) -> torch.Tensor:
-        fkey = (cfg.backbone.name, tuple(cfg.backbone.layers), cfg.features.image_size, cfg.features.grid_size,
-                cfg.features.aggregate)
-        key = (*fkey, task, split)
+        key = (*self._feature_key(cfg), task, split)
         if key not in self.store:
-            if fkey not in self.extractors:
-                self.extractors = {fkey: build_extractor(cfg).eval()}  # one backbone in memory
-            self.store[key] = extract_features(self.extractors[fkey], samples, cfg.features.image_size, quiet=True)
+            self.store[key] = extract_features(self.extractor(cfg), samples, cfg.features.image_size, quiet=True)
         return self.store[key]
 
 
@@ -240,6 +248,7 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
     """The named scoring variants on one trained detector -> {variant: {image_auroc, pixel_auroc?}}."""
     out: dict[str, dict[str, float]] = {}
     base_infer = copy.deepcopy(det.config.infer)
+    residual_stats: dict[int, Any] = {}  # per K: the same statistics serve every score variant
     for name in scorings:
         residual, score, pairs, posnorm, *fraction = SCORING_VARIANTS[name]
         det.config.infer = copy.deepcopy(base_infer)
@@ -247,7 +256,9 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
             det.config.infer.topk = fraction[0]
         det.config.infer.residual, det.config.infer.score, det.config.infer.num_pairs = residual, score, pairs
         det.splits = complementary_splits(det.model.num_tokens, pairs, seed=det.config.train.seed)
-        det.residual_stats = det.fit_residual_stats(train_feats) if residual == "mahalanobis" else None
+        if residual == "mahalanobis" and pairs not in residual_stats:
+            residual_stats[pairs] = det.fit_residual_stats(train_feats)
+        det.residual_stats = residual_stats.get(pairs) if residual == "mahalanobis" else None
         grid_val = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(val_feats, 64)])
         if posnorm:
             grid_train = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(train_feats, 64)])
@@ -261,11 +272,9 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
     return out
 
 
-def knn_scores(cfg: Config, train_feats: torch.Tensor, val_feats: torch.Tensor, labels: np.ndarray,
-               masks: np.ndarray | None, knn: Any) -> dict[str, dict[str, float]]:
-    """kNN yardstick (greedy 10 % coreset) on the same cached features, max and top-k score."""
-    stats = FeatureStats.from_features(train_feats) if cfg.features.standardize else FeatureStats.identity(
-        train_feats.shape[1])
+def knn_scores(cfg: Config, stats: FeatureStats, train_feats: torch.Tensor, val_feats: torch.Tensor,
+               labels: np.ndarray, masks: np.ndarray | None, knn: Any) -> dict[str, dict[str, float]]:
+    """kNN yardstick (greedy 10 % coreset) on the same cached, standardised features; max and top-k."""
     patches = knn._patches(stats.apply(train_feats))
     bank = patches[knn.greedy_coreset(patches, max(1, int(0.1 * len(patches))), seed=42, quiet=True)]
     g = cfg.features.grid_size
@@ -307,15 +316,14 @@ def run_variant(name: str, cfg: Config, tasks: list[tuple[str, Any]], cache: Fea
         stats = FeatureStats.from_features(train_feats) if cfg.features.standardize else FeatureStats.identity(
             train_feats.shape[1])
         torch.manual_seed(cfg.train.seed)
-        extractor = cache.extractors[next(iter(cache.extractors))]
         model = build_model(cfg, train_feats.shape[1])
         t0 = time.perf_counter()
         losses = train_model(model, stats.apply(train_feats), cfg.train, torch.device("cpu"), quiet=True)
         train_s = time.perf_counter() - t0
-        det = Detector(extractor, model, stats, copy.deepcopy(cfg))
+        det = Detector(cache.extractor(cfg), model, stats, copy.deepcopy(cfg))
         rows = score_variants(det, train_feats, val_feats, labels, masks, scorings)
         if name == "base":
-            rows.update(knn_scores(cfg, train_feats, val_feats, labels, masks, knn))
+            rows.update(knn_scores(cfg, stats, train_feats, val_feats, labels, masks, knn))
         per_task[task_name] = {"scores": rows, "train_seconds": round(train_s, 1), "final_loss": losses[-1]}
         best = max(((k, v) for k, v in rows.items() if not k.startswith("knn/")), key=lambda kv: kv[1]["image_auroc"])
         log(f"    {name} / {task_name}: train {train_s:.0f} s; best {best[0]} {best[1]['image_auroc']:.3f}")
