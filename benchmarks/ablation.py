@@ -170,12 +170,13 @@ def synthetic_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.nd
 # --------------------------------------------------------------------------------------
 
 
-def oneclass_tasks(name: str, classes: Sequence[int], train_limit: int, val: int) -> list[tuple[str, Any]]:
+def oneclass_tasks(name: str, classes: Sequence[int], train_limit: int, val: int) -> list[tuple[str, "Task"]]:
     spec = PROTOCOLS[name]
-    return [
-        (str(c), load_oneclass(spec["kind"], spec["data"], c, train_limit=train_limit, validation=val, seed=0))
-        for c in classes
-    ]
+    tasks = []
+    for c in classes:
+        ds = load_oneclass(spec["kind"], spec["data"], c, train_limit=train_limit, validation=val, seed=0)
+        tasks.append((str(c), Task(ds.train, ds.test)))
+    return tasks
 
 
 def mt_task(image_size: int, n_val: int) -> list[tuple[str, Any]]:
@@ -312,9 +313,8 @@ def run_variant(name: str, cfg: Config, tasks: list[tuple[str, Any]], cache: Fea
         train_feats = cache.get(cfg, task_name, "train", task.train)
         val_feats = cache.get(cfg, task_name, "val", task.test)
         labels = np.array([s.label for s in task.test])
-        masks = getattr(task, "masks", None)
-        stats = FeatureStats.from_features(train_feats) if cfg.features.standardize else FeatureStats.identity(
-            train_feats.shape[1])
+        masks = task.masks
+        stats = FeatureStats.for_training(train_feats, cfg.features.standardize)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, train_feats.shape[1])
         t0 = time.perf_counter()
@@ -327,13 +327,7 @@ def run_variant(name: str, cfg: Config, tasks: list[tuple[str, Any]], cache: Fea
         per_task[task_name] = {"scores": rows, "train_seconds": round(train_s, 1), "final_loss": losses[-1]}
         best = max(((k, v) for k, v in rows.items() if not k.startswith("knn/")), key=lambda kv: kv[1]["image_auroc"])
         log(f"    {name} / {task_name}: train {train_s:.0f} s; best {best[0]} {best[1]['image_auroc']:.3f}")
-    keys = next(iter(per_task.values()))["scores"].keys()
-    mean = {
-        k: {m: float(np.mean([t["scores"][k][m] for t in per_task.values()]))
-            for m in next(iter(per_task.values()))["scores"][k]}
-        for k in keys
-    }
-    return {"config": cfg.to_dict(), "mean": mean, "per_task": per_task,
+    return {"config": cfg.to_dict(), "per_task": per_task,
             "seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -254,8 +254,7 @@ def fit_bank(
     dev = torch.device(device)
     extractor = build_extractor(cfg).to(dev).eval()
     feats = extract_features(extractor, train_samples, cfg.features.image_size, device=dev, desc="train features", quiet=quiet)
-    channels = feats.shape[1]
-    stats = FeatureStats.from_features(feats) if cfg.features.standardize else FeatureStats.identity(channels)
+    stats = FeatureStats.for_training(feats, cfg.features.standardize)
     patches = _patches(stats.apply(feats)).to(dev)
     count = max(1, int(patches.shape[0] * coreset_ratio))
     bank = patches[greedy_coreset(patches, count, seed=seed, quiet=quiet).to(dev)].contiguous()

@@ -83,6 +83,11 @@ class FeatureStats:
         std = x.std(dim=1).clamp_min(eps)
         return cls(mean.float(), std.float())
 
+    @classmethod
+    def for_training(cls, feats: torch.Tensor, standardize: bool) -> "FeatureStats":
+        """Statistics of training features, or the identity when standardisation is off."""
+        return cls.from_features(feats) if standardize else cls.identity(feats.shape[1])
+
     def apply(self, feats: torch.Tensor) -> torch.Tensor:
         """Standardise (N, C, G, G) features (broadcast over N, G, G)."""
         mean = self.mean.to(feats.device, feats.dtype).view(1, -1, 1, 1)

@@ -191,11 +191,7 @@ def fit(
         extractor, samples, cfg.features.image_size, batch_size=cfg.infer.batch_size, device=device, quiet=quiet
     )
     train_feats = feats[torch.from_numpy(train_idx)]
-    stats = (
-        FeatureStats.from_features(train_feats)
-        if cfg.features.standardize
-        else FeatureStats.identity(extractor.out_channels)
-    )
+    stats = FeatureStats.for_training(train_feats, cfg.features.standardize)
     model = build_model(cfg, extractor.out_channels)
     train_started = time.perf_counter()
     losses = train_model(model, stats.apply(train_feats), cfg.train, device, quiet=quiet)
