@@ -90,6 +90,8 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "mse_loss_only": {"train.cos_weight": 0.0},
     "ema_0.99": {"train.ema": 0.99},
     "patch_2": {"model.patch_size": 2},
+    "split_block_2": {"model.split_block": 2},
+    "split_block_4": {"model.split_block": 4},
     "grid_16_patch_1": {"features.grid_size": 16, "model.patch_size": 1},
     "image_128_grid_16": {"features.image_size": 128, "features.grid_size": 16, "model.patch_size": 2},
 }
@@ -256,7 +258,9 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
         if fraction:
             det.config.infer.topk = fraction[0]
         det.config.infer.residual, det.config.infer.score, det.config.infer.num_pairs = residual, score, pairs
-        det.splits = complementary_splits(det.model.num_tokens, pairs, seed=det.config.train.seed)
+        det.splits = complementary_splits(
+            det.model.num_tokens, pairs, seed=det.config.train.seed, block=det.config.model.split_block
+        )
         if residual == "mahalanobis" and pairs not in residual_stats:
             residual_stats[pairs] = det.fit_residual_stats(train_feats)
         det.residual_stats = residual_stats.get(pairs) if residual == "mahalanobis" else None
@@ -318,7 +322,10 @@ def run_variant(name: str, cfg: Config, tasks: list[tuple[str, Any]], cache: Fea
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, train_feats.shape[1])
         t0 = time.perf_counter()
-        losses = train_model(model, stats.apply(train_feats), cfg.train, torch.device("cpu"), quiet=True)
+        losses = train_model(
+            model, stats.apply(train_feats), cfg.train, torch.device("cpu"), quiet=True,
+            split_block=cfg.model.split_block,
+        )
         train_s = time.perf_counter() - t0
         det = Detector(cache.extractor(cfg), model, stats, copy.deepcopy(cfg))
         rows = score_variants(det, train_feats, val_feats, labels, masks, scorings)

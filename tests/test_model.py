@@ -29,12 +29,12 @@ def test_patchify_round_trip_and_row_major_order():
     assert torch.equal(tokens[0, 5].view(6, 2, 2), feats[0, :, 2:4, 2:4])
 
 
-@pytest.mark.parametrize("patch", [1, 2])
-def test_reconstruction_of_a_patch_never_sees_that_patch(patch):
+@pytest.mark.parametrize("patch,block", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_reconstruction_of_a_patch_never_sees_that_patch(patch, block):
     """Changing one patch's input features leaves its own reconstruction (and its half's) unchanged."""
     m = small_model(patch)
     feats = torch.randn(3, 6, 8, 8)
-    split = random_splits(3, m.num_tokens, torch.Generator().manual_seed(1))
+    split = random_splits(3, m.num_tokens, torch.Generator().manual_seed(1), block=block)
     base = m(feats, split)
     for img, half in [(0, 0), (1, 1), (2, 0)]:
         token = int(split[img, half, 3])
@@ -77,6 +77,25 @@ def test_random_splits_are_disjoint_equal_halves():
     for s in split:
         assert sorted(s.flatten().tolist()) == list(range(16))
     assert not torch.equal(split[0], split[1])
+
+
+def test_block_splits_keep_square_blocks_together():
+    split = random_splits(4, 64, torch.Generator().manual_seed(0), block=2)  # 8x8 tokens, 16 blocks
+    assert split.shape == (4, 2, 32)
+    for s in split:
+        assert sorted(s.flatten().tolist()) == list(range(64))
+        for half in s:
+            members = set(half.tolist())
+            for t in members:  # every token's 2x2 block lies in the same half
+                corner = (t // 8 // 2 * 2) * 8 + (t % 8) // 2 * 2
+                assert {corner, corner + 1, corner + 8, corner + 9} <= members
+    assert torch.equal(complementary_splits(64, 3, seed=1, block=4), complementary_splits(64, 3, seed=1, block=4))
+
+
+@pytest.mark.parametrize("tokens,block,match", [(64, 3, "multiple of 3"), (36, 2, "3x3 blocks"), (48, 2, "square")])
+def test_block_splits_that_cannot_halve_are_rejected(tokens, block, match):
+    with pytest.raises(ValueError, match=match):
+        random_splits(1, tokens, block=block)
 
 
 def test_complementary_splits_deterministic():

@@ -146,6 +146,8 @@ def test_config_yaml_round_trip_and_errors(tmp_path):
         Config().override({"features.grid_size": 30, "model.patch_size": 4}).validate()
     with pytest.raises(ConfigError, match="cannot use"):
         Config().set("epochs", "many")
+    with pytest.raises(ConfigError, match="model.split_block.*even number of blocks"):
+        Config().override({"features.grid_size": 12, "model.patch_size": 2, "model.split_block": 2}).validate()
 
 
 def test_presets_are_valid_and_distinct():

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from .fileio import atomic_write_text
+from .model.decoupling import check_block
 from .model.residual import RESIDUALS
 
 
@@ -55,6 +56,7 @@ class ModelConfig:
     decoder_depth: int = 2
     decoder_heads: int = 4
     mlp_ratio: float = 4.0
+    split_block: int = 1  # tokens split into halves in blocks of split_block^2 (1 = per token, as the paper)
 
 
 @dataclass
@@ -114,6 +116,12 @@ class Config:
             f"(grid_size / patch_size)^2 = {tokens} tokens; it must be even and >= 4 so the "
             "patches split into two equal halves",
         )
+        _check(m.split_block >= 1, "model.split_block must be >= 1")
+        if m.split_block > 1:
+            try:
+                check_block(tokens, m.split_block)
+            except ValueError as exc:
+                raise ConfigError(f"model.split_block: {exc}") from None
         _check(m.embed_dim % m.num_heads == 0, "model.embed_dim must be divisible by model.num_heads")
         _check(
             m.decoder_dim % m.decoder_heads == 0,

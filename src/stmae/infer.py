@@ -122,9 +122,9 @@ class Detector:
         self.threshold = threshold
         self.meta = meta or {}
         self.residual_stats = residual_stats
-        self.splits = complementary_splits(model.num_tokens, config.infer.num_pairs, seed=config.train.seed).to(
-            self.device
-        )
+        self.splits = complementary_splits(
+            model.num_tokens, config.infer.num_pairs, seed=config.train.seed, block=config.model.split_block
+        ).to(self.device)
 
     @classmethod
     def load(

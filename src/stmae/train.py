@@ -91,7 +91,12 @@ def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
 
 
 def train_model(
-    model: STMAE, feats: torch.Tensor, cfg: TrainConfig, device: torch.device, quiet: bool = False
+    model: STMAE,
+    feats: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+    quiet: bool = False,
+    split_block: int = 1,
 ) -> list[float]:
     """Train ``model`` to reconstruct standardised features (N, C, G, G); returns epoch losses.
 
@@ -99,6 +104,7 @@ def train_model(
     patch is reconstructed from many different halves of its image. With ``cfg.ema > 0`` an
     exponential moving average of the weights (decay ``cfg.ema`` per step) replaces the
     final weights: it smooths the noise of the random splits out of the last steps.
+    ``split_block`` > 1 splits in square blocks of tokens (see ``model.decoupling``).
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device).train()
@@ -117,7 +123,7 @@ def train_model(
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             batch = feats[idx].to(device, non_blocking=True)
-            split = random_splits(len(idx), model.num_tokens, generator=gen, device=device)
+            split = random_splits(len(idx), model.num_tokens, generator=gen, device=device, block=split_block)
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, total, warmup, cfg.lr)
             with autocast(device):
@@ -194,7 +200,9 @@ def fit(
     stats = FeatureStats.for_training(train_feats, cfg.features.standardize)
     model = build_model(cfg, extractor.out_channels)
     train_started = time.perf_counter()
-    losses = train_model(model, stats.apply(train_feats), cfg.train, device, quiet=quiet)
+    losses = train_model(
+        model, stats.apply(train_feats), cfg.train, device, quiet=quiet, split_block=cfg.model.split_block
+    )
     train_seconds = time.perf_counter() - train_started
 
     detector = Detector(extractor, model, stats, cfg, device=device)

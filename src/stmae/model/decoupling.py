@@ -4,27 +4,48 @@ A split is a long tensor ``(..., 2, L/2)`` of token indices: row 0 is half A, ro
 half B, and together they are a permutation of ``0..L-1``. Training draws a fresh split per
 image and step (the paper's random decoupling, which acts as the main regulariser); testing
 uses K fixed splits drawn from a seed so that the same image always gets the same score.
+
+``block`` > 1 assigns square blocks of ``block x block`` tokens to a half together instead of
+single tokens. Why: with a per-token split, half of every token's neighbours are visible, and
+a defect that spans several tokens (a crack, a shading change) is reconstructed from visible
+tokens that show the same defect. The 3x3 local mean of the features also reaches one grid
+cell into each neighbour. Blocks put the nearest visible context of a block's inner tokens
+further away, so less of an extended defect leaks into its own reconstruction.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 
 def random_splits(
-    batch: int, num_tokens: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    batch: int,
+    num_tokens: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    block: int = 1,
 ) -> torch.Tensor:
     """One random disjoint split per image.
 
-    Returns a long tensor (batch, 2, num_tokens // 2) on ``device``.
+    ``num_tokens`` tokens are a square ``side x side`` grid in row-major order when
+    ``block`` > 1. Returns a long tensor (batch, 2, num_tokens // 2) on ``device``.
     """
     _check_even(num_tokens)
-    noise = torch.rand(batch, num_tokens, generator=generator)
-    perm = noise.argsort(dim=1)
-    return perm.view(batch, 2, num_tokens // 2).to(device)
+    if block == 1:
+        noise = torch.rand(batch, num_tokens, generator=generator)
+        return noise.argsort(dim=1).view(batch, 2, num_tokens // 2).to(device)
+    side, per_side = check_block(num_tokens, block)
+    num_blocks = per_side**2
+    order = torch.rand(batch, num_blocks, generator=generator).argsort(dim=1)  # (batch, blocks)
+    corner = (order // per_side) * (block * side) + (order % per_side) * block  # first token of each block
+    offsets = (torch.arange(block)[:, None] * side + torch.arange(block)[None, :]).flatten()
+    tokens = corner[..., None] + offsets  # (batch, blocks, block*block)
+    return tokens.view(batch, 2, num_tokens // 2).to(device)
 
 
-def complementary_splits(num_tokens: int, num_pairs: int, seed: int = 0) -> torch.Tensor:
+def complementary_splits(num_tokens: int, num_pairs: int, seed: int = 0, block: int = 1) -> torch.Tensor:
     """K fixed split pairs for inference.
 
     Each pair reconstructs every token exactly once (A from B, B from A), so averaging over
@@ -32,7 +53,26 @@ def complementary_splits(num_tokens: int, num_pairs: int, seed: int = 0) -> torc
     Returns a long tensor (num_pairs, 2, num_tokens // 2); deterministic in ``seed``.
     """
     gen = torch.Generator().manual_seed(seed)
-    return random_splits(num_pairs, num_tokens, generator=gen)
+    return random_splits(num_pairs, num_tokens, generator=gen, block=block)
+
+
+def check_block(num_tokens: int, block: int) -> tuple[int, int]:
+    """(token grid side, blocks per side) for a block split; ValueError when it cannot split evenly."""
+    side = math.isqrt(num_tokens)
+    if block < 1:
+        raise ValueError(f"split block must be >= 1, got {block}")
+    if side * side != num_tokens or side % block:
+        raise ValueError(
+            f"a split in {block}x{block} token blocks needs a square token grid whose side is a "
+            f"multiple of {block}; got {num_tokens} tokens"
+        )
+    per_side = side // block
+    if per_side**2 % 2:
+        raise ValueError(
+            f"{per_side}x{per_side} blocks of {block}x{block} tokens cannot be split into two equal "
+            "halves; choose a block size that leaves an even number of blocks"
+        )
+    return side, per_side
 
 
 def _check_even(num_tokens: int) -> None:
