@@ -15,20 +15,34 @@ ablation = load_benchmark("ablation")
 
 def test_synthetic_defect_is_local_seeded_and_masked():
     image = np.full((128, 128, 3), 120, np.uint8)
-    a, mask_a = ablation.synthetic_defect(image, np.random.default_rng(3))
-    b, mask_b = ablation.synthetic_defect(image, np.random.default_rng(3))
-    assert np.array_equal(a, b) and np.array_equal(mask_a, mask_b)
+    a, mask_a, kind_a = ablation.synthetic_defect(image, np.random.default_rng(3))
+    b, mask_b, kind_b = ablation.synthetic_defect(image, np.random.default_rng(3))
+    assert np.array_equal(a, b) and np.array_equal(mask_a, mask_b) and kind_a == kind_b
     assert mask_a.shape == (128, 128) and mask_a.dtype == bool and mask_a.any()
     changed = np.abs(a.astype(int) - image).max(axis=2) > 0
     assert changed[mask_a].mean() > 0.9  # the painted region changes ...
     near = torch.nn.functional.max_pool2d(torch.from_numpy(mask_a).float()[None, None], 41, 1, 20)[0, 0].bool()
     assert not changed[~near.numpy()].any()  # ... and nothing 20 px away from it does
-    areas = [ablation.synthetic_defect(image, np.random.default_rng(s))[1].sum() for s in range(40)]
-    assert min(areas) < 300 < max(areas)  # small blobs/cracks and large shading changes both occur
+    drawn = [ablation.synthetic_defect(image, np.random.default_rng(s)) for s in range(40)]
+    assert min(d[1].sum() for d in drawn) < 300 < max(d[1].sum() for d in drawn)  # small and large both occur
+    assert {d[2] for d in drawn} == set(ablation.SYNTHETIC_KINDS)
+    uneven = [d[1].sum() for d in drawn if d[2] == "uneven"]
+    assert min(uneven) > max(d[1].sum() for d in drawn if d[2] in ("dark_blob", "bright_blob"))
+
+
+def test_per_type_auroc_scores_each_kind_against_all_good_images():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    types = np.array(["good", "good", "good", "crack", "crack", "uneven", "uneven"])
+    scores = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.25, 0.05])
+    per = ablation.per_type_auroc(labels, types, scores)
+    assert per == {"crack": pytest.approx(1.0), "uneven": pytest.approx(2 / 6)}
+    assert ablation.per_type_auroc(labels, np.array(["good"] * 3 + ["crack"] * 4), scores) == {}
+    assert ablation.per_type_auroc(labels, None, scores) == {}
 
 
 def _row(tasks: dict[str, float]) -> dict:
-    return {"per_task": {t: {"scores": {"mse/max": {"image_auroc": v}, "knn/max": {"image_auroc": 0.9}},
+    return {"per_task": {t: {"scores": {"mse/max": {"image_auroc": v, "per_type": {"crack": v / 2}},
+                                        "knn/max": {"image_auroc": 0.9}},
                              "train_seconds": 1.0} for t, v in tasks.items()}}
 
 
@@ -41,6 +55,7 @@ def test_rows_compare_on_common_tasks_only():
     assert means["x"]["mse/max"]["image_auroc"] == pytest.approx(0.8)
     text = ablation.render(results)
     assert "| base | - | **0.900** | 1 |" in text and "knn/max 0.900" in text
+    assert "| base | mse/max | 0.450 |" in text and "| x | mse/max | 0.400 |" in text  # per kind, common tasks
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mnist_5k").is_dir(), reason="needs ../shared/data/mnist_5k")
