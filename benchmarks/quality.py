@@ -36,7 +36,9 @@ device, in the table and in the JSON.
 Outputs: ``benchmarks/results/quality.json`` (``quality_quick.json`` with ``--quick``) and
 the same name with ``.md``; ``--update-readme`` replaces the text between
 ``<!-- quality:start -->`` and ``<!-- quality:end -->`` in README.md with the table and a
-one-line provenance note. ``--from-json`` re-renders the Markdown (and README) from an
+one-line provenance note. ``--merge`` keeps the datasets of an existing results file that the
+run does not re-run, so the full run can go one dataset per call (a lent GPU allows 10
+minutes per command). ``--from-json`` re-renders the Markdown (and README) from an
 existing results file without running anything.
 
 Run: ``python benchmarks/quality.py [--quick] [--only a,b,c,d] [--device auto|cpu|cuda]
@@ -613,6 +615,9 @@ def provenance(results: dict[str, Any]) -> str:
     mode = "quick mode: reduced settings" if results.get("mode") == "quick" else "full settings"
     wall = results.get("total_seconds")
     wall_text = f", wall {wall / 60:.1f} min" if isinstance(wall, (int, float)) else ""
+    if len(results.get("merged_runs") or []) > 1:
+        spent = sum(e.get("seconds") or 0 for e in results.get("datasets", {}).values())
+        wall_text = f", {spent / 60:.1f} min over {len(results['merged_runs'])} runs"
     commit = results.get("commit")
     if commit and results.get("modified"):
         commit += f" + uncommitted changes to {len(results['modified'])} file(s)"
@@ -621,7 +626,7 @@ def provenance(results: dict[str, Any]) -> str:
         f"{str(results.get('created', '?'))[:10]}: stmae {results.get('stmae_version', '?')}"
         f"{f', commit {commit}' if commit else ''}, torch {results.get('platform', {}).get('torch', '?')}, "
         f"{results.get('device_label', '?')}{wall_text}; settings and per-class figures in "
-        f"`{results.get('json_name', 'benchmarks/results/quality.json')}`."
+        f"`{results.get('json_name', 'benchmarks/results/quality.json')}`.{_runs_note(results)}"
     )
 
 
@@ -761,6 +766,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--readme", type=Path, default=README_PATH, help=argparse.SUPPRESS)
     p.add_argument("--from-json", type=Path, default=None,
                    help="run nothing: re-render the Markdown (and README with --update-readme) from this results JSON")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the datasets of an existing --out file that this run does not re-run (same mode), "
+                   "so a long run can be done one dataset per call")
     p.add_argument("--verbose", action="store_true", help="progress bars from stmae and the baseline")
     args = p.parse_args(argv)
     if args.threads < 1:
@@ -870,6 +878,49 @@ def print_summary(results: dict[str, Any]) -> None:
         print(f"  [{t['status'].upper():7}] {t['target']}: measured {_fmt(t['measured'])} vs {_fmt(t['required'])}{flag}")
 
 
+def merge_previous(results: dict[str, Any], previous: dict[str, Any], rerun: Sequence[str], source: Path) -> None:
+    """Carry the datasets of ``previous`` that this run does not re-run (``rerun``) into ``results``.
+
+    Why: a full run is an hour or more, while a lent GPU takes one command of 10 minutes; with
+    ``--merge`` each dataset runs in its own call and the results file grows. Each dataset
+    entry keeps its own provenance (command, commit, device), which the Markdown lists.
+    Mixing quick and full rows in one file would mislabel the table, so that is an error.
+    """
+    if previous.get("mode") != results["mode"]:
+        raise ValueError(
+            f"{source}: holds a {previous.get('mode')!r} run and this is a {results['mode']!r} run; "
+            "--merge only combines runs of the same mode (use another --out)"
+        )
+    kept = {k: v for k, v in previous.get("datasets", {}).items() if k not in rerun}
+    for key in kept:
+        results["settings"].setdefault(key, previous.get("settings", {}).get(key))
+        if key in (previous.get("reduced_settings") or {}):
+            results["reduced_settings"][key] = previous["reduced_settings"][key]
+    merged = {**kept, **results["datasets"]}
+    results["datasets"] = {k: merged[k] for k in [*DATASETS, *merged] if k in merged}
+    results["merged_runs"] = [*previous.get("merged_runs", [previous.get("command")]), results["command"]]
+
+
+def entry_provenance(results: dict[str, Any]) -> dict[str, Any]:
+    """What a dataset entry records of the run that produced it (kept when files are merged)."""
+    keys = ("command", "created", "commit", "modified", "device_label")
+    return {k: results.get(k) for k in keys}
+
+
+def _runs_note(results: dict[str, Any]) -> str:
+    """'' for a single run; for a merged file, which run produced which dataset."""
+    runs: dict[tuple, list[str]] = {}
+    for key, entry in results.get("datasets", {}).items():
+        p = entry.get("provenance") or {}
+        runs.setdefault((p.get("command"), p.get("commit"), p.get("device_label")), []).append(
+            DATASETS.get(key, {}).get("letter", key))
+    if len(runs) < 2:
+        return ""
+    return " Merged from " + "; ".join(
+        f"`{cmd}` (commit {commit or '?'}, {device or '?'}): {', '.join(keys)}"
+        for (cmd, commit, device), keys in runs.items()) + "."
+
+
 def write_outputs(results: dict[str, Any], out: Path) -> None:
     from stmae.fileio import atomic_write_json, atomic_write_text
 
@@ -944,6 +995,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": settings,
         "datasets": {},
     }
+    if args.merge and out.exists():
+        import json
+
+        try:
+            merge_previous(results, json.loads(out.read_text(encoding="utf-8")), args.only, out)
+        except (ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
+            print(f"error: --merge: {exc}", file=sys.stderr)
+            return 2
     print(f"stmae quality benchmark, {results['mode']} mode, {device_label}; datasets: {', '.join(args.only)}")
     for note in reductions.values():
         print(f"  reduced: {note}")
@@ -974,8 +1033,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 entry = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "settings": settings[key],
                          "traceback": traceback.format_exc()}
             entry["seconds"] = round(time.perf_counter() - t0, 1)
+            entry["provenance"] = entry_provenance(results)
             print(f"[{key}] {title}: {entry['status']} in {entry['seconds']:.0f} s")
             results["datasets"][key] = entry
+            results["datasets"] = {k: results["datasets"][k] for k in [*DATASETS, *results["datasets"]]
+                                   if k in results["datasets"]}
             results["total_seconds"] = round(time.perf_counter() - started, 1)
             write_outputs(results, out)  # after every dataset: a late crash keeps the earlier figures
 

@@ -214,6 +214,35 @@ def test_only_and_settings() -> None:
     assert quality.default_out(True).name == "quality_quick.json" and quality.default_out(False).name == "quality.json"
 
 
+def test_merge_keeps_other_datasets_and_their_provenance(tmp_path: Path, capsys) -> None:
+    previous = fake_results()
+    for key, entry in previous["datasets"].items():
+        entry["provenance"] = {"command": "python benchmarks/quality.py --quick --only a,b", "commit": "abc1234",
+                               "device_label": "cuda:0 (H100)"}
+    previous["settings"] = {"magnetic_tile": {"preset": "accurate"}, "fashion_mnist": {"classes": "0,8"}}
+    new_mnist = {"status": "ok", "seconds": 60.0, "settings": {"classes": "all"}, "rows": [],
+                 "provenance": {"command": "python benchmarks/quality.py --quick --only c --merge",
+                                "commit": "def5678", "device_label": "cpu (1 thread)"}}
+    results = {"mode": "quick", "command": "python benchmarks/quality.py --quick --only c --merge",
+               "settings": {"mnist": {"classes": "all"}}, "reduced_settings": {}, "datasets": {"mnist": new_mnist}}
+    quality.merge_previous(results, previous, ["mnist"], tmp_path / "q.json")
+    assert list(results["datasets"]) == ["magnetic_tile", "fashion_mnist", "mnist"]  # run order, not merge order
+    assert results["datasets"]["mnist"] is new_mnist  # the re-run replaces the old (skipped) entry
+    assert results["settings"]["magnetic_tile"] == {"preset": "accurate"}
+    assert results["reduced_settings"] == previous["reduced_settings"]
+    assert results["merged_runs"] == ["python benchmarks/quality.py --quick", results["command"]]
+    note = quality.provenance(results)
+    assert "Merged from `python benchmarks/quality.py --quick --only a,b` (commit abc1234, cuda:0 (H100)): a, b" in note
+    assert "(commit def5678, cpu (1 thread)): c" in note and "7.7 min over 2 runs" in note
+
+    with pytest.raises(ValueError, match="q.json.*'quick' run.*'full' run"):
+        quality.merge_previous({**results, "mode": "full"}, previous, ["mnist"], tmp_path / "q.json")
+    out = tmp_path / "quality.json"
+    out.write_text(json.dumps(previous))
+    assert quality.main(["--only", "d", "--merge", "--out", str(out), "--device", "cpu"]) == 2
+    assert "--merge" in capsys.readouterr().err and json.loads(out.read_text()) == previous  # untouched
+
+
 def test_help_runs() -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
