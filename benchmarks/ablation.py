@@ -96,8 +96,8 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "image_128_grid_16": {"features.image_size": 128, "features.grid_size": 16, "model.patch_size": 2},
 }
 
-#: Scoring variants: (residual, image score, K pairs, per-position normalisation[, top-k
-#: fraction; default: the preset's]).
+#: Scoring variants: (residual, image score, K pairs, per-position normalisation[, other
+#: ``infer`` settings; default: the preset's]).
 SCORING_VARIANTS: dict[str, tuple] = {
     "mse/max": ("mse", "max", 4, False),
     "mse/topk": ("mse", "topk", 4, False),
@@ -111,9 +111,14 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mahalanobis/topk/K16": ("mahalanobis", "topk", 16, False),
     "mahalanobis/topk/posnorm": ("mahalanobis", "topk", 4, True),
     "mse_cos/topk/posnorm": ("mse_cos", "topk", 4, True),
-    "mahalanobis/top1%": ("mahalanobis", "topk", 4, False, 0.01),
-    "mahalanobis/top30%": ("mahalanobis", "topk", 4, False, 0.3),
-    "mahalanobis/mean": ("mahalanobis", "topk", 4, False, 1.0),
+    "mahalanobis/top1%": ("mahalanobis", "topk", 4, False, {"topk": 0.01}),
+    "mahalanobis/top30%": ("mahalanobis", "topk", 4, False, {"topk": 0.3}),
+    "mahalanobis/mean": ("mahalanobis", "topk", 4, False, {"topk": 1.0}),
+    # wider smoothing of the map: large, weak defects (uneven shading) add up instead of
+    # losing to the noise maximum of a good image
+    "mse_cos/max/sigma8": ("mse_cos", "max", 4, False, {"sigma": 8.0}),
+    "mse_cos/max/sigma16": ("mse_cos", "max", 4, False, {"sigma": 16.0}),
+    "mse_cos/top10%/sigma8": ("mse_cos", "topk", 4, False, {"sigma": 8.0, "topk": 0.1}),
 }
 
 
@@ -271,10 +276,10 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
     base_infer = copy.deepcopy(det.config.infer)
     residual_stats: dict[int, Any] = {}  # per K: the same statistics serve every score variant
     for name in scorings:
-        residual, score, pairs, posnorm, *fraction = SCORING_VARIANTS[name]
+        residual, score, pairs, posnorm, *extra = SCORING_VARIANTS[name]
         det.config.infer = copy.deepcopy(base_infer)
-        if fraction:
-            det.config.infer.topk = fraction[0]
+        for key, value in (extra[0] if extra else {}).items():
+            setattr(det.config.infer, key, value)
         det.config.infer.residual, det.config.infer.score, det.config.infer.num_pairs = residual, score, pairs
         det.splits = complementary_splits(
             det.model.num_tokens, pairs, seed=det.config.train.seed, block=det.config.model.split_block
