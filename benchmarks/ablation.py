@@ -268,11 +268,22 @@ def per_type_auroc(labels: np.ndarray, types: np.ndarray | None, scores: np.ndar
     return {k: auroc(labels[good | (types == k)], scores[good | (types == k)]) for k in kinds}
 
 
+def validation_row(labels: np.ndarray, types: np.ndarray | None, masks: np.ndarray | None,
+                   maps: torch.Tensor, scores: torch.Tensor) -> dict[str, Any]:
+    """One cell of the study: image AUROC, pixel AUROC (with masks) and per-type AUROC (if several)."""
+    row: dict[str, Any] = {"image_auroc": auroc(labels, scores.numpy())}
+    if masks is not None:
+        row["pixel_auroc"] = auroc(masks.ravel(), maps.numpy().ravel())
+    if per_type := per_type_auroc(labels, types, scores.numpy()):
+        row["per_type"] = per_type
+    return row
+
+
 def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Tensor, labels: np.ndarray,
                    masks: np.ndarray | None, scorings: Sequence[str],
                    types: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
-    """The named scoring variants on one trained detector -> {variant: {image_auroc, pixel_auroc?}}."""
-    out: dict[str, dict[str, float]] = {}
+    """The named scoring variants on one trained detector -> {variant: :func:`validation_row`}."""
+    out: dict[str, dict[str, Any]] = {}
     base_infer = copy.deepcopy(det.config.infer)
     residual_stats: dict[int, Any] = {}  # per K: the same statistics serve every score variant
     for name in scorings:
@@ -292,12 +303,7 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
             grid_train = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(train_feats, 64)])
             grid_val = (grid_val - grid_train.mean(0)) / grid_train.std(0).clamp_min(1e-6)
         maps, scores = det.postprocess(grid_val)
-        row: dict[str, Any] = {"image_auroc": auroc(labels, scores.numpy())}
-        if masks is not None:
-            row["pixel_auroc"] = auroc(masks.ravel(), maps.numpy().ravel())
-        if per_type := per_type_auroc(labels, types, scores.numpy()):
-            row["per_type"] = per_type
-        out[name] = row
+        out[name] = validation_row(labels, types, masks, maps, scores)
     det.config.infer = base_infer
     return out
 
@@ -315,12 +321,7 @@ def knn_scores(cfg: Config, stats: FeatureStats, train_feats: torch.Tensor, val_
         c = copy.deepcopy(cfg)
         c.infer.score = score
         maps, scores = knn.anomaly_maps(dist, c)
-        row: dict[str, Any] = {"image_auroc": auroc(labels, scores.numpy())}
-        if masks is not None:
-            row["pixel_auroc"] = auroc(masks.ravel(), maps.numpy().ravel())
-        if per_type := per_type_auroc(labels, types, scores.numpy()):
-            row["per_type"] = per_type
-        out[f"knn/{score}"] = row
+        out[f"knn/{score}"] = validation_row(labels, types, masks, maps, scores)
     return out
 
 
