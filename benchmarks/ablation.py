@@ -53,7 +53,6 @@ from stmae.features import FeatureStats, extract_features
 from stmae.fileio import atomic_write_json, atomic_write_text
 from stmae.infer import Detector, build_extractor, build_model
 from stmae.metrics import auroc
-from stmae.model import complementary_splits
 from stmae.train import make_config, train_model
 
 HERE = Path(__file__).resolve().parent
@@ -292,9 +291,7 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
         for key, value in (extra[0] if extra else {}).items():
             setattr(det.config.infer, key, value)
         det.config.infer.residual, det.config.infer.score, det.config.infer.num_pairs = residual, score, pairs
-        det.splits = complementary_splits(
-            det.model.num_tokens, pairs, seed=det.config.train.seed, block=det.config.model.split_block
-        )
+        det.rebuild_splits()
         if residual == "mahalanobis" and pairs not in residual_stats:
             residual_stats[pairs] = det.fit_residual_stats(train_feats)
         det.residual_stats = residual_stats.get(pairs) if residual == "mahalanobis" else None

@@ -896,9 +896,13 @@ def merge_previous(results: dict[str, Any], previous: dict[str, Any], rerun: Seq
         results["settings"].setdefault(key, previous.get("settings", {}).get(key))
         if key in (previous.get("reduced_settings") or {}):
             results["reduced_settings"][key] = previous["reduced_settings"][key]
-    merged = {**kept, **results["datasets"]}
-    results["datasets"] = {k: merged[k] for k in [*DATASETS, *merged] if k in merged}
+    results["datasets"] = in_run_order({**kept, **results["datasets"]})
     results["merged_runs"] = [*previous.get("merged_runs", [previous.get("command")]), results["command"]]
+
+
+def in_run_order(datasets: dict[str, Any]) -> dict[str, Any]:
+    """Dataset entries in :data:`DATASETS` order (unknown keys last), however they were added."""
+    return {k: datasets[k] for k in [*DATASETS, *datasets] if k in datasets}
 
 
 def entry_provenance(results: dict[str, Any]) -> dict[str, Any]:
@@ -1036,8 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry["provenance"] = entry_provenance(results)
             print(f"[{key}] {title}: {entry['status']} in {entry['seconds']:.0f} s")
             results["datasets"][key] = entry
-            results["datasets"] = {k: results["datasets"][k] for k in [*DATASETS, *results["datasets"]]
-                                   if k in results["datasets"]}
+            results["datasets"] = in_run_order(results["datasets"])  # merged files too
             results["total_seconds"] = round(time.perf_counter() - started, 1)
             write_outputs(results, out)  # after every dataset: a late crash keeps the earlier figures
 

@@ -122,8 +122,13 @@ class Detector:
         self.threshold = threshold
         self.meta = meta or {}
         self.residual_stats = residual_stats
+        self.rebuild_splits()
+
+    def rebuild_splits(self) -> None:
+        """The K fixed test-time split pairs from the config (again after changing ``infer.num_pairs``)."""
+        cfg = self.config
         self.splits = complementary_splits(
-            model.num_tokens, config.infer.num_pairs, seed=config.train.seed, block=config.model.split_block
+            self.model.num_tokens, cfg.infer.num_pairs, seed=cfg.train.seed, block=cfg.model.split_block
         ).to(self.device)
 
     @classmethod
