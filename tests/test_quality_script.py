@@ -243,6 +243,44 @@ def test_merge_keeps_other_datasets_and_their_provenance(tmp_path: Path, capsys)
     assert "--merge" in capsys.readouterr().err and json.loads(out.read_text()) == previous  # untouched
 
 
+def test_merge_fills_provenance_and_keeps_other_mt_protocol_rows() -> None:
+    """An old file without per-entry provenance is credited to its own run, and a Magnetic
+    Tile call that runs only the full-train protocol keeps the 200-image rows of the file."""
+    previous = fake_results()  # its entries carry no provenance of their own
+    mt_prev = previous["datasets"]["magnetic_tile"]
+    mt_prev["settings"] = {"protocols": ["200"], "preset": "accurate", "epochs": None, "coreset": 0.1}
+    mt_prev["protocol"] = {"train": {"200": "seeded 200"}, "test": "full test split (582 images)"}
+    cmd = "python benchmarks/quality.py --quick --only a --mt-protocols full --merge"
+    results = {"mode": "quick", "command": cmd, "commit": "def5678", "device_label": "cuda:0 (H100)",
+               "settings": {"magnetic_tile": {"protocols": ["full"], "preset": "accurate", "epochs": None,
+                                              "coreset": 0.1}},
+               "reduced_settings": {}, "datasets": {}}
+    quality.merge_previous(results, previous, ["magnetic_tile"], Path("q.json"))
+    assert results["datasets"]["fashion_mnist"]["provenance"]["commit"] == "abc1234"
+    assert "provenance" not in previous["datasets"]["fashion_mnist"]  # the previous file is not modified
+
+    full = "Magnetic Tile, full train (762)"
+    new_mt = {"status": "ok", "settings": results["settings"]["magnetic_tile"],
+              "protocol": {"train": {"full": "all of train/good"}, "test": "full test split (582 images)"},
+              "rows": [_row("mt_full", "magnetic_tile", full, quality.STMAE, 0.9, 0.8, 0.7, 0.8),
+                       _row("mt_full", "magnetic_tile", full, quality.KNN, 0.9, 0.8, 0.7, 0.8)],
+              "provenance": quality.entry_provenance(results)}
+    merged = quality.merge_protocol_rows(new_mt, mt_prev, previous)
+    assert [r["key"] for r in merged["rows"]] == ["mt200", "mt200", "mt_full", "mt_full"]  # table order
+    assert merged["settings"]["protocols"] == ["200", "full"]
+    assert merged["protocol"]["train"] == {"200": "seeded 200", "full": "all of train/good"}
+    assert merged["rows"][0]["provenance"]["commit"] == "abc1234" and "provenance" not in merged["rows"][2]
+    assert quality.describe_reductions({"magnetic_tile": merged["settings"]}, ["magnetic_tile"]) == {}
+
+    results["datasets"] = quality.in_run_order({**results["datasets"], "magnetic_tile": merged})
+    note = quality.provenance(results)
+    assert "(commit abc1234, cpu (1 thread)): a (Magnetic Tile, 200-image protocol), b, c" in note
+    assert f"(commit def5678, cuda:0 (H100)): a ({full})" in note
+    # Re-running the protocol the file holds replaces its rows instead of duplicating them.
+    again = quality.merge_protocol_rows({**new_mt, "settings": mt_prev["settings"]}, mt_prev, previous)
+    assert again["rows"] == new_mt["rows"]
+
+
 def test_help_runs() -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
