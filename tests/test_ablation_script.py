@@ -30,6 +30,22 @@ def test_synthetic_defect_is_local_seeded_and_masked():
     assert min(uneven) > max(d[1].sum() for d in drawn if d[2] in ("dark_blob", "bright_blob"))
 
 
+def test_long_crack_is_long_thin_faint_seeded_and_inside_the_image():
+    image = np.full((256, 256, 3), 200, np.uint8)
+    a, mask_a, kind = ablation.long_crack_defect(image, np.random.default_rng(5))
+    b, mask_b, _ = ablation.long_crack_defect(image, np.random.default_rng(5))
+    assert kind == "long_crack" and np.array_equal(a, b) and np.array_equal(mask_a, mask_b)
+    for seed in range(20):
+        img, mask, _ = ablation.long_crack_defect(image, np.random.default_rng(seed))
+        ys, xs = np.nonzero(mask)
+        extent = max(np.ptp(ys), np.ptp(xs))
+        assert extent > 0.25 * 256  # long: it spans a quarter of the image or more ...
+        assert mask.sum() < 3 * 0.8 * 256  # ... and thin: at most ~2 px wide along its length
+        darkening = 1 - img[mask].astype(float).mean() / 200
+        assert 0.1 < darkening < 0.45  # faint, never black
+        assert ablation.PAINTERS["mt_extended"] is ablation.long_crack_defect
+
+
 def test_per_type_auroc_scores_each_kind_against_all_good_images():
     labels = np.array([0, 0, 0, 1, 1, 1, 1])
     types = np.array(["good", "good", "good", "crack", "crack", "uneven", "uneven"])
