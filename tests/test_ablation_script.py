@@ -46,6 +46,18 @@ def test_long_crack_is_long_thin_faint_seeded_and_inside_the_image():
         assert ablation.PAINTERS["mt_extended"] is ablation.long_crack_defect
 
 
+def test_edge_crack_starts_at_an_edge_and_stays_short_and_faint():
+    image = np.full((256, 256, 3), 200, np.uint8)
+    for seed in range(20):
+        img, mask, kind = ablation.edge_crack_defect(image, np.random.default_rng(seed))
+        ys, xs = np.nonzero(mask)
+        assert kind == "edge_crack" and mask.any()
+        assert min(ys.min(), xs.min(), 255 - ys.max(), 255 - xs.max()) <= 2  # touches an edge
+        assert max(np.ptp(ys), np.ptp(xs)) < 0.4 * 256  # short
+        assert 0.15 < 1 - img[mask].astype(float).mean() / 200 < 0.55  # faint, never black
+    assert ablation.PAINTERS["mt_edge"] is ablation.edge_crack_defect
+
+
 def test_per_type_auroc_scores_each_kind_against_all_good_images():
     labels = np.array([0, 0, 0, 1, 1, 1, 1])
     types = np.array(["good", "good", "good", "crack", "crack", "uneven", "uneven"])
