@@ -790,7 +790,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="run nothing: re-render the Markdown (and README with --update-readme) from this results JSON")
     p.add_argument("--merge", action="store_true",
                    help="keep the datasets of an existing --out file that this run does not re-run (same mode), "
-                   "so a long run can be done one dataset per call")
+                   "and its Magnetic Tile rows of protocols not in --mt-protocols, so a long run can be done "
+                   "one dataset (or protocol) per call")
     p.add_argument("--verbose", action="store_true", help="progress bars from stmae and the baseline")
     args = p.parse_args(argv)
     if args.threads < 1:
