@@ -296,6 +296,40 @@ def test_merge_fills_provenance_and_keeps_other_mt_protocol_rows() -> None:
     assert again["rows"] == new_mt["rows"]
 
 
+def test_main_merge_of_one_mt_protocol_keeps_the_other(tmp_path: Path, monkeypatch) -> None:
+    """``--only a --mt-protocols full --merge`` through main(): the file then holds both
+    protocols' rows, the full protocol counts as run, and the 200 rows keep their run."""
+    (tmp_path / "data" / "magnetic_tile" / "magnetic_tile").mkdir(parents=True)
+    mt_200 = "Magnetic Tile, 200-image protocol"
+    previous = {**fake_results(), "mode": "full", "command": "python benchmarks/quality.py --only a --mt-protocols 200"}
+    previous["settings"] = {"magnetic_tile": {**quality.MODES["full"]["magnetic_tile"], "protocols": ["200"]}}
+    previous["reduced_settings"] = quality.describe_reductions(previous["settings"], ["magnetic_tile"])
+    previous["datasets"] = {"magnetic_tile": {**previous["datasets"]["magnetic_tile"],
+                                              "settings": previous["settings"]["magnetic_tile"],
+                                              "protocol": {"train": {"200": "seeded"}, "test": "all"}}}
+    out = tmp_path / "quality.json"
+    out.write_text(json.dumps(previous))
+    full = "Magnetic Tile, full train (762)"
+
+    def fake_runner(settings, ctx):
+        assert settings["protocols"] == ["full"]
+        return {"data": "x", "protocol": {"train": {"full": "all of train/good"}, "test": "all"},
+                "rows": [_row("mt_full", "magnetic_tile", full, m, 0.9, 0.8, 0.7, 0.8) for m in (quality.STMAE,
+                                                                                                 quality.KNN)]}
+
+    monkeypatch.setitem(quality.RUNNERS, "magnetic_tile", fake_runner)
+    argv = ["--only", "a", "--mt-protocols", "full", "--merge", "--out", str(out), "--device", "cpu",
+            "--data-root", str(tmp_path / "data")]
+    assert quality.main(argv) == 0
+    merged = json.loads(out.read_text())
+    mt = merged["datasets"]["magnetic_tile"]
+    assert [(r["row"], r["method"]) for r in mt["rows"]] == [
+        (mt_200, quality.STMAE), (mt_200, quality.KNN), (full, quality.STMAE), (full, quality.KNN)]
+    assert mt["settings"]["protocols"] == ["200", "full"] and merged["reduced_settings"] == {}
+    assert mt["rows"][0]["provenance"]["command"] == previous["command"]
+    assert f"): a ({full})" in out.with_suffix(".md").read_text()
+
+
 def test_help_runs() -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
