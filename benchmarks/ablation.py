@@ -69,12 +69,12 @@ DATA_ROOT = HERE.parent.parent / "shared" / "data"
 #: local mean; the study then chose it), so re-running a variant stays comparable.
 #: The Magnetic Tile protocols differ only in the validation defects (:data:`PAINTERS`).
 _MT: dict[str, Any] = {"data": DATA_ROOT / "magnetic_tile" / "magnetic_tile", "kind": "mvtec", "preset": "fast",
-                       "epochs": 30, "base": {}}
+                       "epochs": 30, "val": 160, "base": {}}
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "fmnist": {"data": DATA_ROOT / "fashion_mnist", "kind": "fashion-mnist", "preset": "lowres", "epochs": 15,
-               "base": {"features.aggregate": 1}},
+               "val": 400, "base": {"features.aggregate": 1}},
     "mnist": {"data": DATA_ROOT / "mnist_5k" / "mnist_5k.csv.gz", "kind": "mnist", "preset": "lowres", "epochs": 15,
-              "base": {"features.aggregate": 1}},
+              "val": 400, "base": {"features.aggregate": 1}},
     "mt": {**_MT, "defect": "one synthetic defect"},
     # Same training data and validation images as "mt"; the defects are long, thin, faint
     # cracks only (:func:`long_crack_defect`), the kind of extended defect where ST-MAE
@@ -105,6 +105,8 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "split_block_2": {"model.split_block": 2},
     "split_block_4": {"model.split_block": 4},
     "grid_16_patch_1": {"features.grid_size": 16, "model.patch_size": 1},
+    "pad_2": {"features.pad": 2},
+    "pad_4": {"features.pad": 4},
     "image_128_grid_16": {"features.image_size": 128, "features.grid_size": 16, "model.patch_size": 2},
 }
 
@@ -329,7 +331,7 @@ class FeatureCache:
     @staticmethod
     def _feature_key(cfg: Config) -> tuple:
         return (cfg.backbone.name, tuple(cfg.backbone.layers), cfg.features.image_size, cfg.features.grid_size,
-                cfg.features.aggregate)
+                cfg.features.aggregate, cfg.features.pad)
 
     def extractor(self, cfg: Config) -> Any:
         """The frozen extractor for ``cfg`` (built once, replaced when the feature settings change)."""
@@ -425,7 +427,8 @@ def resolve_variant(base: Config, overrides: dict[str, Any]) -> Config | None:
 
 
 def run_variant(name: str, cfg: Config, tasks: list[tuple[str, Any]], cache: FeatureCache, knn: Any,
-                log: Callable[[str], None], scorings: Sequence[str]) -> dict[str, Any]:
+                log: Callable[[str], None], scorings: Sequence[str], with_knn: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` on every task and score it; ``with_knn`` adds the kNN yardstick on its features."""
     per_task: dict[str, Any] = {}
     started = time.perf_counter()
     for task_name, task in tasks:
@@ -445,7 +448,7 @@ def run_variant(name: str, cfg: Config, tasks: list[tuple[str, Any]], cache: Fea
         train_s = time.perf_counter() - t0
         det = Detector(cache.extractor(cfg), model, stats, copy.deepcopy(cfg))
         rows = score_variants(det, train_feats, val_feats, labels, masks, scorings, types)
-        if name == "base":
+        if with_knn:
             rows.update(knn_scores(cfg, stats, train_feats, val_feats, labels, masks, knn, types))
         per_task[task_name] = {"scores": rows, "train_seconds": round(train_s, 1), "final_loss": losses[-1]}
         best = max(((k, v) for k, v in rows.items() if not k.startswith("knn/")), key=lambda kv: kv[1]["image_auroc"])
@@ -530,9 +533,12 @@ def render(results: dict[str, Any]) -> str:
         train_s = np.mean([row["per_task"][t]["train_seconds"] for t in common])
         overrides = ", ".join(f"{k}={v}" for k, v in TRAIN_VARIANTS.get(name, {}).items()) or "-"
         lines.append(f"| {name} | {overrides} | " + " | ".join(cells) + f" | {train_s:.0f} |")
-    knn = {k: v for k, v in means.get("base", {}).items() if k.startswith("knn/")}
-    if knn:
-        lines += ["", "kNN yardstick (greedy 10 % coreset) on the same validation data and tasks: " + "; ".join(
+    for name in variants:
+        knn = {k: v for k, v in means[name].items() if k.startswith("knn/")}
+        if not knn:
+            continue
+        where = "the same validation data and tasks" if name == "base" else f"the features of `{name}`"
+        lines += ["", f"kNN yardstick (greedy 10 % coreset) on {where}: " + "; ".join(
             f"{k} {v['image_auroc']:.3f}" + (f" / {v['pixel_auroc']:.3f}" if "pixel_auroc" in v else "")
             for k, v in knn.items())]
     lines += per_type_lines(results, common)
@@ -547,11 +553,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="scoring variants to run: all, or a comma list of " + ", ".join(SCORING_VARIANTS))
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="one-class protocols: normal classes")
     p.add_argument("--train-limit", type=int, default=150, help="one-class: training images per class")
-    p.add_argument("--val", type=int, default=500, help="validation images per class (mt: good + synthetic)")
+    p.add_argument("--val", type=int, default=None,
+                   help="validation images per class (mt: good + synthetic); default: the protocol's (160 / 400)")
     p.add_argument("--epochs", type=int, default=None, help="base epochs (default: the protocol's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
+
+
+def mergeable_variants(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
+    """The rows already in ``path``, if they were run on the same validation setup.
+
+    Why refuse rather than merge: rows scored on other validation images (``--val``), another
+    base schedule (``--epochs``) or another training size are not comparable, and one table
+    would silently mix them under the newest run's description.
+    """
+    existing = json.loads(path.read_text())
+    recorded = existing.get("setup", setup)
+    differs = {k: (recorded.get(k), v) for k, v in setup.items() if recorded.get(k) != v}
+    if differs:
+        detail = ", ".join(f"{k}: recorded {old}, now {new}" for k, (old, new) in differs.items())
+        raise SystemExit(f"{path}: its rows were run on another setup ({detail}); "
+                         "pass the recorded settings or another --out")
+    return existing.get("variants", {})
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -569,6 +593,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = make_config(
         spec["preset"], {**spec["base"], "train.epochs": args.epochs or spec["epochs"], "train.device": "cpu"}
     )
+    args.val = args.val or spec["val"]
+    setup = {"val": args.val, "epochs": base.train.epochs}
+    if args.protocol not in PAINTERS:
+        setup["train_limit"] = args.train_limit
     if args.protocol in PAINTERS:
         tasks = mt_task(base.features.image_size, args.val, PAINTERS[args.protocol])
         description = (f"Magnetic Tile: train on the 200-image protocol's subset (seed 42); validate on "
@@ -582,9 +610,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        f"Base: `{spec['preset']}` preset with {spec['base'] or 'no changes'}, {base.train.epochs} epochs, "
                        "CPU 1 thread (reduced).")
     out = args.out or RESULTS_DIR / f"ablation_{args.protocol}.json"
-    results: dict[str, Any] = {"protocol": args.protocol, "description": description, "variants": {}}
+    results: dict[str, Any] = {"protocol": args.protocol, "description": description, "setup": setup, "variants": {}}
     if out.exists():
-        results["variants"] = json.loads(out.read_text()).get("variants", {})
+        results["variants"] = mergeable_variants(out, setup)
     cache, knn = FeatureCache(), _knn_module()
     for name in names:
         cfg = resolve_variant(base, TRAIN_VARIANTS[name])
@@ -592,7 +620,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{name}: same as base for this protocol, skipped", flush=True)
             continue
         print(f"{name}:", flush=True)
-        row = run_variant(name, cfg, tasks, cache, knn, lambda m: print(m, flush=True), scorings)
+        # The kNN sees only the features: re-run it where a variant changes them, so a feature
+        # change is judged against the yardstick on the same features, not only against base.
+        with_knn = name == "base" or (cfg.backbone, cfg.features) != (base.backbone, base.features)
+        row = run_variant(name, cfg, tasks, cache, knn, lambda m: print(m, flush=True), scorings, with_knn)
         row["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         results["variants"][name] = row
         atomic_write_json(out, results)

@@ -92,14 +92,24 @@ def test_tiny_run_writes_and_merges(tmp_path):
     common = ["--protocol", "mnist", "--classes", "1", "--train-limit", "12", "--val", "30", "--epochs", "1",
               "--scoring", "mse/max,mahalanobis/topk", "--out", str(out)]
     ablation.main([*common, "--variants", "base"])
-    ablation.main([*common, "--variants", "ema_0.99,aggregate_1"])  # aggregate_1 = the base here: skipped
+    ablation.main([*common, "--variants", "ema_0.99,aggregate_1,aggregate_3"])  # aggregate_1 = the base: skipped
     data = json.loads(out.read_text())
-    assert list(data["variants"]) == ["base", "ema_0.99"]
+    assert list(data["variants"]) == ["base", "ema_0.99", "aggregate_3"]
+    # the kNN yardstick is re-run where the features change, and only there
+    assert "knn/max" not in data["variants"]["ema_0.99"]["per_task"]["1"]["scores"]
+    assert "knn/max" in data["variants"]["aggregate_3"]["per_task"]["1"]["scores"]
     scores = data["variants"]["base"]["per_task"]["1"]["scores"]
     assert set(scores) == {"mse/max", "mahalanobis/topk", "knn/max", "knn/topk"}
     assert all(0.0 <= v["image_auroc"] <= 1.0 for v in scores.values())
     assert data["variants"]["ema_0.99"]["config"]["train"]["ema"] == 0.99
     md = out.with_suffix(".md").read_text()
     assert "| ema_0.99 | train.ema=0.99 |" in md
+    assert "kNN yardstick (greedy 10 % coreset) on the features of `aggregate_3`: knn/max" in md
     with pytest.raises(SystemExit, match="unknown variant"):
         ablation.main([*common, "--variants", "nope"])
+    assert data["setup"] == {"val": 30, "epochs": 1, "train_limit": 12}
+    before = out.read_text()
+    other_val = [a if a != "30" else "40" for a in common]
+    with pytest.raises(SystemExit, match=r"abl\.json: .*val: recorded 30, now 40"):
+        ablation.main([*other_val, "--variants", "base"])
+    assert out.read_text() == before  # nothing merged, nothing rewritten

@@ -129,6 +129,22 @@ def test_gaussian_blur_preserves_mass_and_constant():
     assert torch.equal(gaussian_blur(x, 0.0), x)
 
 
+def test_feature_padding_is_a_crop_of_the_reflected_image():
+    from stmae.backbones import build_backbone
+    from stmae.features import FeatureExtractor
+
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0", layers=["stride4", "stride8"], pretrained=False).eval()
+    images = torch.rand(2, 3, 64, 64)
+    padded = FeatureExtractor(backbone, grid_size=8, aggregate=3, pad=2)(images)
+    assert padded.shape == FeatureExtractor(backbone, grid_size=8, aggregate=3)(images).shape == (2, 64, 8, 8)
+    # 2 cells of an 8-cell grid over 64 px = 16 px of reflected image on every side
+    big = FeatureExtractor(backbone, grid_size=12, aggregate=3)(torch.nn.functional.pad(images, (16,) * 4, mode="reflect"))
+    assert torch.allclose(padded, big[..., 2:10, 2:10], atol=1e-5)
+    with pytest.raises(ConfigError, match="features.pad"):
+        Config().override({"features.pad": 32}).validate()
+
+
 def test_image_scores_max_and_topk():
     m = torch.arange(100, dtype=torch.float32).view(1, 10, 10)
     assert image_scores(m, "max").item() == 99

@@ -42,6 +42,7 @@ class FeatureConfig:
     grid_size: int = 32  # all layers are resized (bilinear) to grid_size x grid_size
     aggregate: int = 3  # k x k local mean of the grid (1 = off); RESEARCH.md: helps
     standardize: bool = True  # per-channel standardisation with training statistics
+    pad: int = 0  # grid cells of reflected image added around it before the backbone, then cropped
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Config:
         _check(f.image_size >= 32, "features.image_size must be >= 32")
         _check(f.grid_size >= 2, "features.grid_size must be >= 2")
         _check(f.aggregate >= 1 and f.aggregate % 2 == 1, "features.aggregate must be odd and >= 1")
+        _check(0 <= f.pad < f.grid_size, "features.pad must be in [0, grid_size)")
         _check(m.patch_size >= 1, "model.patch_size must be >= 1")
         _check(
             f.grid_size % m.patch_size == 0,

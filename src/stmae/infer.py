@@ -69,7 +69,7 @@ def build_extractor(config: Config, weights: str | None = None) -> FeatureExtrac
     backbone = build_backbone(
         config.backbone.name, layers=config.backbone.layers, weights=weights or config.backbone.weights
     )
-    return FeatureExtractor(backbone, config.features.grid_size, config.features.aggregate)
+    return FeatureExtractor(backbone, config.features.grid_size, config.features.aggregate, config.features.pad)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
