@@ -594,15 +594,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         spec["preset"], {**spec["base"], "train.epochs": args.epochs or spec["epochs"], "train.device": "cpu"}
     )
     args.val = args.val or spec["val"]
-    setup = {"val": args.val, "epochs": base.train.epochs}
-    if args.protocol not in PAINTERS:
-        setup["train_limit"] = args.train_limit
+    setup: dict[str, Any] = {"val": args.val, "epochs": base.train.epochs}
     if args.protocol in PAINTERS:
         tasks = mt_task(base.features.image_size, args.val, PAINTERS[args.protocol])
         description = (f"Magnetic Tile: train on the 200-image protocol's subset (seed 42); validate on "
                        f"{args.val // 2} other train/good images + {args.val // 2} with {spec['defect']} each. "
                        f"Base: `{spec['preset']}` preset, {base.train.epochs} epochs, CPU 1 thread (reduced).")
     else:
+        setup["train_limit"] = args.train_limit
         classes = [int(c) for c in args.classes.split(",")]
         tasks = oneclass_tasks(args.protocol, classes, args.train_limit, args.val)
         description = (f"{spec['kind']} one-class on the training split only: {args.train_limit} training images "
