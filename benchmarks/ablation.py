@@ -329,19 +329,20 @@ class FeatureCache:
         self._extractor: tuple[tuple, Any] | None = None
 
     @staticmethod
-    def _feature_key(cfg: Config) -> tuple:
-        return (cfg.backbone.name, tuple(cfg.backbone.layers), cfg.features.image_size, cfg.features.grid_size,
-                cfg.features.aggregate, cfg.features.pad)
+    def feature_key(cfg: Config) -> tuple[str, str]:
+        """Everything that decides the features (and their statistics): the whole ``backbone``
+        and ``features`` sections, so a new feature setting cannot be missed by the cache."""
+        return repr(cfg.backbone), repr(cfg.features)
 
     def extractor(self, cfg: Config) -> Any:
         """The frozen extractor for ``cfg`` (built once, replaced when the feature settings change)."""
-        fkey = self._feature_key(cfg)
+        fkey = self.feature_key(cfg)
         if self._extractor is None or self._extractor[0] != fkey:
             self._extractor = (fkey, build_extractor(cfg).eval())
         return self._extractor[1]
 
     def get(self, cfg: Config, task: str, split: str, samples: Sequence[Sample]) -> torch.Tensor:
-        key = (*self._feature_key(cfg), task, split)
+        key = (*self.feature_key(cfg), task, split)
         if key not in self.store:
             self.store[key] = extract_features(self.extractor(cfg), samples, cfg.features.image_size, quiet=True)
         return self.store[key]
@@ -621,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{name}:", flush=True)
         # The kNN sees only the features: re-run it where a variant changes them, so a feature
         # change is judged against the yardstick on the same features, not only against base.
-        with_knn = name == "base" or (cfg.backbone, cfg.features) != (base.backbone, base.features)
+        with_knn = name == "base" or cache.feature_key(cfg) != cache.feature_key(base)
         row = run_variant(name, cfg, tasks, cache, knn, lambda m: print(m, flush=True), scorings, with_knn)
         row["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         results["variants"][name] = row
