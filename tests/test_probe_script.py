@@ -1,0 +1,56 @@
+"""benchmarks/probe_mt_edge.py: P-way partitions stay leakage-free; the image views are the dihedral group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stmae.model import random_splits
+
+from .conftest import load_benchmark
+from .test_model import patch_slice, small_model
+
+probe = load_benchmark("probe_mt_edge")
+
+
+def test_two_groups_are_the_papers_split():
+    m = small_model(1)
+    feats = torch.randn(2, 6, 8, 8)
+    split = random_splits(2, m.num_tokens, torch.Generator().manual_seed(0))
+    assert torch.allclose(probe.forward_groups(m, feats, split), m(feats, split), atol=1e-5)
+
+
+def test_four_groups_never_see_their_own_group():
+    m = small_model(1)
+    feats = torch.randn(1, 6, 8, 8)
+    groups = random_splits(1, m.num_tokens, torch.Generator().manual_seed(2)).reshape(1, 4, -1)
+    base = probe.forward_groups(m, feats, groups)
+    token = int(groups[0, 1, 0])
+    changed = feats.clone()
+    rows, cols = patch_slice(m, token)
+    changed[0, :, rows, cols] += 50.0
+    out = probe.forward_groups(m, changed, groups)
+    for g in range(4):
+        moved = [not torch.equal(out[0, :, r, c], base[0, :, r, c]) for r, c in map(lambda t: patch_slice(m, t), groups[0, g].tolist())]
+        assert any(moved) == (g != 1)  # its own group is untouched, every other group depends on it
+
+
+def test_partitioned_wrapper_trains_through_the_package_loop():
+    from stmae.config import TrainConfig
+    from stmae.train import train_model
+
+    m = small_model(1).train()
+    losses = train_model(probe.Partitioned(m, 4), torch.randn(8, 6, 8, 8), TrainConfig(epochs=3, batch_size=4),
+                         torch.device("cpu"), quiet=True)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="equal groups"):
+        probe.Partitioned(small_model(1), 3)
+
+
+def test_views_are_the_eight_distinct_dihedral_images():
+    img = np.random.default_rng(0).integers(0, 255, (6, 6, 3), dtype=np.uint8)
+    views = [img] + [probe.VIEWS[v](img) for v in probe.AUGMENT["d8"]]
+    assert len({v.tobytes() for v in map(np.ascontiguousarray, views)}) == 8
+    assert all(sorted(v.ravel()) == sorted(img.ravel()) for v in views)  # pixels move, none change
+    assert probe.AUGMENT["flip"] == ("hflip", "vflip", "rot180")
