@@ -90,6 +90,7 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     "epochs_x2": {"train.epochs": "x2"},
     "epochs_x4": {"train.epochs": "x4"},
+    "epochs_x8": {"train.epochs": "x8"},
     "aggregate_1": {"features.aggregate": 1},
     "aggregate_3": {"features.aggregate": 3},
     "with_stride2": {"backbone.layers": "stride2,stride4,stride8,stride16"},
