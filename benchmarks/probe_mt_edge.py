@@ -210,7 +210,12 @@ def render(results: dict[str, Any]) -> str:
     """Markdown: image / pixel AUROC per training probe (rows) and scoring probe (columns)."""
     variants = results["variants"]
     columns = list(dict.fromkeys(k for v in variants.values() for k in v["scores"]))
-    lines = ["# Probes of the edge-crack gap (validation data only)", "", results["description"], "",
+    legend = ("Columns: `P2` scores with the two halves (as the package), `P4` reconstructs each quarter of the "
+              "patches from the other three at test time; `mean` is the mean of the K residuals (as the package), "
+              "`min` their minimum, `recon_mean` the residual of the mean reconstruction; `/strideN` restricts the "
+              "residual to that backbone layer's channels. Cells: image AUROC / pixel AUROC. `epochs (steps per "
+              "image)`: epochs over the training set including the extra views, and the resulting passes per image.")
+    lines = ["# Probes of the edge-crack gap (validation data only)", "", results["description"], "", legend, "",
              "| training probe | augment | P | epochs (steps per image) | final loss | "
              + " | ".join(columns) + " |", "|" + "---|" * (5 + len(columns))]
     for name, v in variants.items():
