@@ -93,6 +93,7 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "epochs_x8": {"train.epochs": "x8"},
     "aggregate_1": {"features.aggregate": 1},
     "aggregate_3": {"features.aggregate": 3},
+    "aggregate_5": {"features.aggregate": 5},
     "with_stride2": {"backbone.layers": "stride2,stride4,stride8,stride16"},
     "stride8_16": {"backbone.layers": "stride8,stride16"},
     "lite1": {"backbone.name": "efficientnet_lite1"},
@@ -100,6 +101,9 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "no_standardize": {"features.standardize": False},
     "wide_deep": {"model.embed_dim": 256, "model.depth": 6, "model.num_heads": 8, "model.decoder_dim": 128,
                   "model.decoder_depth": 2},
+    # the `accurate` preset's transformer (the `fast` preset keeps its learning rate)
+    "accurate_model": {"model.embed_dim": 256, "model.depth": 4, "model.num_heads": 8, "model.decoder_dim": 128,
+                       "model.decoder_depth": 2, "model.decoder_heads": 4},
     "mse_loss_only": {"train.cos_weight": 0.0},
     "ema_0.99": {"train.ema": 0.99},
     "patch_2": {"model.patch_size": 2},
