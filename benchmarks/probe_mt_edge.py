@@ -68,7 +68,7 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 AUGMENT: dict[str, tuple[str, ...]] = {"none": (), "flip": ("hflip", "vflip", "rot180"), "d8": tuple(VIEWS)}
 
-#: name -> (augment, training parts P, schedule multiplier at equal steps per image view).
+#: name -> (augment, training parts P, schedule multiplier; epochs are divided by the number of views, so the passes per image stay equal).
 VARIANTS: dict[str, tuple[str, int, int]] = {
     "base": ("none", 2, 1),
     "epochs_x4": ("none", 2, 4),
@@ -197,7 +197,7 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
             rows.update(ab.knn_scores(cfg, stats, train, val, labels, task.masks, ab._knn_module()))
         results["variants"][name] = {
             "augment": augment, "train_views": 1 + len(views), "parts": parts, "epochs": epochs,
-            "train_steps_per_image": epochs * (1 + len(views)), "train_seconds": round(train_s, 1),
+            "passes_per_image": epochs * (1 + len(views)), "train_seconds": round(train_s, 1),
             "final_loss": losses[-1], "scores": rows, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         log(f"{name}: train {train_s:.0f} s, loss {losses[-1]:.3f}, P2/mean {rows['P2/mean']['image_auroc']:.3f}")
@@ -213,15 +213,15 @@ def render(results: dict[str, Any]) -> str:
     legend = ("Columns: `P2` scores with the two halves (as the package), `P4` reconstructs each quarter of the "
               "patches from the other three at test time; `mean` is the mean of the K residuals (as the package), "
               "`min` their minimum, `recon_mean` the residual of the mean reconstruction; `/strideN` restricts the "
-              "residual to that backbone layer's channels. Cells: image AUROC / pixel AUROC. `epochs (steps per "
+              "residual to that backbone layer's channels. Cells: image AUROC / pixel AUROC. `epochs (passes per "
               "image)`: epochs over the training set including the extra views, and the resulting passes per image.")
     lines = ["# Probes of the edge-crack gap (validation data only)", "", results["description"], "", legend, "",
-             "| training probe | augment | P | epochs (steps per image) | final loss | "
+             "| training probe | augment | P | epochs (passes per image) | final loss | "
              + " | ".join(columns) + " |", "|" + "---|" * (5 + len(columns))]
     for name, v in variants.items():
         cells = [f"{v['scores'][c]['image_auroc']:.3f} / {v['scores'][c]['pixel_auroc']:.3f}" if c in v["scores"] else ""
                  for c in columns]
-        lines.append(f"| {name} | {v['augment']} | {v['parts']} | {v['epochs']} ({v['train_steps_per_image']}) | "
+        lines.append(f"| {name} | {v['augment']} | {v['parts']} | {v['epochs']} ({v['passes_per_image']}) | "
                      f"{v['final_loss']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
