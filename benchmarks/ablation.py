@@ -104,6 +104,8 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     # the `accurate` preset's transformer (the `fast` preset keeps its learning rate)
     "accurate_model": {"model.embed_dim": 256, "model.depth": 4, "model.num_heads": 8, "model.decoder_dim": 128,
                        "model.decoder_depth": 2, "model.decoder_heads": 4},
+    "accurate_model_x2": {"model.embed_dim": 256, "model.depth": 4, "model.num_heads": 8, "model.decoder_dim": 128,
+                          "model.decoder_depth": 2, "model.decoder_heads": 4, "train.epochs": "x2"},
     "mse_loss_only": {"train.cos_weight": 0.0},
     "ema_0.99": {"train.ema": 0.99},
     "patch_2": {"model.patch_size": 2},
