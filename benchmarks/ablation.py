@@ -84,6 +84,10 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "mt_edge": {**_MT, "defect": "one thin faint crack from an image edge"},
 }
 
+#: The `accurate` preset's transformer, for variants on a `fast` base (which keeps its learning rate).
+_ACCURATE_MODEL: dict[str, Any] = {"model.embed_dim": 256, "model.depth": 4, "model.num_heads": 8,
+                                   "model.decoder_dim": 128, "model.decoder_depth": 2, "model.decoder_heads": 4}
+
 #: Training variants: overrides of the protocol's base config. ``epochs_x2`` doubles the
 #: protocol's reduced schedule. Keys that do not apply to a preset are skipped there.
 TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
@@ -101,11 +105,8 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "no_standardize": {"features.standardize": False},
     "wide_deep": {"model.embed_dim": 256, "model.depth": 6, "model.num_heads": 8, "model.decoder_dim": 128,
                   "model.decoder_depth": 2},
-    # the `accurate` preset's transformer (the `fast` preset keeps its learning rate)
-    "accurate_model": {"model.embed_dim": 256, "model.depth": 4, "model.num_heads": 8, "model.decoder_dim": 128,
-                       "model.decoder_depth": 2, "model.decoder_heads": 4},
-    "accurate_model_x2": {"model.embed_dim": 256, "model.depth": 4, "model.num_heads": 8, "model.decoder_dim": 128,
-                          "model.decoder_depth": 2, "model.decoder_heads": 4, "train.epochs": "x2"},
+    "accurate_model": _ACCURATE_MODEL,
+    "accurate_model_x2": {**_ACCURATE_MODEL, "train.epochs": "x2"},
     "mse_loss_only": {"train.cos_weight": 0.0},
     "ema_0.99": {"train.ema": 0.99},
     "patch_2": {"model.patch_size": 2},
