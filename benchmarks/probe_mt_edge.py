@@ -8,8 +8,9 @@ the package does not offer, to learn whether any of them would earn a setting:
     More views of the same good images: the training features are extracted again from
     flipped (``flip``: horizontal, vertical, both) or all 8 dihedral views (``d8``) of every
     training image. Features of the *flipped image*, not flipped features, because the CNN
-    is not flip-equivariant. Epochs are scaled so each row trains the same number of steps
-    as its unaugmented counterpart (a fair test of the data, not of a longer schedule).
+    is not flip-equivariant. Epochs are divided by the number of views, so each row makes
+    the same passes per image as its unaugmented counterpart (a test of the data, not of a
+    longer schedule).
 ``parts``
     The paper's decoupling has two halves, each reconstructed from the other. A P-way
     partition reconstructs each of P disjoint groups from the union of the others (P = 4:
@@ -47,7 +48,7 @@ from stmae.data import Sample, resize_image
 from stmae.features import FeatureStats, extract_features
 from stmae.fileio import atomic_write_json, atomic_write_text
 from stmae.infer import Detector, build_model
-from stmae.model import STMAE, complementary_splits, feature_residual
+from stmae.model import STMAE, feature_residual
 from stmae.model.stmae import _expand
 from stmae.train import make_config, train_model
 
@@ -68,7 +69,8 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 AUGMENT: dict[str, tuple[str, ...]] = {"none": (), "flip": ("hflip", "vflip", "rot180"), "d8": tuple(VIEWS)}
 
-#: name -> (augment, training parts P, schedule multiplier; epochs are divided by the number of views, so the passes per image stay equal).
+#: name -> (augment, training parts P, schedule multiplier); epochs are divided by the
+#: number of views, so the passes per image stay equal.
 VARIANTS: dict[str, tuple[str, int, int]] = {
     "base": ("none", 2, 1),
     "epochs_x4": ("none", 2, 4),
@@ -125,9 +127,8 @@ def view_features(cfg: Any, extractor: Any, samples: Sequence[Sample], views: Se
 
 
 @torch.no_grad()
-def reconstructions(model: STMAE, feats: torch.Tensor, parts: int, pairs: int, seed: int) -> list[torch.Tensor]:
-    """K reconstructions of standardised features, each from one seeded P-way partition."""
-    splits = complementary_splits(model.num_tokens, pairs, seed=seed)
+def reconstructions(model: STMAE, feats: torch.Tensor, splits: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """K reconstructions of standardised features, one per test-time split (K, 2, L/2) cut into P groups."""
     out = []
     for split in splits:
         groups = split.reshape(parts, -1)
@@ -146,7 +147,7 @@ def score_model(det: Detector, val: torch.Tensor, labels: np.ndarray, masks: np.
         rows[name] = ab.validation_row(labels, None, masks, maps, scores)
 
     for parts in (2, 4):
-        recon = reconstructions(det.model, x, parts, det.config.infer.num_pairs, det.config.train.seed)
+        recon = reconstructions(det.model, x, det.splits, parts)  # the detector's own K seeded splits
         resid = torch.stack([feature_residual(r, x, "mse_cos") for r in recon])
         add(f"P{parts}/mean", resid.mean(0))
         add(f"P{parts}/min", resid.min(0).values)

@@ -54,3 +54,26 @@ def test_views_are_the_eight_distinct_dihedral_images():
     assert len({v.tobytes() for v in map(np.ascontiguousarray, views)}) == 8
     assert all(sorted(v.ravel()) == sorted(img.ravel()) for v in views)  # pixels move, none change
     assert probe.AUGMENT["flip"] == ("hflip", "vflip", "rot180")
+
+
+def test_two_halves_mean_column_is_the_packages_own_scoring():
+    import copy
+
+    from stmae.features import FeatureStats
+    from stmae.infer import Detector, build_extractor, build_model
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config()
+    ext = build_extractor(cfg).eval()
+    torch.manual_seed(0)
+    feats = torch.randn(6, ext.out_channels, cfg.features.grid_size, cfg.features.grid_size)
+    det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.for_training(feats, True), copy.deepcopy(cfg))
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    masks = np.zeros((6, cfg.features.image_size, cfg.features.image_size), bool)
+    masks[3:, :8, :8] = True
+    rows = probe.score_model(det, feats, labels, masks, {"first": slice(0, 8)})
+    assert set(rows) == {"P2/mean", "P2/min", "P2/recon_mean", "P2/mean/first", "P4/mean", "P4/min", "P4/recon_mean"}
+    expected = probe.ab.validation_row(labels, None, masks, *det.postprocess(det.grid_maps(det.stats.apply(feats))))
+    assert rows["P2/mean"]["image_auroc"] == pytest.approx(expected["image_auroc"])
+    assert rows["P2/mean"]["pixel_auroc"] == pytest.approx(expected["pixel_auroc"])
