@@ -58,7 +58,7 @@ PROTOCOLS = ("mt_edge", "mt", "mt_extended")
 #: name -> schedule multiplier of the protocols' 30 base epochs.
 VARIANTS: dict[str, int] = {"base": 1, "epochs_x4": 4}
 GUIDED_K = (1, 16, 256, 1024)
-HYBRID_W = (0.25, 0.5, 1.0, 2.0)
+HYBRID_W = (0.1, 0.25, 0.5, 1.0, 2.0)
 #: Rows of queries per distance block, so (block x bank) float32 stays around 170 MB.
 BLOCK = 2048
 
