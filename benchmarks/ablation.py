@@ -405,12 +405,17 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
     return out
 
 
+def coreset_bank(knn: Any, standardised_train: torch.Tensor) -> torch.Tensor:
+    """The kNN yardstick's memory: a greedy 10 % coreset (seed 42) of the training patches (B, C)."""
+    patches = knn._patches(standardised_train)
+    return patches[knn.greedy_coreset(patches, max(1, int(0.1 * len(patches))), seed=42, quiet=True)]
+
+
 def knn_scores(cfg: Config, stats: FeatureStats, train_feats: torch.Tensor, val_feats: torch.Tensor,
                labels: np.ndarray, masks: np.ndarray | None, knn: Any,
                types: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
     """kNN yardstick (greedy 10 % coreset) on the same cached, standardised features; max and top-k."""
-    patches = knn._patches(stats.apply(train_feats))
-    bank = patches[knn.greedy_coreset(patches, max(1, int(0.1 * len(patches))), seed=42, quiet=True)]
+    bank = coreset_bank(knn, stats.apply(train_feats))
     g = cfg.features.grid_size
     dist = knn.nearest_distances(knn._patches(stats.apply(val_feats)), bank).view(len(val_feats), g, g)
     out = {}
@@ -568,6 +573,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
+
+
+def probe_main(argv: Sequence[str] | None, doc: str, variants: Sequence[str], default_out: Path,
+               run: Callable[..., dict[str, Any]], render: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """The command line shared by the probe scripts: ``--variants``, ``--threads``, ``--out``.
+
+    Checks the variant names, runs ``run(names, out, log)`` and prints ``render`` of the result.
+    """
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--variants", default="base", help="comma list of " + ", ".join(variants))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=default_out)
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in variants]:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(variants)}")
+    torch.set_num_threads(args.threads)
+    results = run(names, args.out, lambda m: print(m, flush=True))
+    print(render(results))
+    return results
 
 
 def mergeable_variants(path: Path, setup: dict[str, Any]) -> dict[str, Any]:

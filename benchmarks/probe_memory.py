@@ -34,7 +34,6 @@ Run: ``python benchmarks/probe_memory.py --variants base,epochs_x4``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -142,24 +141,25 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
     cache = ab.FeatureCache()
     tasks = {}
     for proto in PROTOCOLS:  # one task per protocol; the training images are the same
-        (task_name, task), = ab.mt_task(cfg0.features.image_size, specs[proto]["val"], ab.PAINTERS[proto])
+        (_, task), = ab.mt_task(cfg0.features.image_size, specs[proto]["val"], ab.PAINTERS[proto])
         tasks[proto] = task
     train_samples = tasks[PROTOCOLS[0]].train
     if any([(s.path, s.name) for s in t.train] != [(s.path, s.name) for s in train_samples] for t in tasks.values()):
         raise SystemExit("the MT protocols no longer share their training images; train per protocol")
     train = cache.get(cfg0, "magnetic_tile", "train", train_samples)
     stats = FeatureStats.for_training(train, cfg0.features.standardize)
-    patches = knn._patches(stats.apply(train))
+    standardised = stats.apply(train)
     t0 = time.perf_counter()
-    bank = patches[knn.greedy_coreset(patches, max(1, int(0.1 * len(patches))), seed=42, quiet=True)]
-    log(f"coreset: {len(bank)} of {len(patches)} patches, {time.perf_counter() - t0:.0f} s")
+    bank = ab.coreset_bank(knn, standardised)
+    log(f"coreset: {len(bank)} of {len(train) * train.shape[-2] * train.shape[-1]} patches, "
+        f"{time.perf_counter() - t0:.0f} s")
     vals = {p: cache.get(cfg0, f"magnetic_tile/{p}", "val", t.test) for p, t in tasks.items()}
     for name in names:
         cfg = make_config(cfg0, {"train.epochs": cfg0.train.epochs * VARIANTS[name]})
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, train.shape[1])
         t0 = time.perf_counter()
-        losses = train_model(model, stats.apply(train), cfg.train, torch.device("cpu"), quiet=True)
+        losses = train_model(model, standardised, cfg.train, torch.device("cpu"), quiet=True)
         train_s = time.perf_counter() - t0
         det = Detector(cache.extractor(cfg), model, stats, copy.deepcopy(cfg))
         scores = {p: score_protocol(det, bank, vals[p], np.array([s.label for s in tasks[p].test]),
@@ -204,18 +204,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default="base", help="comma list of " + ", ".join(VARIANTS))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "probe_memory.json")
-    args = p.parse_args(argv)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in VARIANTS]:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    torch.set_num_threads(args.threads)
-    results = run(names, args.out, lambda m: print(m, flush=True))
-    print(render(results))
-    return results
+    return ab.probe_main(argv, __doc__, list(VARIANTS), HERE / "results" / "probe_memory.json", run, render)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Run: ``python benchmarks/probe_mt_edge.py --variants base,flip,partitions_4``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -228,18 +227,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default="base", help="comma list of " + ", ".join(VARIANTS))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "probe_mt_edge.json")
-    args = p.parse_args(argv)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in VARIANTS]:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    torch.set_num_threads(args.threads)
-    results = run(names, args.out, lambda m: print(m, flush=True))
-    print(render(results))
-    return results
+    return ab.probe_main(argv, __doc__, list(VARIANTS), HERE / "results" / "probe_mt_edge.json", run, render)
 
 
 if __name__ == "__main__":
