@@ -46,7 +46,6 @@ Run: ``python benchmarks/baseline_knn.py [--data PATH] [--train-limit 200] [--se
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import shlex
 import sys
@@ -67,6 +66,15 @@ from stmae.features import FeatureExtractor, FeatureStats, batched, extract_feat
 from stmae.fileio import atomic_write_json
 from stmae.infer import build_extractor, gaussian_blur, image_scores
 from stmae.metrics import PixelMetricAccumulator, compute_metrics
+# The coreset and the search are the package's memory bank (stmae.model.memory); the names
+# stay importable from here for the scripts and tests that use the yardstick.
+from stmae.model.memory import (
+    PROJECTION_DIM,
+    greedy_coreset,
+    nearest_distances,
+    patch_rows,
+    sparse_random_projection,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "baseline_knn_magnetic_tile.json"
@@ -76,14 +84,8 @@ REFERENCE = {
     "prototype_knn_3x3_grid32_random10": {"image_auroc": 0.89, "pixel_auroc": 0.77},
 }
 
-#: Dimension of the random projection used only to *select* the coreset (PatchCore uses
-#: ~128): k-center greedy is a long sequential loop over all patches, and distances in 128
-#: dims are ~1.4x cheaper than in 176 while approximately preserving which patch is farthest.
-PROJECTION_DIM = 128
 #: Test images per scoring step; bounds memory (features, distance blocks, full-size maps).
 TEST_CHUNK = 32
-#: Upper bound on elements of one (test patches x bank) distance block (~128 MB float32).
-DISTANCE_BLOCK = 1 << 25
 
 __all__ = [
     "knn_baseline",
@@ -92,6 +94,7 @@ __all__ = [
     "greedy_coreset",
     "sparse_random_projection",
     "nearest_distances",
+    "patch_rows",
     "anomaly_maps",
     "subsample_indices",
 ]
@@ -100,87 +103,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # Memory bank
 # --------------------------------------------------------------------------------------
-
-
-def sparse_random_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> torch.Tensor:
-    """A (in_dim, out_dim) very sparse random projection matrix (Li, Hastie & Church 2006).
-
-    Entries are +-sqrt(s / out_dim) with probability 1 / (2 s) each and 0 otherwise, with
-    s = sqrt(in_dim): the same family scikit-learn's ``SparseRandomProjection`` (and thus
-    anomalib's PatchCore) draws from. Squared distances are preserved in expectation. It is
-    stored dense because at 176 x 128 a sparse format would only be slower.
-    """
-    s = math.sqrt(in_dim)
-    u = torch.rand(in_dim, out_dim, generator=generator)
-    value = math.sqrt(s / out_dim)
-    zeros = torch.zeros(in_dim, out_dim)
-    return torch.where(u < 1 / (2 * s), value, torch.where(u < 1 / s, -value, zeros))
-
-
-@torch.no_grad()
-def greedy_coreset(
-    features: torch.Tensor,
-    count: int,
-    *,
-    seed: int = 42,
-    projection_dim: int = PROJECTION_DIM,
-    quiet: bool = True,
-) -> torch.Tensor:
-    """Indices of ``count`` rows of ``features`` (M, C) chosen by greedy k-center selection.
-
-    PatchCore's coreset: start from a random row, then repeatedly add the row farthest from
-    everything chosen so far. Unlike a random subset this keeps rare normal patterns (which
-    would otherwise become false positives) while dropping near-duplicates of common ones.
-    Distances for the selection are computed after a seeded sparse random projection to
-    ``projection_dim`` dims (skipped when C is already that small). The result is
-    deterministic for a given ``seed`` and contains ``min(count, M)`` distinct indices, in
-    selection order.
-    """
-    m = features.shape[0]
-    if count >= m:
-        return torch.arange(m)
-    if count < 1:
-        raise ValueError(f"coreset size must be >= 1, got {count}")
-    gen = torch.Generator().manual_seed(seed)
-    x = features.float()
-    if x.shape[1] > projection_dim:
-        x = x @ sparse_random_projection(x.shape[1], projection_dim, gen).to(x.device)
-    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per step instead
-    # of materialising x - c, which is what makes ~20k sequential steps affordable on CPU.
-    sq_norms = (x * x).sum(dim=1)
-    min_dist = torch.full((m,), math.inf, device=x.device)
-    selected = torch.empty(count, dtype=torch.long)
-    idx = int(torch.randint(m, (1,), generator=gen))
-    for i in tqdm(range(count), desc="coreset", unit="pt", disable=quiet, leave=False, mininterval=1.0):
-        selected[i] = idx
-        dist = sq_norms - 2.0 * (x @ x[idx]) + sq_norms[idx]
-        torch.minimum(min_dist, dist, out=min_dist)
-        # Mark chosen rows explicitly (-inf survives every later minimum): with duplicate
-        # patches (flat regions, repeated images) rounding could otherwise make a chosen row
-        # the "farthest" again and return repeated indices.
-        min_dist[idx] = -math.inf
-        idx = int(torch.argmax(min_dist))
-    return selected
-
-
-@torch.no_grad()
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """L2 distance of each query row (Q, C) to its nearest bank row (B, C) -> (Q,).
-
-    ``torch.cdist`` in blocks of queries so the (block x B) distance matrix stays around
-    ``DISTANCE_BLOCK`` elements whatever the bank size.
-    """
-    rows = max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
-    out = torch.empty(queries.shape[0], device=queries.device)
-    for start in range(0, queries.shape[0], rows):
-        block = torch.cdist(queries[start : start + rows], bank)
-        out[start : start + rows] = block.amin(dim=1)
-    return out
-
-
-def _patches(feats: torch.Tensor) -> torch.Tensor:
-    """(N, C, G, G) feature grids -> (N * G * G, C) patch rows (image-major, row-major)."""
-    return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
 
 
 # --------------------------------------------------------------------------------------
@@ -230,7 +152,7 @@ class MemoryBank:
         """Images -> (maps (n, S, S), scores (n,)) on CPU, S = ``cfg.features.image_size``."""
         size, grid = self.cfg.features.image_size, self.cfg.features.grid_size
         feats = extract_features(self.extractor, samples, size, device=self.device, desc="test features", quiet=True)
-        dist = nearest_distances(_patches(self.stats.apply(feats)).to(self.device), self.bank)
+        dist = nearest_distances(patch_rows(self.stats.apply(feats)).to(self.device), self.bank)
         maps, scores = anomaly_maps(dist.view(len(samples), grid, grid), self.cfg)
         return maps.cpu(), scores.cpu()
 
@@ -255,7 +177,7 @@ def fit_bank(
     extractor = build_extractor(cfg).to(dev).eval()
     feats = extract_features(extractor, train_samples, cfg.features.image_size, device=dev, desc="train features", quiet=quiet)
     stats = FeatureStats.for_training(feats, cfg.features.standardize)
-    patches = _patches(stats.apply(feats)).to(dev)
+    patches = patch_rows(stats.apply(feats)).to(dev)
     count = max(1, int(patches.shape[0] * coreset_ratio))
     bank = patches[greedy_coreset(patches, count, seed=seed, quiet=quiet).to(dev)].contiguous()
     return MemoryBank(extractor, stats, bank, cfg, int(patches.shape[0]))

@@ -113,7 +113,7 @@ def score_protocol(det: Detector, bank: torch.Tensor, val: torch.Tensor, labels:
 
     resid = torch.cat([det.grid_maps(c).cpu() for c in torch.split(x, 64)])
     add("residual", resid)
-    nearest, guided = guided_distances(knn._patches(x), knn._patches(mean_reconstruction(det, x)), bank, GUIDED_K)
+    nearest, guided = guided_distances(knn.patch_rows(x), knn.patch_rows(mean_reconstruction(det, x)), bank, GUIDED_K)
     knn_map = nearest.view(n, g, g)
     add("knn", knn_map)
     for k in GUIDED_K:
@@ -126,7 +126,8 @@ def score_protocol(det: Detector, bank: torch.Tensor, val: torch.Tensor, labels:
 def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     specs = {p: ab.PROTOCOLS[p] for p in PROTOCOLS}
     first = specs[PROTOCOLS[0]]
-    cfg0 = make_config(first["preset"], {"train.epochs": first["epochs"], "train.device": "cpu"})
+    cfg0 = make_config(first["preset"], {"train.epochs": first["epochs"], "train.device": "cpu",
+                       "infer.memory": 0.0})
     setup = {"val": first["val"], "epochs": cfg0.train.epochs}
     results: dict[str, Any] = {
         "description": f"Magnetic Tile validation protocols of ablation.py ({', '.join(PROTOCOLS)}): "

@@ -47,7 +47,7 @@ def test_residual_column_is_the_packages_scoring_and_knn_column_its_yardstick():
     from stmae.features import FeatureStats
     from stmae.infer import Detector, build_extractor, build_model
 
-    cfg = tiny_config()
+    cfg = tiny_config(**{"infer.memory": 0.0})  # the probes score the pure residual
     ext = build_extractor(cfg).eval()
     torch.manual_seed(0)
     g = cfg.features.grid_size
@@ -57,13 +57,13 @@ def test_residual_column_is_the_packages_scoring_and_knn_column_its_yardstick():
     masks = np.zeros((6, cfg.features.image_size, cfg.features.image_size), bool)
     masks[3:, :8, :8] = True
     knn = probe.ab._knn_module()
-    bank = knn._patches(det.stats.apply(feats[:3]))
+    bank = knn.patch_rows(det.stats.apply(feats[:3]))
     rows = probe.score_protocol(det, bank, feats, labels, masks, knn)
     assert set(rows) == {"residual", "knn", *(f"guided{k}" for k in probe.GUIDED_K),
                          *(f"hybrid_w{w:g}" for w in probe.HYBRID_W)}
     expected = probe.ab.validation_row(labels, None, masks, *det.postprocess(det.grid_maps(det.stats.apply(feats))))
     assert rows["residual"]["image_auroc"] == pytest.approx(expected["image_auroc"])
-    dist = knn.nearest_distances(knn._patches(det.stats.apply(feats)), bank).view(6, g, g)
+    dist = knn.nearest_distances(knn.patch_rows(det.stats.apply(feats)), bank).view(6, g, g)
     expected = probe.ab.validation_row(labels, None, masks, *knn.anomaly_maps(dist, cfg))
     assert rows["knn"]["image_auroc"] == pytest.approx(expected["image_auroc"])
     assert rows["knn"]["pixel_auroc"] == pytest.approx(expected["pixel_auroc"])

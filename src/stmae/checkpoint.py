@@ -6,6 +6,8 @@ A run folder holds
 - ``model.safetensors``  transformer weights (``model.*``), feature statistics
                          (``feature_stats.mean`` / ``feature_stats.std``) and, for the
                          ``mahalanobis`` residual, ``residual_stats.mean`` / ``.precision``,
+                         and, with ``infer.memory`` > 0, the memory bank ``memory.bank`` and
+                         its two calibration medians ``memory.medians``,
 - ``meta.json``          backbone, layers, image size, normalisation, threshold, seed,
                          training summary and stmae version.
 
@@ -22,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError
 from .features import FeatureStats
-from .model import ResidualStats
+from .model import PatchMemory, ResidualStats
 from .fileio import atomic_write, atomic_write_json
 
 CONFIG_FILE = "config.yaml"
@@ -47,6 +50,7 @@ class RunContents:
     stats: FeatureStats
     meta: dict[str, Any]
     residual_stats: ResidualStats | None = None
+    memory: PatchMemory | None = None
 
 
 def save_run(
@@ -56,6 +60,7 @@ def save_run(
     stats: FeatureStats,
     meta: dict[str, Any],
     residual_stats: ResidualStats | None = None,
+    memory: PatchMemory | None = None,
 ) -> Path:
     """Write a run folder atomically file by file, ``meta.json`` last."""
     run = Path(run_dir)
@@ -67,6 +72,8 @@ def save_run(
     if residual_stats is not None:
         tensors["residual_stats.mean"] = residual_stats.mean.cpu().contiguous()
         tensors["residual_stats.precision"] = residual_stats.precision.cpu().contiguous()
+    if memory is not None:
+        tensors.update(memory.to_tensors())
     atomic_write(run / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "stmae"}))
     atomic_write_json(run / META_FILE, meta)
     return run
@@ -89,6 +96,9 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
         raise CheckpointError(f"{run / META_FILE}: unreadable ({exc})") from None
     try:
         config = Config.load(run / CONFIG_FILE)
+        if not _mentions_memory(run / CONFIG_FILE):
+            # Written before infer.memory existed: those runs scored with the pure residual.
+            config.infer.memory = 0.0
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     try:
@@ -107,5 +117,22 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
             f"{run / WEIGHTS_FILE}: config.yaml asks for the mahalanobis residual but no residual "
             "statistics are stored (refit with `stmae fit`)"
         )
+    memory = None
+    if "memory.bank" in tensors and "memory.medians" in tensors:
+        memory = PatchMemory.from_tensors({k: tensors.pop(k) for k in ("memory.bank", "memory.medians")})
+    elif config.infer.memory > 0:
+        raise CheckpointError(
+            f"{run / WEIGHTS_FILE}: config.yaml sets infer.memory = {config.infer.memory} but no memory "
+            "bank is stored (refit with `stmae fit`)"
+        )
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    return RunContents(config=config, model_state=state, stats=stats, meta=meta, residual_stats=residual_stats)
+    return RunContents(
+        config=config, model_state=state, stats=stats, meta=meta, residual_stats=residual_stats, memory=memory
+    )
+
+
+def _mentions_memory(config_file: Path) -> bool:
+    """Whether a run's config.yaml sets ``infer.memory`` (False for runs older than the option)."""
+    data = yaml.safe_load(config_file.read_text()) or {}
+    infer = data.get("infer") if isinstance(data, dict) else None
+    return isinstance(infer, dict) and "memory" in infer

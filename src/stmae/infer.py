@@ -2,8 +2,10 @@
 
 Map recipe (one place, shared by validation during ``fit``, ``predict`` and ``test``):
 features -> K complementary split pairs -> per-position residual averaged over pairs ->
-bilinear upsampling to the model input size -> Gaussian smoothing -> image score (max or
-top-k mean). Using K fixed splits (seeded) makes scores deterministic for an image.
+(with ``infer.memory`` > 0: blended with the distance to the nearest good patch of the
+memory bank, :mod:`stmae.model.memory`) -> bilinear upsampling to the model input size ->
+Gaussian smoothing -> image score (max or top-k mean). Using K fixed splits (seeded) makes
+scores deterministic for an image.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from .device import autocast, resolve_device
 from .data import resize_image, to_tensor_batch
 from .data.io import as_rgb
 from .features import FeatureExtractor, FeatureStats, batched
-from .model import STMAE, ResidualAccumulator, ResidualStats, complementary_splits, feature_residual
+from .model import (
+    STMAE,
+    PatchMemory,
+    ResidualAccumulator,
+    ResidualStats,
+    complementary_splits,
+    feature_residual,
+)
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -113,6 +122,7 @@ class Detector:
         meta: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
         residual_stats: ResidualStats | None = None,
+        memory: PatchMemory | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.extractor = extractor.to(self.device).eval()
@@ -122,6 +132,7 @@ class Detector:
         self.threshold = threshold
         self.meta = meta or {}
         self.residual_stats = residual_stats
+        self.memory = memory
         self.rebuild_splits()
 
     def rebuild_splits(self) -> None:
@@ -153,15 +164,32 @@ class Detector:
             meta=run.meta,
             device=resolve_device(device),
             residual_stats=run.residual_stats,
+            memory=run.memory,
         )
 
     # ------------------------------------------------------------------ core maths
     @torch.no_grad()
     def grid_maps(self, feats: torch.Tensor) -> torch.Tensor:
-        """Standardised features (N, C, G, G) -> residual maps on the grid (N, G, G).
+        """Standardised features (N, C, G, G) -> anomaly maps on the grid (N, G, G).
 
-        Mean over the K complementary split pairs of the per-position residual.
+        Mean over the K complementary split pairs of the per-position residual; with
+        ``infer.memory`` > 0 blended with the distance to the nearest good patch.
         """
+        share = self.config.infer.memory
+        if share > 0 and self.memory is None:
+            raise ValueError(
+                f"infer.memory is {share} but this detector has no memory bank; call fit_memory() on "
+                "good training features (stmae fit does this), or set infer.memory to 0"
+            )
+        feats = feats.to(self.device)
+        residual = self.residual_maps(feats)
+        if share <= 0:
+            return residual
+        return self.memory.blend(residual, self.memory.distances(feats), share)
+
+    @torch.no_grad()
+    def residual_maps(self, feats: torch.Tensor) -> torch.Tensor:
+        """Standardised features (N, C, G, G) -> mean residual over the K split pairs (N, G, G)."""
         kind = self.config.infer.residual
         if kind == "mahalanobis" and self.residual_stats is None:
             raise ValueError(
@@ -200,6 +228,26 @@ class Detector:
                 acc.add(recon, x)
         self.residual_stats = acc.finish(self.config.infer.shrinkage)
         return self.residual_stats
+
+    @torch.no_grad()
+    def fit_memory(
+        self, train_feats: torch.Tensor, calib_feats: torch.Tensor, seed: int = 42, quiet: bool = True
+    ) -> PatchMemory:
+        """Build (and keep) the memory bank from raw features of good training images, and
+        scale it with the medians of good calibration images (held out from training).
+
+        The coreset ratio is ``infer.memory_coreset``; selection runs on the detector's device.
+        """
+        x = self.stats.apply(train_feats.to(self.device))
+        memory = PatchMemory.fit(x, self.config.infer.memory_coreset, seed=seed, quiet=quiet)
+        residuals, distances = [], []
+        for chunk in torch.split(calib_feats, self.config.infer.batch_size):
+            c = self.stats.apply(chunk.to(self.device))
+            residuals.append(self.residual_maps(c))
+            distances.append(memory.distances(c))
+        memory.calibrate(torch.cat(residuals), torch.cat(distances))
+        self.memory = memory
+        return memory
 
     def postprocess(self, grid_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid maps (N, G, G) -> (maps (N, S, S) at the input size S, scores (N,))."""

@@ -209,14 +209,27 @@ def fit(
     if cfg.infer.residual == "mahalanobis":
         detector.fit_residual_stats(train_feats, quiet=quiet)
     calib_idx = val_idx if len(val_idx) else train_idx
+    memory_seconds = None
+    if cfg.infer.memory > 0:
+        memory_started = time.perf_counter()
+        detector.fit_memory(train_feats, feats[torch.from_numpy(calib_idx)], seed=cfg.train.seed, quiet=quiet)
+        memory_seconds = round(time.perf_counter() - memory_started, 3)
     _, calib_scores = detector.score_features(feats[torch.from_numpy(calib_idx)])
     detector.threshold = float(calib_scores.max())
     meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, calib_scores, losses, device)
     meta["threshold_source"] = threshold_source
     meta["train_seconds"] = round(train_seconds, 3)
+    if detector.memory is not None:
+        meta["memory"] = {
+            "bank_patches": int(detector.memory.bank.shape[0]),
+            "train_patches": int(train_feats.shape[0] * train_feats.shape[2] * train_feats.shape[3]),
+            "residual_median": detector.memory.residual_median,
+            "distance_median": detector.memory.distance_median,
+            "seconds": memory_seconds,
+        }
     meta["fit_seconds"] = round(time.perf_counter() - started, 3)
     detector.meta = meta
-    run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats)
+    run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats, detector.memory)
     return FitResult(run_dir=run, detector=detector, meta=meta, losses=losses)
 
 

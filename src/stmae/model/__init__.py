@@ -1,11 +1,13 @@
 """The Siamese transition masked autoencoder and its parts."""
 
 from .decoupling import complementary_splits, random_splits
+from .memory import PatchMemory
 from .residual import RESIDUALS, ResidualAccumulator, ResidualStats, feature_residual
 from .stmae import STMAE, reconstruction_loss
 
 __all__ = [
     "STMAE",
+    "PatchMemory",
     "RESIDUALS",
     "ResidualAccumulator",
     "ResidualStats",
