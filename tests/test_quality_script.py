@@ -335,3 +335,26 @@ def test_help_runs() -> None:
     assert proc.returncode == 0, proc.stderr
     for flag in ("--quick", "--out", "--device", "--only", "--update-readme", "--threads"):
         assert flag in proc.stdout
+
+
+def test_mvtec_pair_with_memory_adds_the_residual_only_row_of_the_same_model(tiny_mvtec, tmp_path: Path) -> None:
+    import torch
+
+    from stmae.data import load_mvtec
+
+    from .conftest import tiny_config
+
+    ctx = quality.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, lambda m: None)
+    cfg = tiny_config(**{"infer.memory": 0.8})
+    rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", load_mvtec(tiny_mvtec), tmp_path / "run", cfg,
+                               "accurate", 0.1, ctx, "")
+    assert [r["method"] for r in rows] == [quality.STMAE, quality.STMAE_RESIDUAL, quality.KNN]
+    st, residual, _ = rows
+    assert "memory 0.8 (greedy coreset 10 %" in st["settings"]
+    assert st["config"]["infer"]["memory"] == 0.8
+    assert residual["fit_seconds"] <= st["fit_seconds"]
+    assert residual["per_type"]["good"]["mean_score"] != pytest.approx(st["per_type"]["good"]["mean_score"])
+    # Without the memory there is no extra row.
+    rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", load_mvtec(tiny_mvtec), tmp_path / "run0",
+                               tiny_config(**{"infer.memory": 0.0}), "accurate", 0.1, ctx, "")
+    assert [r["method"] for r in rows] == [quality.STMAE, quality.KNN]

@@ -1,0 +1,128 @@
+"""The memory of good patches (``infer.memory``): bank, scaling, blend, run folders, presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import stmae
+from stmae.checkpoint import CheckpointError, load_run
+from stmae.config import Config, ConfigError, preset
+from stmae.model import PatchMemory
+from stmae.model.memory import patch_rows
+
+from .conftest import tiny_config
+
+
+def test_patch_rows_are_image_major_then_row_major():
+    feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    rows = patch_rows(feats)
+    assert rows.shape == (8, 3)
+    assert rows[5].tolist() == feats[1, :, 0, 1].tolist()  # image 1, grid row 0, column 1
+
+
+def test_bank_is_a_coreset_of_the_training_patches_and_banked_patches_are_at_distance_zero():
+    torch.manual_seed(0)
+    feats = torch.randn(3, 5, 4, 4)
+    memory = PatchMemory.fit(feats, 0.25, seed=1)
+    assert memory.bank.shape == (12, 5)  # int(0.25 * 48)
+    rows = patch_rows(feats)
+    assert all(any(torch.equal(b, r) for r in rows) for b in memory.bank)
+    full = PatchMemory.fit(feats, 1.0)
+    assert torch.all(full.distances(feats) < 1e-2)  # cdist via matrix products: ~1e-3 rounding
+    far = memory.distances(feats + 100.0)
+    assert far.shape == (3, 4, 4) and torch.all(far > 50)
+    with pytest.raises(ValueError, match="coreset ratio"):
+        PatchMemory.fit(feats, 0.0)
+
+
+def test_blend_divides_each_map_by_its_good_image_median():
+    memory = PatchMemory(torch.zeros(1, 2))
+    memory.calibrate(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0]))
+    assert (memory.residual_median, memory.distance_median) == (2.0, 20.0)
+    residual, distance = torch.tensor([4.0, 2.0]), torch.tensor([20.0, 60.0])
+    assert memory.blend(residual, distance, 0.0).tolist() == pytest.approx([2.0, 1.0])  # the residual alone
+    assert memory.blend(residual, distance, 1.0).tolist() == pytest.approx([1.0, 3.0])  # the distance alone
+    assert memory.blend(residual, distance, 0.8).tolist() == pytest.approx([0.2 * 2 + 0.8 * 1, 0.2 * 1 + 0.8 * 3])
+    # A zero median (good images that are all in the bank) falls back to the mean, then to 1.
+    memory.calibrate(torch.tensor([0.0, 0.0, 3.0]), torch.zeros(3))
+    assert (memory.residual_median, memory.distance_median) == (1.0, 1.0)
+
+
+def test_memory_tensors_round_trip():
+    memory = PatchMemory(torch.randn(7, 3), 0.5, 2.5)
+    back = PatchMemory.from_tensors(memory.to_tensors())
+    assert torch.equal(back.bank, memory.bank)
+    assert (back.residual_median, back.distance_median) == (0.5, 2.5)
+
+
+def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, tmp_path):
+    cfg = tiny_config(**{"infer.memory": 0.8, "infer.memory_coreset": 0.5})
+    fitted = stmae.fit(tiny_mvtec, tmp_path / "run", cfg, quiet=True)
+    det = fitted.detector
+    meta = json.loads((fitted.run_dir / "meta.json").read_text())
+    assert meta["memory"]["bank_patches"] == int(0.5 * 7 * 8 * 8)  # 7 fit images (1 held out), grid 8
+    assert meta["memory"]["train_patches"] == 7 * 8 * 8
+    assert meta["memory"]["residual_median"] == det.memory.residual_median > 0
+
+    loaded = stmae.load(fitted.run_dir, device="cpu")
+    assert torch.equal(loaded.memory.bank, det.memory.bank)
+    img = sorted((tiny_mvtec / "test" / "spot").glob("*.png"))[0]
+    assert loaded.predict(img)[0].score == pytest.approx(det.predict(img)[0].score, rel=1e-6)
+
+    # The grid map is exactly the blend of the residual and the nearest-patch distance.
+    x = det.stats.apply(torch.randn(2, det.stats.mean.shape[0], 8, 8))
+    expected = 0.2 * det.residual_maps(x) / det.memory.residual_median + 0.8 * det.memory.distances(x) / det.memory.distance_median
+    assert torch.allclose(det.grid_maps(x), expected)
+    # infer.memory = 0 on the same detector is the pure residual, and the threshold moved with the scale.
+    det.config.infer.memory = 0.0
+    assert torch.equal(det.grid_maps(x), det.residual_maps(x))
+    det.memory = None
+    det.config.infer.memory = 0.5
+    with pytest.raises(ValueError, match="no memory bank"):
+        det.grid_maps(x)
+
+
+def test_calibration_medians_come_from_the_held_out_images(tiny_mvtec, tmp_path):
+    cfg = tiny_config(**{"infer.memory": 0.5, "train.val_fraction": 0.25})
+    det = stmae.fit(tiny_mvtec, tmp_path / "run", cfg, quiet=True).detector
+    from stmae.data import open_dataset
+    from stmae.features import extract_features
+
+    samples = open_dataset(tiny_mvtec).train
+    held_out = [s for s in samples if (s.name or str(s.path)) in det.meta["val_images"]]
+    assert len(held_out) == 2
+    feats = det.stats.apply(extract_features(det.extractor, held_out, 64, device="cpu", quiet=True))
+    assert det.memory.residual_median == pytest.approx(float(det.residual_maps(feats).median()), rel=1e-5)
+    assert det.memory.distance_median == pytest.approx(float(det.memory.distances(feats).median()), rel=1e-5)
+
+
+def test_no_bank_without_memory_and_old_runs_load_as_pure_residual(tiny_mvtec, tmp_path):
+    fitted = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"infer.memory": 0.0}), quiet=True)
+    assert fitted.detector.memory is None and "memory" not in fitted.meta
+    run = load_run(fitted.run_dir)
+    assert run.memory is None and run.config.infer.memory == 0.0
+    # A config.yaml written before infer.memory existed: those runs scored the pure residual.
+    path = fitted.run_dir / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    del data["infer"]["memory"], data["infer"]["memory_coreset"]
+    path.write_text(yaml.safe_dump(data))
+    assert Config().infer.memory > 0  # the default would otherwise ask for a bank
+    assert load_run(fitted.run_dir).config.infer.memory == 0.0
+    # A config that asks for the memory without a stored bank is refused, naming the file.
+    data["infer"]["memory"] = 0.8
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*no memory bank"):
+        load_run(fitted.run_dir)
+
+
+def test_memory_settings_are_validated_and_chosen_per_preset():
+    with pytest.raises(ConfigError, match="infer.memory must be in"):
+        Config().override({"infer.memory": 1.5}).validate()
+    with pytest.raises(ConfigError, match="memory_coreset"):
+        Config().override({"infer.memory_coreset": 0.0}).validate()
+    assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.8
+    assert preset("demo").infer.memory == preset("lowres").infer.memory == 0.0
