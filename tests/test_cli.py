@@ -22,6 +22,7 @@ def test_cli_fit_predict_test(tiny_mvtec, tmp_path):
     r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "run"), "--config", str(cfg), "--epochs", "3", "-q")
     assert r.returncode == 0, r.stderr
     assert "trained on 7 images (1 held out)" in r.stdout
+    assert "memory: 44 of 448 training patches kept" in r.stdout  # 10 % of 7 images x 8 x 8 cells
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["epochs"] == 3
 
     r = run("predict", str(tmp_path / "run"), str(tiny_mvtec / "test"), "--out", str(tmp_path / "preds"), "-q")
@@ -40,6 +41,17 @@ def test_cli_fit_predict_test(tiny_mvtec, tmp_path):
     assert res["n_images"] == 6 and set(res["per_type"]) == {"good", "spot"}
     assert (tmp_path / "eval" / "report.html").read_text().count("<img") == 6
     assert len(list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))) == 6
+
+
+def test_cli_memory_option_turns_the_bank_off(tiny_mvtec, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    tiny_config().save(cfg)
+    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "run"), "--config", str(cfg), "--memory", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "memory:" not in r.stdout
+    assert "memory: 0.0" in (tmp_path / "run" / "config.yaml").read_text()
+    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "bad"), "--config", str(cfg), "--memory", "2", "-q")
+    assert r.returncode == 2 and "infer.memory must be in [0, 1]" in r.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path):

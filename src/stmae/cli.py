@@ -133,6 +133,9 @@ def fit(
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the run)."),
+    memory: Optional[float] = typer.Option(
+        None, help="Share of the nearest-good-patch distance in the map, 0-1 (accurate/fast: 0.8; 0 = the paper's residual alone)."
+    ),
     device: Optional[str] = DEVICE,
     val_dir: Optional[Path] = typer.Option(
         None, "--val-dir", help="Good images that set the threshold (default: hold out 10% of the training images)."
@@ -156,6 +159,7 @@ def fit(
         "train.lr": lr,
         "train.seed": seed,
         "train.device": device,
+        "infer.memory": memory,
     }
     overrides.update(_parse_sets(set_))
     val = _open(val_dir, skip_unreadable) if val_dir is not None else None
@@ -165,6 +169,12 @@ def fit(
         f"trained on {m['n_train']} images ({m['n_val']} held out) in {m['fit_seconds']:.1f} s on {m['device']}; "
         f"final loss {m['final_loss']:.4f}; threshold {m['threshold']:.5g}"
     )
+    if m.get("memory"):
+        mem = m["memory"]
+        typer.echo(
+            f"memory: {mem['bank_patches']:,} of {mem['train_patches']:,} training patches kept "
+            f"({mem['seconds']:.1f} s), blended with the residual at share {result.detector.config.infer.memory:g}"
+        )
     typer.echo(f"run folder: {result.run_dir}")
 
 
