@@ -68,3 +68,24 @@ def test_residual_column_is_the_packages_scoring_and_knn_column_its_yardstick():
     assert rows["knn"]["image_auroc"] == pytest.approx(expected["image_auroc"])
     assert rows["knn"]["pixel_auroc"] == pytest.approx(expected["pixel_auroc"])
     assert rows["knn"]["image_auroc"] == 1.0  # the good images are in the bank, the others are not
+
+
+def test_package_variant_scores_the_fitted_model_with_and_without_its_memory(tiny_mvtec):
+    from types import SimpleNamespace
+
+    from stmae.data import load_mvtec
+    from stmae.evaluate import mask_at
+    from stmae.features import extract_features
+    from stmae.infer import build_extractor
+
+    ds = load_mvtec(tiny_mvtec)
+    cfg = tiny_config(**{"infer.memory": 0.0})
+    feats = extract_features(build_extractor(cfg).eval(), ds.test, 64, quiet=True)
+    masks = np.stack([mask_at(s, 64) for s in ds.test])
+    tasks = {"p": SimpleNamespace(test=ds.test, masks=masks)}
+    row = probe.package_variant(cfg, ds.train, tasks, {"p": feats}, lambda m: None)
+    assert set(row["scores"]["p"]) == {"package_memory", "package_residual"}
+    assert row["memory"]["bank_patches"] == int(0.1 * 7 * 64)  # 8 training images, 1 held out, grid 8
+    cells = row["scores"]["p"]
+    assert 0.0 <= cells["package_memory"]["image_auroc"] <= 1.0 and "pixel_auroc" in cells["package_residual"]
+    assert cells["package_memory"]["pixel_auroc"] != cells["package_residual"]["pixel_auroc"]
