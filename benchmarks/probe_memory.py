@@ -200,7 +200,6 @@ def package_variant(cfg0: Any, train_samples: Sequence[Any], tasks: dict[str, An
     import stmae
 
     cfg = make_config(cfg0, {"infer.memory": PACKAGE_MEMORY})
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         fitted = stmae.fit(list(train_samples), Path(tmp) / "run", cfg, quiet=True)
     det = fitted.detector
