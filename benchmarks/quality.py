@@ -711,9 +711,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     note = (
         "ST-MAE calibrates its decision threshold on good images it does not train on (10 % held out of the "
         "training images, or separate validation images where the settings say so); the threshold does not "
-        "enter these threshold-free metrics. The kNN baseline banks all training images. One-class rows are "
-        "means over the classes run (per class below). `fit s` = feature extraction + training (ST-MAE) or + "
-        "coreset selection (kNN)."
+        "enter these threshold-free metrics. The kNN baseline banks all training images; ST-MAE's memory "
+        "(where the settings name one) banks the images it trains on. One-class rows are means over the classes "
+        "run (per class below). `fit s` = feature extraction + training (ST-MAE; + the memory's coreset where "
+        "used, not in the residual-only row) or + coreset selection (kNN)."
     )
     lines += ["## Results", "", results_table(results).rstrip("\n"), "", note, ""]
     lines += ["## Targets", ""]
