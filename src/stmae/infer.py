@@ -133,6 +133,8 @@ class Detector:
         self.meta = meta or {}
         self.residual_stats = residual_stats
         self.memory = memory
+        if memory is not None:  # searched on every batch: keep it where the features are
+            memory.bank = memory.bank.to(self.device)
         self.rebuild_splits()
 
     def rebuild_splits(self) -> None:
