@@ -143,6 +143,11 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mse_cos/max/sigma8": ("mse_cos", "max", 4, False, {"sigma": 8.0}),
     "mse_cos/max/sigma16": ("mse_cos", "max", 4, False, {"sigma": 16.0}),
     "mse_cos/top10%/sigma8": ("mse_cos", "topk", 4, False, {"sigma": 8.0, "topk": 0.1}),
+    # The residual blended with the memory of good patches (``infer.memory``, README "Design
+    # notes"); validated on Magnetic Tile by probe_memory.py, not yet on one-class data.
+    "mse_cos/max/memory0.8": ("mse_cos", "max", 4, False, {"memory": 0.8}),
+    "mahalanobis/topk/memory0.5": ("mahalanobis", "topk", 4, False, {"memory": 0.5}),
+    "mahalanobis/topk/memory0.8": ("mahalanobis", "topk", 4, False, {"memory": 0.8}),
 }
 
 
@@ -382,10 +387,16 @@ def validation_row(labels: np.ndarray, types: np.ndarray | None, masks: np.ndarr
 def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Tensor, labels: np.ndarray,
                    masks: np.ndarray | None, scorings: Sequence[str],
                    types: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
-    """The named scoring variants on one trained detector -> {variant: :func:`validation_row`}."""
+    """The named scoring variants on one trained detector -> {variant: :func:`validation_row`}.
+
+    Variants with ``memory`` > 0 build the detector's memory bank on the training features and
+    take its medians from them too: the study trains on every training image and holds none
+    out (``stmae fit`` takes the medians from held-out images).
+    """
     out: dict[str, dict[str, Any]] = {}
     base_infer = copy.deepcopy(det.config.infer)
     residual_stats: dict[int, Any] = {}  # per K: the same statistics serve every score variant
+    memories: dict[tuple[str, int], Any] = {}  # per residual and K: the medians depend on both
     for name in scorings:
         residual, score, pairs, posnorm, *extra = SCORING_VARIANTS[name]
         det.config.infer = copy.deepcopy(base_infer)
@@ -396,6 +407,11 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
         if residual == "mahalanobis" and pairs not in residual_stats:
             residual_stats[pairs] = det.fit_residual_stats(train_feats)
         det.residual_stats = residual_stats.get(pairs) if residual == "mahalanobis" else None
+        det.memory = None
+        if det.config.infer.memory > 0:
+            if (residual, pairs) not in memories:
+                memories[(residual, pairs)] = det.fit_memory(train_feats, train_feats, seed=det.config.train.seed)
+            det.memory = memories[(residual, pairs)]
         grid_val = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(val_feats, 64)])
         if posnorm:
             grid_train = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(train_feats, 64)])
@@ -403,6 +419,7 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
         maps, scores = det.postprocess(grid_val)
         out[name] = validation_row(labels, types, masks, maps, scores)
     det.config.infer = base_infer
+    det.memory = None
     return out
 
 
@@ -493,15 +510,18 @@ def common_means(results: dict[str, Any]) -> tuple[list[str], dict[str, dict[str
 
 
 def per_type_lines(results: dict[str, Any], common: Sequence[str]) -> list[str]:
-    """Markdown table of image AUROC per synthetic defect kind (mean over ``common`` tasks)."""
+    """Markdown table of image AUROC per defect kind (mean over the ``common`` tasks that have it).
+
+    A kind may be missing from some tasks: in a one-class study the kinds are the other
+    classes, so a task's own normal class is never one of its kinds.
+    """
     rows = []
     for name, row in results["variants"].items():
         for scoring, cell in row["per_task"][common[0]]["scores"].items():
             if "per_type" in cell:
-                kinds = cell["per_type"]
-                rows.append((name, scoring, {
-                    k: float(np.mean([row["per_task"][t]["scores"][scoring]["per_type"][k] for t in common]))
-                    for k in kinds}))
+                per_task = [row["per_task"][t]["scores"][scoring].get("per_type", {}) for t in common]
+                kinds = dict.fromkeys(k for p in per_task for k in p)
+                rows.append((name, scoring, {k: float(np.mean([p[k] for p in per_task if k in p])) for k in kinds}))
     if not rows:
         return []
     kinds = sorted({k for *_, v in rows for k in v})

@@ -113,3 +113,28 @@ def test_tiny_run_writes_and_merges(tmp_path):
     with pytest.raises(SystemExit, match=r"abl\.json: .*val: recorded 30, now 40"):
         ablation.main([*other_val, "--variants", "base"])
     assert out.read_text() == before  # nothing merged, nothing rewritten
+
+
+def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
+    import copy
+
+    from stmae.features import FeatureStats
+    from stmae.infer import Detector, build_extractor, build_model
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(**{"infer.memory": 0.0})
+    ext = build_extractor(cfg).eval()
+    torch.manual_seed(0)
+    g = cfg.features.grid_size
+    train, val = torch.randn(4, ext.out_channels, g, g), torch.randn(6, ext.out_channels, g, g)
+    val[3:, :, :2, :2] += 3.0
+    det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.for_training(train, True), copy.deepcopy(cfg))
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    rows = ablation.score_variants(det, train, val, labels, None, ["mse_cos/max", "mse_cos/max/memory0.8"])
+    assert det.memory is None and det.config.infer.memory == 0.0  # the detector is left as it was
+    det.config.infer.memory = 0.8
+    det.fit_memory(train, train, seed=cfg.train.seed)
+    expected = ablation.validation_row(labels, None, None, *det.score_features(val))
+    assert rows["mse_cos/max/memory0.8"]["image_auroc"] == pytest.approx(expected["image_auroc"])
+    assert rows["mse_cos/max/memory0.8"]["image_auroc"] == 1.0  # the shifted corner is far from every banked patch
