@@ -445,6 +445,12 @@ def knn_scores(cfg: Config, stats: FeatureStats, train_feats: torch.Tensor, val_
     return out
 
 
+def protocol_config(spec: dict[str, Any], epochs: int | None = None) -> Config:
+    """A protocol's base config: its preset, its pinned ``base`` overrides, its (or the given)
+    reduced epochs, on the CPU. Shared by the ablation and the probe scripts."""
+    return make_config(spec["preset"], {**spec["base"], "train.epochs": epochs or spec["epochs"], "train.device": "cpu"})
+
+
 def resolve_variant(base: Config, overrides: dict[str, Any]) -> Config | None:
     """The base config with a variant's overrides, or None when the variant is a no-op here."""
     values = {}
@@ -645,9 +651,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = [n for n in scorings if n not in SCORING_VARIANTS]
     if unknown:
         raise SystemExit(f"unknown scoring variant(s) {unknown}; choose from {', '.join(SCORING_VARIANTS)}")
-    base = make_config(
-        spec["preset"], {**spec["base"], "train.epochs": args.epochs or spec["epochs"], "train.device": "cpu"}
-    )
+    base = protocol_config(spec, args.epochs)
     args.val = args.val or spec["val"]
     setup: dict[str, Any] = {"val": args.val, "epochs": base.train.epochs}
     if args.protocol in PAINTERS:

@@ -136,8 +136,7 @@ def score_protocol(det: Detector, bank: torch.Tensor, val: torch.Tensor, labels:
 def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     specs = {p: ab.PROTOCOLS[p] for p in PROTOCOLS}
     first = specs[PROTOCOLS[0]]
-    cfg0 = make_config(first["preset"], {"train.epochs": first["epochs"], "train.device": "cpu",
-                       "infer.memory": 0.0})
+    cfg0 = ab.protocol_config(first)  # pins infer.memory 0: the residual column is the paper's map
     setup = {"val": first["val"], "epochs": cfg0.train.epochs}
     results: dict[str, Any] = {
         "description": f"Magnetic Tile validation protocols of ablation.py ({', '.join(PROTOCOLS)}): "
