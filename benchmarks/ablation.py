@@ -144,7 +144,7 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mse_cos/max/sigma16": ("mse_cos", "max", 4, False, {"sigma": 16.0}),
     "mse_cos/top10%/sigma8": ("mse_cos", "topk", 4, False, {"sigma": 8.0, "topk": 0.1}),
     # The residual blended with the memory of good patches (``infer.memory``, README "Design
-    # notes"); validated on Magnetic Tile by probe_memory.py, not yet on one-class data.
+    # notes"); chosen on Magnetic Tile by probe_memory.py, checked on one-class data with these.
     "mse_cos/max/memory0.8": ("mse_cos", "max", 4, False, {"memory": 0.8}),
     "mahalanobis/topk/memory0.5": ("mahalanobis", "topk", 4, False, {"memory": 0.5}),
     "mahalanobis/topk/memory0.8": ("mahalanobis", "topk", 4, False, {"memory": 0.8}),
