@@ -58,6 +58,7 @@ from stmae.features import FeatureStats, extract_features
 from stmae.fileio import atomic_write_json, atomic_write_text
 from stmae.infer import Detector, build_extractor, build_model
 from stmae.metrics import auroc
+from stmae.model import PatchMemory
 from stmae.train import make_config, train_model
 
 HERE = Path(__file__).resolve().parent
@@ -423,17 +424,16 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
     return out
 
 
-def coreset_bank(knn: Any, standardised_train: torch.Tensor) -> torch.Tensor:
+def coreset_bank(standardised_train: torch.Tensor) -> torch.Tensor:
     """The kNN yardstick's memory: a greedy 10 % coreset (seed 42) of the training patches (B, C)."""
-    patches = knn.patch_rows(standardised_train)
-    return patches[knn.greedy_coreset(patches, max(1, int(0.1 * len(patches))), seed=42, quiet=True)]
+    return PatchMemory.fit(standardised_train, 0.1, seed=42).bank
 
 
 def knn_scores(cfg: Config, stats: FeatureStats, train_feats: torch.Tensor, val_feats: torch.Tensor,
                labels: np.ndarray, masks: np.ndarray | None, knn: Any,
                types: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
     """kNN yardstick (greedy 10 % coreset) on the same cached, standardised features; max and top-k."""
-    bank = coreset_bank(knn, stats.apply(train_feats))
+    bank = coreset_bank(stats.apply(train_feats))
     g = cfg.features.grid_size
     dist = knn.nearest_distances(knn.patch_rows(stats.apply(val_feats)), bank).view(len(val_feats), g, g)
     out = {}

@@ -70,6 +70,7 @@ from stmae.metrics import PixelMetricAccumulator, compute_metrics
 # stay importable from here for the scripts and tests that use the yardstick.
 from stmae.model.memory import (
     PROJECTION_DIM,
+    PatchMemory,
     greedy_coreset,
     nearest_distances,
     patch_rows,
@@ -177,10 +178,8 @@ def fit_bank(
     extractor = build_extractor(cfg).to(dev).eval()
     feats = extract_features(extractor, train_samples, cfg.features.image_size, device=dev, desc="train features", quiet=quiet)
     stats = FeatureStats.for_training(feats, cfg.features.standardize)
-    patches = patch_rows(stats.apply(feats)).to(dev)
-    count = max(1, int(patches.shape[0] * coreset_ratio))
-    bank = patches[greedy_coreset(patches, count, seed=seed, quiet=quiet).to(dev)].contiguous()
-    return MemoryBank(extractor, stats, bank, cfg, int(patches.shape[0]))
+    memory = PatchMemory.fit(stats.apply(feats).to(dev), coreset_ratio, seed=seed, quiet=quiet)
+    return MemoryBank(extractor, stats, memory.bank, cfg, int(feats.shape[0] * feats.shape[2] * feats.shape[3]))
 
 
 def knn_baseline(

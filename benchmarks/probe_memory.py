@@ -160,7 +160,7 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
     stats = FeatureStats.for_training(train, cfg0.features.standardize)
     standardised = stats.apply(train)
     t0 = time.perf_counter()
-    bank = ab.coreset_bank(knn, standardised)
+    bank = ab.coreset_bank(standardised)
     log(f"coreset: {len(bank)} of {len(train) * train.shape[-2] * train.shape[-1]} patches, "
         f"{time.perf_counter() - t0:.0f} s")
     vals = {p: cache.get(cfg0, f"magnetic_tile/{p}", "val", t.test) for p, t in tasks.items()}
