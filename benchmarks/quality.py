@@ -41,7 +41,9 @@ one-line provenance note. ``--merge`` keeps the datasets of an existing results 
 run does not re-run, and the Magnetic Tile rows of a protocol it does not re-run, so the
 full run can go one dataset (or protocol) per call (a lent GPU allows 10 minutes per
 command). ``--from-json`` re-renders the Markdown (and README) from an
-existing results file without running anything.
+existing results file without running anything. ``--resume`` (with ``--work-dir``) lets a
+run outlast one machine session: ST-MAE fits save their training state every few minutes,
+and the same command with ``--resume`` continues a stopped fit and reuses a finished one.
 
 Run: ``python benchmarks/quality.py [--quick] [--only a,b,c,d] [--device auto|cpu|cuda]
 [--threads 1] [--out PATH] [--update-readme]`` (full mode: hours on a CPU; use a GPU).
@@ -259,6 +261,7 @@ class Context:
     device_label: str
     quiet: bool
     log: Callable[[str], None] = print
+    resume: bool = False  # continue stopped ST-MAE fits in work_dir; reuse finished ones
 
 
 def _stmae_config(preset_name: str, epochs: int | None, ctx: Context, coreset: float | None = None) -> Any:
@@ -294,6 +297,26 @@ def _row(key: str, dataset: str, row: str, method: str, values: dict[str, Any], 
     }
 
 
+def _finished_fit(run_dir: Path, cfg: Any, n_images: int) -> Any:
+    """Under ``--resume``: the complete run folder of an earlier call with this very config
+    and number of training images, as a FitResult, so a run stopped after a long fit (in
+    the evaluation or the kNN) does not train again; None otherwise."""
+    import stmae
+    from stmae.checkpoint import CheckpointError
+    from stmae.train import FitResult
+
+    if not (run_dir / "meta.json").is_file():
+        return None
+    try:
+        detector = stmae.load(run_dir, device=cfg.train.device)
+    except CheckpointError:
+        return None
+    meta = detector.meta
+    if detector.config.to_dict() != cfg.to_dict() or meta.get("n_train", 0) + meta.get("n_val", 0) != n_images:
+        return None
+    return FitResult(run_dir=run_dir, detector=detector, meta=meta, losses=list(meta.get("losses", [])))
+
+
 def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir: Path, cfg: Any, preset: str,
                 coreset: float, ctx: Context, train_note: str, val_data: Path | None = None,
                 residual_row: bool = True) -> list[dict[str, Any]]:
@@ -309,7 +332,11 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
     ctx.log(f"  {row_name}: ST-MAE fit on {len(dataset.train)} images ({preset_note})")
     t0 = time.perf_counter()
     extra = {} if val_data is None else {"val_data": val_data}
-    fitted = stmae.fit(dataset, run_dir, cfg, quiet=ctx.quiet, **extra)
+    fitted = _finished_fit(run_dir, cfg, len(dataset.train)) if ctx.resume else None
+    if fitted is not None:
+        ctx.log(f"    reusing the finished fit in {run_dir} (--resume)")
+    else:
+        fitted = stmae.fit(dataset, run_dir, cfg, quiet=ctx.quiet, resume=ctx.resume, **extra)
     t1 = time.perf_counter()
     evaluation = stmae.evaluate(fitted.detector, dataset, quiet=ctx.quiet)
     eval_seconds = time.perf_counter() - t1
@@ -815,6 +842,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="kNN greedy coreset ratio on every dataset (default 0.1; 0.01 on Magnetic Tile with --quick)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="keep run folders here (default: a temporary folder, deleted at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --work-dir: continue ST-MAE fits that an earlier call left stopped there (they save "
+                   "their training state every few minutes) and reuse those it finished, so a run longer than "
+                   "a machine's session can be done in several calls")
     p.add_argument("--update-readme", action="store_true",
                    help=f"replace the text between {MARKERS[0]} and {MARKERS[1]} in README.md with the table")
     p.add_argument("--readme", type=Path, default=README_PATH, help=argparse.SUPPRESS)
@@ -830,6 +861,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--threads must be >= 1")
     if args.coreset is not None and not 0.0 < args.coreset <= 1.0:
         p.error("--coreset must be in (0, 1]")
+    if args.resume and args.work_dir is None:
+        p.error("--resume needs --work-dir (the default work folder is temporary and deleted at the end)")
     return args
 
 
@@ -1129,7 +1162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{key}] {title}: {', '.join(f'{k}={v}' for k, v in settings[key].items())}")
             ctx = Context(
                 data_root=args.data_root, work_dir=work_root / key, device=args.device, torch_device=torch_device,
-                device_label=device_label, quiet=not args.verbose,
+                device_label=device_label, quiet=not args.verbose, resume=args.resume,
             )
             t0 = time.perf_counter()
             try:

@@ -358,3 +358,33 @@ def test_mvtec_pair_with_memory_adds_the_residual_only_row_of_the_same_model(tin
     rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", load_mvtec(tiny_mvtec), tmp_path / "run0",
                                tiny_config(**{"infer.memory": 0.0}), "accurate", 0.1, ctx, "")
     assert [r["method"] for r in rows] == [quality.STMAE, quality.KNN]
+
+
+def test_resume_reuses_a_finished_fit_and_needs_a_work_dir(tiny_mvtec, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    import stmae
+    from stmae.data import load_mvtec
+
+    from .conftest import tiny_config
+
+    logs: list[str] = []
+    ctx = quality.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, logs.append,
+                          resume=True)
+    cfg = tiny_config()
+    dataset = load_mvtec(tiny_mvtec)
+    first = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate", 0.1, ctx, "")
+    assert not any("reusing" in line for line in logs)
+    calls: list[Any] = []
+    monkeypatch.setattr(stmae, "fit", lambda *a, **k: calls.append(a))
+    again = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate", 0.1, ctx, "")
+    assert calls == [] and any("reusing the finished fit" in line for line in logs)
+    assert again[0]["image_auroc"] == first[0]["image_auroc"]
+    assert again[0]["fit_seconds"] == first[0]["fit_seconds"]
+    # Another config is not reused: it is fitted (here: the stub records the call and returns None).
+    with pytest.raises(AttributeError):
+        quality._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run",
+                            tiny_config(**{"train.lr": 1e-2}), "accurate", 0.1, ctx, "")
+    assert len(calls) == 1
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--resume"])

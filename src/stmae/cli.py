@@ -140,11 +140,18 @@ def fit(
     val_dir: Optional[Path] = typer.Option(
         None, "--val-dir", help="Good images that set the threshold (default: hold out 10% of the training images)."
     ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue a stopped fit from the training state it saved in --out (same settings and images)."
+    ),
     set_: List[str] = SETS,
     skip_unreadable: bool = SKIP,
     quiet: bool = QUIET,
 ) -> None:
-    """Train ST-MAE on good images and write a run folder."""
+    """Train ST-MAE on good images and write a run folder.
+
+    Long fits save their training state in the run folder every few minutes; after an
+    interruption, the same command with --resume continues from there.
+    """
     from .train import fit as fit_api
 
     overrides: dict[str, Any] = {
@@ -163,8 +170,10 @@ def fit(
     }
     overrides.update(_parse_sets(set_))
     val = _open(val_dir, skip_unreadable) if val_dir is not None else None
-    result = fit_api(_open(data_dir, skip_unreadable), out, _base(config, preset), val_data=val, quiet=quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    result = fit_api(_open(data_dir, skip_unreadable), out, _base(config, preset), val_data=val, quiet=quiet, resume=resume, **{k.replace(".", "__"): v for k, v in overrides.items()})
     m = result.meta
+    if m.get("resumed_at_epoch") is not None:
+        typer.echo(f"resumed the saved training at epoch {m['resumed_at_epoch']} of {m['epochs']}")
     typer.echo(
         f"trained on {m['n_train']} images ({m['n_val']} held out) in {m['fit_seconds']:.1f} s on {m['device']}; "
         f"final loss {m['final_loss']:.4f}; threshold {m['threshold']:.5g}"

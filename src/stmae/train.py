@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +33,7 @@ from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
 from .infer import Detector, build_extractor, build_model
 from .model import STMAE, random_splits, reconstruction_loss
+from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint
 
 
 @dataclass
@@ -97,6 +99,11 @@ def train_model(
     device: torch.device,
     quiet: bool = False,
     split_block: int = 1,
+    *,
+    state_path: str | os.PathLike | None = None,
+    state_fingerprint: str = "",
+    start: TrainState | None = None,
+    save_every: float | None = None,
 ) -> list[float]:
     """Train ``model`` to reconstruct standardised features (N, C, G, G); returns epoch losses.
 
@@ -105,6 +112,12 @@ def train_model(
     exponential moving average of the weights (decay ``cfg.ema`` per step) replaces the
     final weights: it smooths the noise of the random splits out of the last steps.
     ``split_block`` > 1 splits in square blocks of tokens (see ``model.decoupling``).
+
+    With ``state_path``, the training state is written there (``stmae.resume``) at the
+    first epoch boundary after every ``save_every`` seconds of training (default
+    ``stmae.resume.SAVE_EVERY_SECONDS``), and once more at the end if it was ever written,
+    so the slow steps after training (the memory's coreset) are covered too. ``start`` (a
+    loaded state) continues a stopped training from its epoch.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device).train()
@@ -115,13 +128,36 @@ def train_model(
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)
     losses: list[float] = []
     step = 0
+    first_epoch = 0
     ema = [p.detach().clone() for p in model.parameters()] if cfg.ema > 0 else None
-    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=quiet, leave=False)
-    for _ in bar:
+    earlier_seconds = 0.0
+    if start is not None:
+        model.load_state_dict(start.model)
+        opt.load_state_dict(start.optimizer)
+        gen.set_state(start.generator)
+        torch.set_rng_state(start.torch_rng)
+        step, first_epoch, losses, earlier_seconds = start.step, start.epoch, list(start.losses), start.train_seconds
+        if ema is not None and start.ema is not None:
+            ema = [t.to(device) for t in start.ema]
+    if save_every is None:
+        save_every = SAVE_EVERY_SECONDS
+    began = last_save = time.perf_counter()
+    saved_epoch = start.epoch if start is not None else None  # long fits: keep the end state too
+
+    def save_state(epoch: int) -> None:
+        TrainState(
+            fingerprint=state_fingerprint, epoch=epoch, step=step, model=model.state_dict(),
+            optimizer=opt.state_dict(), generator=gen.get_state(), torch_rng=torch.get_rng_state(),
+            losses=losses, ema=ema, train_seconds=earlier_seconds + time.perf_counter() - began,
+        ).save(state_path)  # type: ignore[arg-type]
+
+    bar = tqdm(range(first_epoch, cfg.epochs), desc="train", unit="epoch", disable=quiet, leave=False,
+               initial=first_epoch, total=cfg.epochs)
+    for epoch in bar:
         order = torch.randperm(n, generator=gen)
         running = 0.0
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+        for first in range(0, n, cfg.batch_size):
+            idx = order[first : first + cfg.batch_size]
             batch = feats[idx].to(device, non_blocking=True)
             split = random_splits(len(idx), model.num_tokens, generator=gen, device=device, block=split_block)
             for group in opt.param_groups:
@@ -142,6 +178,11 @@ def train_model(
             step += 1
         losses.append(running / n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if state_path is not None and time.perf_counter() - last_save >= save_every:
+            save_state(epoch + 1)
+            last_save, saved_epoch = time.perf_counter(), epoch + 1
+    if state_path is not None and saved_epoch is not None and saved_epoch != cfg.epochs:
+        save_state(cfg.epochs)
     if ema is not None:  # the averaged weights are the ones kept
         with torch.no_grad():
             for param, avg in zip(model.parameters(), ema):
@@ -157,6 +198,7 @@ def fit(
     *,
     val_data: str | os.PathLike | AnomalyDataset | Sequence[Sample] | None = None,
     quiet: bool = False,
+    resume: bool = False,
     **overrides: Any,
 ) -> FitResult:
     """Train ST-MAE on good images and write a run folder.
@@ -172,6 +214,11 @@ def fit(
             near-duplicates of each other (overlapping crops, video frames): held-out
             near-duplicates score too low and make the threshold too strict.
         quiet: no progress bars.
+        resume: continue the training saved in ``out_dir`` by an earlier, stopped fit
+            with the same settings and images (``stmae.resume``); without a saved state
+            the fit starts from the beginning. A saved state from other settings or images
+            raises :class:`~stmae.checkpoint.CheckpointError`. Long fits save their state
+            every few minutes whether or not ``resume`` is given.
         **overrides: settings by name, e.g. ``epochs=50`` or ``features.image_size=128``
             (use ``__`` for the dot in Python keywords: ``features__image_size=128``).
     """
@@ -199,11 +246,19 @@ def fit(
     train_feats = feats[torch.from_numpy(train_idx)]
     stats = FeatureStats.for_training(train_feats, cfg.features.standardize)
     model = build_model(cfg, extractor.out_channels)
+    state_path = Path(out_dir) / STATE_FILE
+    state_id = fingerprint(cfg.to_dict(), [str(samples[i].path or samples[i].name) for i in train_idx])
+    start = TrainState.load(state_path, state_id) if resume and state_path.is_file() else None
+    if not resume and state_path.is_file():
+        warnings.warn(f"{state_path}: a stopped fit saved its training state here; starting afresh "
+                      "(fit with resume=True, or `stmae fit --resume`, to continue it instead)", stacklevel=2)
     train_started = time.perf_counter()
     losses = train_model(
-        model, stats.apply(train_feats), cfg.train, device, quiet=quiet, split_block=cfg.model.split_block
+        model, stats.apply(train_feats), cfg.train, device, quiet=quiet, split_block=cfg.model.split_block,
+        state_path=state_path, state_fingerprint=state_id, start=start,
     )
-    train_seconds = time.perf_counter() - train_started
+    # A resumed fit reports the training time of all its sessions, not only the last one.
+    train_seconds = time.perf_counter() - train_started + (start.train_seconds if start else 0.0)
 
     detector = Detector(extractor, model, stats, cfg, device=device)
     if cfg.infer.residual == "mahalanobis":
@@ -227,9 +282,12 @@ def fit(
             "distance_median": detector.memory.distance_median,
             "seconds": memory_seconds,
         }
-    meta["fit_seconds"] = round(time.perf_counter() - started, 3)
+    if start is not None:
+        meta["resumed_at_epoch"] = start.epoch
+    meta["fit_seconds"] = round(time.perf_counter() - started + (start.train_seconds if start else 0.0), 3)
     detector.meta = meta
     run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats, detector.memory)
+    state_path.unlink(missing_ok=True)  # the run folder is complete: nothing left to resume
     return FitResult(run_dir=run, detector=detector, meta=meta, losses=losses)
 
 
