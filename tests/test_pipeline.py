@@ -218,3 +218,18 @@ def test_demo_masks_match_painted_pixels():
         changed = (img != base).any(axis=2)
         assert mask.any(), kind
         assert np.array_equal(changed, mask), kind
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from stmae.fileio import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640  # 0666 less the umask, not mkstemp's 0600
+    assert (tmp_path / "a.txt").read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]

@@ -32,7 +32,9 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> None:
     """Call ``writer(tmp_path)`` to produce the file, then rename it onto ``path``.
 
     The temp file keeps ``path``'s suffix so writers that infer a format from the name
-    (PIL, safetensors) work.
+    (PIL, safetensors) work. The result gets the permissions of a file created by ``open``
+    (0666 less the umask), not the temp file's private 0600, so a run folder written by
+    one account can be read by the service that scores with it.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +42,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -54,3 +57,10 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
