@@ -83,9 +83,12 @@ def test_corrupt_state_is_named(tiny_mvtec, tmp_path):
         stmae.fit(tiny_mvtec, run, tiny_config(), quiet=True, resume=True)
 
 
-def test_resume_without_saved_state_is_a_plain_fit(tiny_mvtec, tmp_path):
-    res = stmae.fit(tiny_mvtec, tmp_path / "fresh", tiny_config(), quiet=True, resume=True)
+def test_resume_without_saved_state_warns_and_is_a_plain_fit(tiny_mvtec, tmp_path):
+    with pytest.warns(UserWarning, match="no saved training state; training from the start"):
+        res = stmae.fit(tiny_mvtec, tmp_path / "fresh", tiny_config(), quiet=True, resume=True)
     assert "resumed_at_epoch" not in res.meta and (tmp_path / "fresh" / "meta.json").is_file()
+    with pytest.warns(UserWarning, match="complete: nothing was stopped"):
+        stmae.fit(tiny_mvtec, tmp_path / "fresh", tiny_config(), quiet=True, resume=True)
 
 
 def test_cli_fit_resume(tiny_mvtec, tmp_path, monkeypatch):

@@ -252,6 +252,9 @@ def fit(
     if not resume and state_path.is_file():
         warnings.warn(f"{state_path}: a stopped fit saved its training state here; starting afresh "
                       "(fit with resume=True, or `stmae fit --resume`, to continue it instead)", stacklevel=2)
+    elif resume and start is None:
+        finished = " (the run folder there is complete: nothing was stopped)" if (Path(out_dir) / "meta.json").is_file() else ""
+        warnings.warn(f"{state_path}: no saved training state{finished}; training from the start", stacklevel=2)
     train_started = time.perf_counter()
     losses = train_model(
         model, stats.apply(train_feats), cfg.train, device, quiet=quiet, split_block=cfg.model.split_block,
