@@ -302,10 +302,10 @@ def _finished_fit(run_dir: Path, cfg: Any, n_images: int) -> Any:
     and number of training images, as a FitResult, so a run stopped after a long fit (in
     the evaluation or the kNN) does not train again; None otherwise."""
     import stmae
-    from stmae.checkpoint import CheckpointError
+    from stmae.checkpoint import META_FILE, CheckpointError
     from stmae.train import FitResult
 
-    if not (run_dir / "meta.json").is_file():
+    if not (run_dir / META_FILE).is_file():
         return None
     try:
         detector = stmae.load(run_dir, device=cfg.train.device)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import META_FILE, CheckpointError
 from .fileio import atomic_write
 
 #: File name of the training state inside the run folder.
@@ -107,3 +108,21 @@ class TrainState:
             ema=payload["ema"],
             train_seconds=float(payload.get("train_seconds", 0.0)),
         )
+
+
+def starting_state(path: Path, expected_fingerprint: str, resume: bool) -> TrainState | None:
+    """The state a fit starts from: the saved one when ``resume``, else None.
+
+    Either way a surprise is said out loud (UserWarning): a saved state that a fit without
+    ``resume`` is about to overwrite, or ``resume`` with nothing saved (and whether the run
+    folder is already complete), since both mean hours of training done again.
+    """
+    if resume and path.is_file():
+        return TrainState.load(path, expected_fingerprint)
+    if path.is_file():
+        warnings.warn(f"{path}: a stopped fit saved its training state here; starting afresh "
+                      "(fit with resume=True, or `stmae fit --resume`, to continue it instead)", stacklevel=3)
+    elif resume:
+        finished = " (the run folder there is complete: nothing was stopped)" if (path.parent / META_FILE).is_file() else ""
+        warnings.warn(f"{path}: no saved training state{finished}; training from the start", stacklevel=3)
+    return None

@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +32,7 @@ from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
 from .infer import Detector, build_extractor, build_model
 from .model import STMAE, random_splits, reconstruction_loss
-from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint
+from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint, starting_state
 
 
 @dataclass
@@ -248,13 +247,7 @@ def fit(
     model = build_model(cfg, extractor.out_channels)
     state_path = Path(out_dir) / STATE_FILE
     state_id = fingerprint(cfg.to_dict(), [str(samples[i].path or samples[i].name) for i in train_idx])
-    start = TrainState.load(state_path, state_id) if resume and state_path.is_file() else None
-    if not resume and state_path.is_file():
-        warnings.warn(f"{state_path}: a stopped fit saved its training state here; starting afresh "
-                      "(fit with resume=True, or `stmae fit --resume`, to continue it instead)", stacklevel=2)
-    elif resume and start is None:
-        finished = " (the run folder there is complete: nothing was stopped)" if (Path(out_dir) / "meta.json").is_file() else ""
-        warnings.warn(f"{state_path}: no saved training state{finished}; training from the start", stacklevel=2)
+    start = starting_state(state_path, state_id, resume)
     train_started = time.perf_counter()
     losses = train_model(
         model, stats.apply(train_feats), cfg.train, device, quiet=quiet, split_block=cfg.model.split_block,
