@@ -12,9 +12,10 @@ import stmae
 from stmae.checkpoint import CheckpointError, load_run
 from stmae.config import Config, ConfigError, preset
 from stmae.model import PatchMemory
+from stmae.model import memory as memory_module
 from stmae.model.memory import patch_rows
 
-from .conftest import tiny_config
+from .conftest import load_benchmark, tiny_config
 
 
 def test_patch_rows_are_image_major_then_row_major():
@@ -37,6 +38,24 @@ def test_bank_is_a_coreset_of_the_training_patches_and_banked_patches_are_at_dis
     assert far.shape == (3, 4, 4) and torch.all(far > 50)
     with pytest.raises(ValueError, match="coreset ratio"):
         PatchMemory.fit(feats, 0.0)
+
+
+coreset_speed = load_benchmark("coreset_speed")
+
+
+@pytest.mark.parametrize("candidates", [1024, 8, 1])
+def test_greedy_coreset_picks_what_the_textbook_loop_picks(monkeypatch, candidates):
+    """The candidate list + batched updates is an exact rewrite of the row-by-row loop: the
+    same indices in the same order, also when a tiny list forces a batch update at almost
+    every step (and with duplicate rows, which must still give distinct indices)."""
+    monkeypatch.setattr(memory_module, "CORESET_CANDIDATES", candidates)
+    feats = coreset_speed.clustered_features(3000, seed=1)
+    picked = memory_module.greedy_coreset(feats, 300, seed=5)
+    assert torch.equal(picked, coreset_speed.textbook_coreset(feats, 300, seed=5))
+    doubled = torch.cat([feats[:40], feats[:40]])
+    picked = memory_module.greedy_coreset(doubled, 60, seed=2)
+    assert len(set(picked.tolist())) == 60
+    assert {i % 40 for i in picked[:40].tolist()} == set(range(40))  # every distinct row before any copy
 
 
 def test_blend_divides_each_map_by_its_good_image_median():

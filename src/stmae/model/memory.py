@@ -73,6 +73,19 @@ def greedy_coreset(
     selection are computed after a seeded sparse random projection to ``projection_dim``
     dims (skipped when C is already that small). Deterministic for a given ``seed``;
     ``min(count, M)`` distinct indices, in selection order.
+
+    How it stays fast: the textbook loop updates every row's distance to the chosen set
+    after each pick, a matrix-vector product per step that is bound by memory bandwidth
+    (about an hour for 700k patches on a 2-core CPU). Here only a short list of
+    *candidates* (the rows farthest from the chosen set at the last full update) is kept
+    exact at every step; the other rows are brought up to date in batches, one
+    matrix-matrix product against all centres picked since the last update. A row's
+    distance to the chosen set only ever shrinks, so a row left out of the candidates is
+    at most as far as the largest value outside the list (``bound``); while the best
+    candidate is farther than that, it is the true farthest row, exactly as in the
+    textbook loop. When it is not, a batch update runs and the list is rebuilt. Same
+    picks in exact arithmetic, about 10x faster on a CPU (``benchmarks/coreset_speed.py``);
+    in float32 the order of near-equal picks can differ from the row-by-row loop.
     """
     m = features.shape[0]
     if count >= m:
@@ -83,22 +96,94 @@ def greedy_coreset(
     x = features.float()
     if x.shape[1] > projection_dim:
         x = x @ sparse_random_projection(x.shape[1], projection_dim, gen).to(x.device)
-    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per step instead
-    # of materialising x - c, which is what makes ~20k sequential steps affordable on CPU.
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, so every distance is a dot product.
     sq_norms = (x * x).sum(dim=1)
     min_dist = torch.full((m,), math.inf, device=x.device)
     selected = torch.empty(count, dtype=torch.long)
+    pending: list[int] = []  # centres picked since the last batch update of min_dist
+    cands: _Candidates | None = None
     idx = int(torch.randint(m, (1,), generator=gen))
     for i in tqdm(range(count), desc="coreset", unit="pt", disable=quiet, leave=False, mininterval=1.0):
+        if i > 0:
+            j = cands.best() if cands is not None else None
+            if cands is None or j is None:
+                _update_min_dist(x, sq_norms, min_dist, pending)
+                pending = []
+                cands = _Candidates.farthest(x, sq_norms, min_dist, CORESET_CANDIDATES)
+                j = int(torch.argmax(cands.dist))  # now exact for every row: the true farthest
+            idx = cands.take(j)
         selected[i] = idx
-        dist = sq_norms - 2.0 * (x @ x[idx]) + sq_norms[idx]
-        torch.minimum(min_dist, dist, out=min_dist)
         # Mark chosen rows explicitly (-inf survives every later minimum): with duplicate
         # patches (flat regions, repeated images) rounding could otherwise make a chosen row
         # the "farthest" again and return repeated indices.
         min_dist[idx] = -math.inf
-        idx = int(torch.argmax(min_dist))
+        pending.append(idx)
+        if cands is not None:
+            cands.add_centre(x[idx], sq_norms[idx])
     return selected
+
+
+#: Rows kept exact at every step of :func:`greedy_coreset`. Larger lists need fewer batch
+#: updates but cost more per step; 1,024 was fastest from 20k to 200k rows.
+CORESET_CANDIDATES = 1024
+#: Elements of one (rows x pending centres) block in a batch update: small enough to stay
+#: in cache, large enough for an efficient matrix product.
+UPDATE_BLOCK = 1 << 18
+
+
+def _update_min_dist(x: torch.Tensor, sq_norms: torch.Tensor, min_dist: torch.Tensor, centres: list[int]) -> None:
+    """min_dist (M,) <- min(min_dist, squared distance of each row of x to any of ``centres``), in place."""
+    if not centres:
+        return
+    c = torch.tensor(centres, device=x.device)
+    c_x, c_sq = x[c], sq_norms[c].unsqueeze(0)
+    rows = max(1, UPDATE_BLOCK // len(centres))
+    for start in range(0, x.shape[0], rows):
+        block = slice(start, start + rows)
+        # min_c (||x||^2 - 2 x.c + ||c||^2) = ||x||^2 + min_c (||c||^2 - 2 x.c)
+        dist = torch.addmm(c_sq, x[block], c_x.T, alpha=-2.0).amin(dim=1) + sq_norms[block]
+        torch.minimum(min_dist[block], dist, out=min_dist[block])
+
+
+@dataclass
+class _Candidates:
+    """The rows farthest from the chosen set at the last batch update, kept exact per step.
+
+    rows: their indices (on the host, so picking one needs no device sync); dist: their
+    squared distance to the chosen set (-inf once picked); x, sq: their projected features
+    and squared norms; bound: the largest min_dist of any row *not* in the list at that
+    update, an upper bound on every such row's distance from then on.
+    """
+
+    rows: list[int]
+    dist: torch.Tensor
+    x: torch.Tensor
+    sq: torch.Tensor
+    bound: float
+
+    @classmethod
+    def farthest(cls, x: torch.Tensor, sq_norms: torch.Tensor, min_dist: torch.Tensor, size: int) -> "_Candidates":
+        """The ``size`` rows with the largest (up-to-date) min_dist."""
+        k = min(size + 1, min_dist.shape[0])
+        values, order = torch.topk(min_dist, k)
+        bound = -math.inf
+        if k > size:
+            bound, values, order = float(values[size]), values[:size], order[:size]
+        return cls(order.tolist(), values.clone(), x[order], sq_norms[order], bound)
+
+    def best(self) -> int | None:
+        """Position of the farthest candidate if it is provably the farthest row of all, else None."""
+        value, j = torch.max(self.dist, 0)
+        return int(j) if float(value) > self.bound else None
+
+    def take(self, j: int) -> int:
+        """Mark candidate ``j`` as picked; its row index."""
+        self.dist[j] = -math.inf
+        return self.rows[j]
+
+    def add_centre(self, centre: torch.Tensor, centre_sq: torch.Tensor) -> None:
+        """Lower the candidates' distances by a newly picked centre (C,)."""
+        torch.minimum(self.dist, self.sq - 2.0 * (self.x @ centre) + centre_sq, out=self.dist)
 
 
 @torch.no_grad()
