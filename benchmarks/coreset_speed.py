@@ -4,19 +4,24 @@ textbook loop, and whether both pick the same patches.
 Why: the memory bank (``infer.memory``) and the kNN yardstick select 10 % of all training
 patches greedily. The textbook loop updates every patch's distance after every pick, a
 matrix-vector product per step bound by memory bandwidth: about an hour for the ~700k
-patches of Magnetic Tile's full train split on a 2-core CPU, longer than the training
-itself. The package keeps a short candidate list exact and updates the rest in batched
-matrix products (see the function's docstring); this script measures the gain and checks
-that the selection is the same set of patches.
+patches of Magnetic Tile's full train split on a 2-core CPU. The package keeps a short
+candidate list exact and updates the rest in batched matrix products (see the function's
+docstring); this script measures the gain and checks that the selection is the same set of
+patches.
 
 Data: synthetic clustered features (``--sizes`` rows, 176 channels like Lite0's stride
-4/8/16 stack, 50 Gaussian clusters, fixed seed), or real patch rows saved with
-``torch.save`` (``--features file.pt``, an (M, C) float tensor). Each size is timed
-``--repeats`` times per method (median reported) in one process; the textbook loop is
-skipped above ``--textbook-max`` rows (it takes about an hour at 700k).
+4/8/16 stack, 50 Gaussian clusters, fixed seed); real patch rows: ``--mvtec DIR`` builds the
+kNN yardstick's bank input from an MVTec-layout category (``--train-limit`` seeded training
+images, default 200 as in RESEARCH.md's protocol; the ``accurate`` preset's features,
+standardised), ``--features file.pt`` loads an (M, C) tensor saved with ``torch.save``.
+Real inputs are timed after the synthetic sizes. Each input is timed ``--repeats`` times
+per method (median reported) in one process; the textbook loop is skipped above
+``--textbook-max`` rows.
 
-Run: ``python benchmarks/coreset_speed.py [--sizes 20000,100000] [--ratio 0.1]
-[--repeats 3] [--threads 2]``; writes ``benchmarks/results/coreset_speed.json``.
+Run: ``python benchmarks/coreset_speed.py [--sizes 20000,100000] [--mvtec
+../shared/data/magnetic_tile/magnetic_tile] [--ratio 0.1] [--repeats 3] [--threads 2]``;
+writes ``benchmarks/results/coreset_speed.json``. With ``--mvtec`` on Magnetic Tile:
+about 25 minutes on a 2-core CPU, most of it the textbook loop.
 """
 
 from __future__ import annotations
@@ -74,6 +79,27 @@ def clustered_features(rows: int, seed: int = SEED) -> torch.Tensor:
     return centres[labels] + torch.randn(rows, CHANNELS, generator=gen)
 
 
+@torch.no_grad()
+def mvtec_rows(root: Path, train_limit: int | None, seed: int = 42) -> tuple[torch.Tensor, int]:
+    """The kNN yardstick's coreset input for an MVTec-layout category: standardised patch
+    rows (images x grid positions, channels) of ``train_limit`` seeded training images,
+    and the number of images."""
+    import baseline_knn  # benchmarks/ is on sys.path when this script runs
+
+    from stmae.data import load_mvtec
+    from stmae.features import FeatureStats, extract_features
+    from stmae.model.memory import patch_rows
+    from stmae.train import make_config
+
+    dataset = load_mvtec(root)
+    train = [dataset.train[i] for i in baseline_knn.subsample_indices(len(dataset.train), train_limit, seed)]
+    cfg = make_config("accurate", {})
+    extractor = baseline_knn.build_extractor(cfg).eval()
+    feats = extract_features(extractor, train, cfg.features.image_size, device="cpu", desc="train features", quiet=True)
+    stats = FeatureStats.for_training(feats, cfg.features.standardize)
+    return patch_rows(stats.apply(feats).float()), len(train)
+
+
 def _time(fn: Any, repeats: int) -> tuple[list[float], torch.Tensor]:
     times, out = [], torch.empty(0)
     for _ in range(repeats):
@@ -113,8 +139,10 @@ def compare(features: torch.Tensor, ratio: float, repeats: int, textbook_max: in
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="20000,100000", help="comma-separated row counts of synthetic features")
-    parser.add_argument("--features", type=Path, help="an (M, C) tensor saved with torch.save instead of synthetic data")
+    parser.add_argument("--sizes", default="20000,100000", help="comma-separated row counts of synthetic features ('' for none)")
+    parser.add_argument("--features", type=Path, help="also time an (M, C) tensor saved with torch.save (real patch rows)")
+    parser.add_argument("--mvtec", type=Path, help="also time the kNN bank rows of this MVTec-layout category")
+    parser.add_argument("--train-limit", type=int, default=200, help="seeded training images for --mvtec (default 200)")
     parser.add_argument("--ratio", type=float, default=0.1, help="coreset share (default 0.1, the presets')")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -123,17 +151,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    runs = []
+    inputs: list[tuple[str, Any]] = [
+        (f"synthetic: {CLUSTERS} Gaussian clusters, {CHANNELS} channels, seed {SEED}", int(size))
+        for size in args.sizes.split(",") if size.strip()
+    ]
+    if args.mvtec is not None:
+        rows, images = mvtec_rows(args.mvtec, args.train_limit)
+        inputs.append((f"kNN bank rows of {args.mvtec.name}: {images} seeded training images (seed 42), "
+                       "'accurate' preset features, standardised", rows))
     if args.features is not None:
         feats = torch.load(args.features, map_location="cpu")
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2:
             raise SystemExit(f"{args.features}: expected an (M, C) tensor saved with torch.save")
-        runs.append({"data": str(args.features), **compare(feats, args.ratio, args.repeats, args.textbook_max)})
-    else:
-        for size in (int(s) for s in args.sizes.split(",")):
-            data = f"synthetic: {CLUSTERS} Gaussian clusters, {CHANNELS} channels, seed {SEED}"
-            runs.append({"data": data, **compare(clustered_features(size), args.ratio, args.repeats, args.textbook_max)})
-            print(json.dumps(runs[-1]), flush=True)
+        inputs.append((str(args.features), feats))
+    runs = []
+    for data, source in inputs:
+        feats = clustered_features(source) if isinstance(source, int) else source
+        runs.append({"data": data, **compare(feats, args.ratio, args.repeats, args.textbook_max)})
+        print(json.dumps(runs[-1]), flush=True)
     result = {
         "what": "greedy k-center coreset: package (candidate list + batched updates) vs textbook loop",
         "ratio": args.ratio,

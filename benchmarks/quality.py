@@ -693,8 +693,9 @@ def provenance(results: dict[str, Any]) -> str:
     wall = results.get("total_seconds")
     wall_text = f", wall {wall / 60:.1f} min" if isinstance(wall, (int, float)) else ""
     if len(results.get("merged_runs") or []) > 1:
-        spent = sum(e.get("seconds") or 0 for e in results.get("datasets", {}).values())
-        wall_text = f", {spent / 60:.1f} min over {len(results['merged_runs'])} runs"
+        # Dataset times cover only the call that wrote each entry (a resumed fit's earlier
+        # calls and carried rows are not in them), so no total is claimed for a merged file.
+        wall_text = f", merged over {len(results['merged_runs'])} runs (seconds per call under Settings)"
     commit = results.get("commit")
     if commit and results.get("modified"):
         commit += f" + uncommitted changes to {len(results['modified'])} file(s)"
@@ -705,6 +706,20 @@ def provenance(results: dict[str, Any]) -> str:
         f"{results.get('device_label', '?')}{wall_text}; settings and per-class figures in "
         f"`{results.get('json_name', 'benchmarks/results/quality.json')}`.{_runs_note(results)}"
     )
+
+
+def _seconds_note(entry: dict[str, Any], results: dict[str, Any]) -> str:
+    """A dataset's wall time, and what it leaves out: rows carried from other runs, and the
+    earlier calls of a fit continued with ``--resume`` (the rows' fit s includes their training)."""
+    text = f"{entry.get('seconds', 0):.0f} s"
+    carried = any("provenance" in r for r in entry.get("rows", []))
+    if carried:
+        text += " for the rows of the call that wrote it"
+    command = (entry.get("provenance") or {}).get("command") or results.get("command", "")
+    if "--resume" in command.split():
+        text += ", which" if carried else " in a call that"
+        text += " resumed earlier work; the fit s column includes the training done in earlier calls"
+    return text
 
 
 def _per_class_table(entry: dict[str, Any]) -> str:
@@ -762,7 +777,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             continue
         s = entry.get("settings", {})
         bits = ", ".join(f"{k}={v}" for k, v in s.items())
-        lines.append(f"- **{title}** ({entry.get('seconds', 0):.0f} s): data `{entry.get('data')}`; {bits}")
+        lines.append(f"- **{title}** ({_seconds_note(entry, results)}): data `{entry.get('data')}`; {bits}")
     lines.append("")
     for key, entry in results.get("datasets", {}).items():
         if entry.get("status") == "ok" and any("per_class" in r for r in entry["rows"]):

@@ -248,7 +248,7 @@ def test_merge_keeps_other_datasets_and_their_provenance(tmp_path: Path, capsys)
     assert results["merged_runs"] == ["python benchmarks/quality.py --quick", results["command"]]
     note = quality.provenance(results)
     assert "Merged from `python benchmarks/quality.py --quick --only a,b` (commit abc1234, cuda:0 (H100)): a, b" in note
-    assert "(commit def5678, cpu (1 thread)): c" in note and "7.7 min over 2 runs" in note
+    assert "(commit def5678, cpu (1 thread)): c" in note and "merged over 2 runs" in note and " min" not in note
 
     with pytest.raises(ValueError, match="q.json.*'quick' run.*'full' run"):
         quality.merge_previous({**results, "mode": "full"}, previous, ["mnist"], tmp_path / "q.json")
@@ -291,6 +291,14 @@ def test_merge_fills_provenance_and_keeps_other_mt_protocol_rows() -> None:
     note = quality.provenance(results)
     assert "(commit abc1234, cpu (1 thread)): a (Magnetic Tile, 200-image protocol), b, c" in note
     assert f"(commit def5678, cuda:0 (H100)): a ({full})" in note
+    # The dataset's seconds say what they leave out: carried rows, and earlier calls of a resumed fit.
+    merged["seconds"] = 12.0
+    assert quality._seconds_note(merged, results) == "12 s for the rows of the call that wrote it"
+    merged["provenance"] = {**merged["provenance"], "command": cmd + " --work-dir w --resume"}
+    assert quality._seconds_note(merged, results).endswith(", which resumed earlier work; the fit s column includes the training done in earlier calls")
+    assert quality._seconds_note({"seconds": 5, "rows": []}, {"command": "q.py --resume"}) == (
+        "5 s in a call that resumed earlier work; the fit s column includes the training done in earlier calls")
+    assert quality._seconds_note({"seconds": 5, "rows": []}, {"command": "q.py --resumed-x"}) == "5 s"
     # Re-running the protocol the file holds replaces its rows instead of duplicating them.
     again = quality.merge_protocol_rows({**new_mt, "settings": mt_prev["settings"]}, mt_prev, previous)
     assert again["rows"] == new_mt["rows"]
