@@ -31,18 +31,17 @@ image score = max of the map.
 What it measures (CPU, 1 thread; RESEARCH.md's rows in brackets): image AUROC 0.925, pixel
 AUROC 0.800, AUPRO 0.754 [anomalib PatchCore 0.900 / 0.800 / 0.703]. Pixel AUROC matches;
 image AUROC is 0.025 and AUPRO 0.051 higher, so "reproduces PatchCore within ~0.02" holds
-for the pixel metric only. This is a PatchCore-style yardstick, not a copy of anomalib's model: it
-concatenates three Lite0 stages (anomalib takes the two layers it is given, which
+for the pixel metric only. This is a PatchCore-style yardstick, not a copy of anomalib's
+model: it concatenates three Lite0 stages (anomalib takes the two layers it is given, which
 RESEARCH.md does not record), standardises the channels, scores an image by the plain
 maximum of its map (anomalib re-weights with the 9 nearest bank patches by default) and
 computes AUPRO with :mod:`stmae.metrics`. Being the stronger of the two, it is the harder
 bar, and the one ST-MAE's targets also name. With a 10 % random bank (the prototype's
 recipe; a scratch run, not committed) it gave 0.887 / 0.781 / 0.742 [prototype kNN 0.89 /
-0.77]. Greedy beats random
-by 0.04 image AUROC here. The 3 x 3 local mean must zero-pad (PyTorch's default, as
-anomalib's PatchCore does): averaging over in-image cells only put the maximum of 99 % of
-the good test images on the two outermost grid rows/columns and dropped image AUROC to
-0.800.
+0.77]: greedy beats random by 0.04 image AUROC here. The 3 x 3 local mean must zero-pad
+(PyTorch's default, as anomalib's PatchCore does): averaging over in-image cells only put
+the maximum of 99 % of the good test images on the two outermost grid rows/columns and
+dropped image AUROC to 0.800.
 
 Run: ``python benchmarks/baseline_knn.py [--data PATH] [--train-limit 200] [--seed 42]
 [--coreset 0.1] [--image-size 256] [--grid-size 32] [--aggregate 3] [--out JSON] [--quiet]``.
@@ -177,14 +176,24 @@ def fit_bank(
     greedy coreset of ``max(1, int(coreset_ratio * patches))`` patches."""
     if not 0.0 < coreset_ratio <= 1.0:
         raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+    dev = torch.device(device)
+    extractor, feats, stats = training_features(train_samples, cfg, quiet, device=dev)
+    memory = PatchMemory.fit(stats.apply(feats).to(dev), coreset_ratio, seed=seed, quiet=quiet)
+    return MemoryBank(extractor, stats, memory.bank, cfg, int(feats.shape[0] * feats.shape[2] * feats.shape[3]))
+
+
+@torch.no_grad()
+def training_features(
+    train_samples: Sequence[Sample], cfg: Config, quiet: bool = True, *, device: str | torch.device = "cpu"
+) -> tuple[FeatureExtractor, torch.Tensor, FeatureStats]:
+    """The bank's input: the extractor, the raw training features (N, C, G, G) and the
+    standardisation fitted on them (``stats.apply(feats)`` is what the coreset selects from)."""
     if not train_samples:
         raise ValueError("the memory bank needs at least one training sample")
     dev = torch.device(device)
     extractor = build_extractor(cfg).to(dev).eval()
     feats = extract_features(extractor, train_samples, cfg.features.image_size, device=dev, desc="train features", quiet=quiet)
-    stats = FeatureStats.for_training(feats, cfg.features.standardize)
-    memory = PatchMemory.fit(stats.apply(feats).to(dev), coreset_ratio, seed=seed, quiet=quiet)
-    return MemoryBank(extractor, stats, memory.bank, cfg, int(feats.shape[0] * feats.shape[2] * feats.shape[3]))
+    return extractor, feats, FeatureStats.for_training(feats, cfg.features.standardize)
 
 
 def knn_baseline(

@@ -87,16 +87,12 @@ def mvtec_rows(root: Path, train_limit: int | None, seed: int = 42) -> tuple[tor
     import baseline_knn  # benchmarks/ is on sys.path when this script runs
 
     from stmae.data import load_mvtec
-    from stmae.features import FeatureStats, extract_features
     from stmae.model.memory import patch_rows
     from stmae.train import make_config
 
     dataset = load_mvtec(root)
     train = [dataset.train[i] for i in baseline_knn.subsample_indices(len(dataset.train), train_limit, seed)]
-    cfg = make_config("accurate", {})
-    extractor = baseline_knn.build_extractor(cfg).eval()
-    feats = extract_features(extractor, train, cfg.features.image_size, device="cpu", desc="train features", quiet=True)
-    stats = FeatureStats.for_training(feats, cfg.features.standardize)
+    _, feats, stats = baseline_knn.training_features(train, make_config("accurate", {}))
     return patch_rows(stats.apply(feats).float()), len(train)
 
 
