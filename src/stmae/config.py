@@ -263,6 +263,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "infer.score": "topk",
         "infer.topk": 0.01,
         "infer.memory": 0.0,
+        "infer.min_calibration": 3,  # the built-in set holds out 3 images; its threshold is for show
     },
     "lowres": {
         "features.image_size": 64,
