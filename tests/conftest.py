@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -13,7 +14,9 @@ from PIL import Image
 
 from stmae.config import Config
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Real data sets for the few tests that need them (skipped without): $STMAE_DATA, else the
+#: ``shared/data`` folder beside the checkout.
+SHARED_DATA = Path(os.environ.get("STMAE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
