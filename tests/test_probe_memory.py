@@ -1,4 +1,4 @@
-"""benchmarks/probe_memory.py: the guided distance spans snap-to-manifold .. plain kNN; the hybrid's scale."""
+"""research/probe_memory.py: the guided distance spans snap-to-manifold .. plain kNN; the hybrid's scale."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import load_benchmark, tiny_config
+from .conftest import RESEARCH, load_benchmark, tiny_config
 
-probe = load_benchmark("probe_memory")
+probe = load_benchmark("probe_memory", RESEARCH)
 
 
 def test_guided_distance_runs_from_the_snapped_reconstruction_to_the_plain_knn():

@@ -1,4 +1,4 @@
-"""benchmarks/probe_mt_edge.py: P-way partitions stay leakage-free; the image views are the dihedral group."""
+"""research/probe_mt_edge.py: P-way partitions stay leakage-free; the image views are the dihedral group."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 
 from stmae.model import random_splits
 
-from .conftest import load_benchmark
+from .conftest import RESEARCH, load_benchmark
 from .test_model import patch_slice, small_model
 
-probe = load_benchmark("probe_mt_edge")
+probe = load_benchmark("probe_mt_edge", RESEARCH)
 
 
 def test_two_groups_are_the_papers_split():
