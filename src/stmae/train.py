@@ -32,6 +32,7 @@ from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
 from .infer import Detector, build_extractor, build_model
 from .model import STMAE, random_splits, reconstruction_loss
+from .provenance import code_revision
 from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint, starting_state
 
 
@@ -302,6 +303,7 @@ def _meta(
     scores = calib_scores.tolist()
     return {
         "stmae_version": __version__,
+        "code_revision": code_revision(),  # which code made the run (stmae.provenance)
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backbone": {
             "name": backbone.info.name,
