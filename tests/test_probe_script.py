@@ -43,7 +43,7 @@ def test_partitioned_wrapper_trains_through_the_package_loop():
     m = small_model(1).train()
     losses = train_model(probe.Partitioned(m, 4), torch.randn(8, 6, 8, 8), TrainConfig(epochs=3, batch_size=4),
                          torch.device("cpu"), quiet=True)
-    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert len(losses) == 3 and losses[-1] < losses[0]  # it learns through the wrapper
     with pytest.raises(ValueError, match="equal groups"):
         probe.Partitioned(small_model(1), 3)
 
