@@ -612,7 +612,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
     p.add_argument("--variants", default="base", help="comma list of " + ", ".join(TRAIN_VARIANTS))
     p.add_argument("--scoring", default="all",
-                   help="scoring variants to run: all, or a comma list of " + ", ".join(SCORING_VARIANTS))
+                   help="scoring variants to run: all, or a comma list of "
+                   + ", ".join(SCORING_VARIANTS).replace("%", "%%"))  # argparse %-formats help
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="one-class protocols: normal classes")
     p.add_argument("--train-limit", type=int, default=150, help="one-class: training images per class")
     p.add_argument("--val", type=int, default=None,
