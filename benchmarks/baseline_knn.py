@@ -1,7 +1,8 @@
 """PatchCore-style kNN yardstick on exactly the features and maps ST-MAE uses.
 
-Why this exists: RESEARCH.md compares ST-MAE with anomalib's PatchCore and with a throwaway
-kNN prototype. Those numbers came from other code (another feature pipeline, another
+Why this exists: the project's reference figures (docs/results.md, "Reference figures")
+compare ST-MAE with anomalib's PatchCore and with a throwaway kNN prototype, measured
+before this repository. Those numbers came from other code (another feature pipeline, another
 resize, another post-processing), so a gap between them and ST-MAE mixes "the model is
 worse" with "the pipeline differs". This baseline removes the second part: it uses
 
@@ -20,19 +21,19 @@ patch's anomaly value is its L2 distance to the nearest bank entry.
 It is deliberately not part of the ``stmae`` package: it is a measuring stick, not a product.
 ``benchmarks/quality.py`` imports :func:`knn_baseline`.
 
-Protocol of the committed result (``results/baseline_knn_magnetic_tile.json``), following
-RESEARCH.md: ``load_mvtec(.../magnetic_tile/magnetic_tile)``; ``train/good`` (in loader order,
+Protocol of the committed result (``results/baseline_knn_magnetic_tile.json``), the
+200-image protocol of docs/results.md: ``load_mvtec(.../magnetic_tile/magnetic_tile)``; ``train/good`` (in loader order,
 i.e. sorted file names) subsampled to 200 with
 ``sorted(np.random.default_rng(42).choice(len(train), 200, replace=False))``; the whole test
 split; images resized to 256 x 256; grid 32, 3 x 3 local mean, coreset 10 %, sigma 4,
 image score = max of the map.
 
-What it measures (CPU, 1 thread; RESEARCH.md's rows in brackets): image AUROC 0.925, pixel
+What it measures (CPU, 1 thread; the reference rows in brackets): image AUROC 0.925, pixel
 AUROC 0.800, AUPRO 0.754 [anomalib PatchCore 0.900 / 0.800 / 0.703]. Pixel AUROC matches;
 image AUROC is 0.025 and AUPRO 0.051 higher, so "reproduces PatchCore within ~0.02" holds
 for the pixel metric only. This is a PatchCore-style yardstick, not a copy of anomalib's
 model: it concatenates three Lite0 stages (anomalib takes the two layers it is given, which
-RESEARCH.md does not record), standardises the channels, scores an image by the plain
+the reference record does not give), standardises the channels, scores an image by the plain
 maximum of its map (anomalib re-weights with the 9 nearest bank patches by default) and
 computes AUPRO with :mod:`stmae.metrics`. Being the stronger of the two, it is the harder
 bar, and the one ST-MAE's targets also name. With a 10 % random bank (the prototype's
@@ -42,7 +43,7 @@ recipe; a scratch run, not committed) it gave 0.887 / 0.781 / 0.742 [prototype k
 the maximum of 99 % of the good test images on the two outermost grid rows/columns and
 dropped image AUROC to 0.800.
 
-Run: ``python benchmarks/baseline_knn.py [--data PATH] [--train-limit 200] [--seed 42]
+Run: ``python benchmarks/baseline_knn.py [--data PATH (default ../shared/data/magnetic_tile/magnetic_tile)] [--train-limit 200] [--seed 42]
 [--coreset 0.1] [--image-size 256] [--grid-size 32] [--aggregate 3] [--out JSON] [--quiet]``.
 """
 
@@ -62,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stmae import provenance
 from stmae.config import Config
 from stmae.data import Sample, load_mvtec
 from stmae.evaluate import mask_at, per_type_breakdown
@@ -83,7 +85,8 @@ from stmae.model.memory import (
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "baseline_knn_magnetic_tile.json"
-#: RESEARCH.md's magnetic_tile rows this baseline is checked against (other code, H100).
+#: The reference magnetic_tile rows this baseline is checked against (measured before this
+#: repository, with other code, on an H100; docs/results.md, "Reference figures").
 REFERENCE = {
     "anomalib_patchcore_coreset10": {"image_auroc": 0.900, "pixel_auroc": 0.800, "aupro": 0.703},
     "prototype_knn_3x3_grid32_random10": {"image_auroc": 0.89, "pixel_auroc": 0.77},
@@ -284,7 +287,7 @@ def knn_baseline(
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
-    """RESEARCH.md's train subsampling: ``sorted(default_rng(seed).choice(n, limit, replace=False))``.
+    """The 200-image protocol's train subsampling: ``sorted(default_rng(seed).choice(n, limit, replace=False))``.
 
     ``None`` or ``limit >= n`` keeps every index.
     """
@@ -328,6 +331,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    started = time.time()
     torch.set_num_threads(args.threads)
     cfg = make_config(args.image_size, args.grid_size, args.aggregate, standardize=not args.no_standardize)
     dataset = load_mvtec(args.data)
@@ -363,13 +367,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "device": "cpu",
         "timing_note": f"{args.threads} torch thread(s) on a 2-core machine shared with other jobs",
-        "reference_research_md": REFERENCE,
+        "reference_before_this_repository": REFERENCE,
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
         "metrics": {k: v for k, v in results.items() if not k.endswith("seconds") and k != "predict_images_per_second"},
         "timings": {k: v for k, v in results.items() if k.endswith("seconds") or k == "predict_images_per_second"},
         "per_type": per_type,
         "scores": [{"name": s.display_name, "label": s.label, "score": sc} for s, sc in zip(dataset.test, scores)],
     }
+    report["provenance"] = provenance.collect("cpu", started=started)
     atomic_write_json(args.out, report)
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap")
     print("  ".join(f"{k} {results[k]:.4f}" for k in keys if results.get(k) is not None))

@@ -12,14 +12,14 @@ patches.
 Data: synthetic clustered features (``--sizes`` rows, 176 channels like Lite0's stride
 4/8/16 stack, 50 Gaussian clusters, fixed seed); real patch rows: ``--mvtec DIR`` builds the
 kNN yardstick's bank input from an MVTec-layout category (``--train-limit`` seeded training
-images, default 200 as in RESEARCH.md's protocol; the ``accurate`` preset's features,
+images, default 200 as in the 200-image protocol of docs/results.md; the ``accurate`` preset's features,
 standardised), ``--features file.pt`` loads an (M, C) tensor saved with ``torch.save``.
 Real inputs are timed after the synthetic sizes. Each input is timed ``--repeats`` times
 per method (median reported) in one process; the textbook loop is skipped above
 ``--textbook-max`` rows.
 
 Run: ``python benchmarks/coreset_speed.py [--sizes 20000,100000] [--mvtec
-../shared/data/magnetic_tile/magnetic_tile] [--ratio 0.1] [--repeats 3] [--threads 2]``;
+DATA/magnetic_tile/magnetic_tile] [--ratio 0.1] [--repeats 3] [--threads 2]``;
 writes ``benchmarks/results/coreset_speed.json``. With ``--mvtec`` on Magnetic Tile:
 about 25 minutes on a 2-core CPU, most of it the textbook loop.
 """
@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from stmae import provenance
 from stmae.fileio import atomic_write_json
 from stmae.model.memory import PROJECTION_DIM, greedy_coreset, sparse_random_projection
 
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--textbook-max", type=int, default=250_000, help="skip the textbook loop above this many rows")
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
+    started = time.time()
     torch.set_num_threads(args.threads)
 
     inputs: list[tuple[str, Any]] = [
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
+    result["provenance"] = provenance.collect("cpu", started=started)
     atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))
     print(f"written to {args.out}")

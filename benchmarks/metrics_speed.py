@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stmae import provenance
 from stmae.metrics import compute_metrics
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "metrics_speed.json"
@@ -114,7 +115,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    started = time.time()
     result = run(args.images, args.size, args.repeats)
+    result["provenance"] = provenance.collect("cpu", started=started)
     write_json_atomically(RESULTS_PATH, result)
     print(json.dumps(result, indent=2))
     print(f"written to {RESULTS_PATH}")

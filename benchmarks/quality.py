@@ -3,7 +3,7 @@
 What it runs (each dataset can be picked with ``--only``; letters or names):
 
 a. ``magnetic_tile``: Magnetic Tile Defects (MVTec layout). The 200-image protocol of
-   RESEARCH.md (``train/good`` in loader order subsampled to 200 with
+   docs/results.md (``train/good`` in loader order subsampled to 200 with
    ``sorted(np.random.default_rng(42).choice(len(train), 200, replace=False))``, 256 x 256,
    the whole test split) and, in full mode, the whole training split as a second row pair.
 b. ``fashion_mnist``: Fashion-MNIST one-class (train on one class, test on the whole test
@@ -35,18 +35,26 @@ images and 15 epochs; the demo set with 60 epochs. Every row carries its setting
 device, in the table and in the JSON.
 
 Outputs: ``benchmarks/results/quality.json`` (``quality_quick.json`` with ``--quick``) and
-the same name with ``.md``; ``--update-readme`` replaces the text between
-``<!-- quality:start -->`` and ``<!-- quality:end -->`` in README.md with the table and a
-one-line provenance note. ``--merge`` keeps the datasets of an existing results file that the
-run does not re-run, and the Magnetic Tile rows of a protocol it does not re-run, so the
-full run can go one dataset (or protocol) per call (a lent GPU allows 10 minutes per
-command). ``--from-json`` re-renders the Markdown (and README) from an
-existing results file without running anything. ``--resume`` (with ``--work-dir``) lets a
-run outlast one machine session: ST-MAE fits save their training state every few minutes,
-and the same command with ``--resume`` continues a stopped fit and reuses a finished one.
+the same name with ``.md``, and the generated part of ``docs/results.md``: the text between
+``<!-- quality:start -->`` and ``<!-- quality:end -->`` (``quality-quick`` with ``--quick``)
+becomes the table, each row with the command and commit that made it, and the targets
+(``--docs PATH`` writes another page; ``--no-docs`` none; with ``--out`` no page unless
+``--docs`` names one). Every results file records its provenance (command, commit, dirty
+flag, code revision, device, versions, seconds: :mod:`stmae.provenance`).
+
+``--merge`` keeps the datasets of an existing results file that the run does not re-run, and
+the Magnetic Tile rows of a protocol it does not re-run, so the full run can go one dataset
+(or protocol) per call (a lent GPU allows 10 minutes per command). Kept parts must come from
+this very commit with a clean tree; parts made by other code are refused, so a published
+table is always one commit's. ``--from-json`` re-renders the Markdown (and the docs page)
+from an existing results file without running anything. ``--resume`` (with ``--work-dir``)
+lets a run outlast one machine session: ST-MAE fits save their training state every few
+minutes, and the same command with ``--resume`` continues a stopped fit and reuses a
+finished one, both only when they were made by the same code (a saved state fingerprints
+the package version and code revision; a finished run folder records its code revision).
 
 Run: ``python benchmarks/quality.py [--quick] [--only a,b,c,d] [--device auto|cpu|cuda]
-[--threads 1] [--out PATH] [--update-readme]`` (full mode: hours on a CPU; use a GPU).
+[--threads 1] [--out PATH] [--data DIR]`` (full mode: hours on a CPU; use a GPU).
 """
 
 from __future__ import annotations
@@ -74,9 +82,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS_DIR = HERE / "results"
-README_PATH = REPO / "README.md"
+DOCS_PATH = REPO / "docs" / "results.md"
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+#: Where the generated block of each mode goes in the docs page.
 MARKERS = ("<!-- quality:start -->", "<!-- quality:end -->")
+QUICK_MARKERS = ("<!-- quality-quick:start -->", "<!-- quality-quick:end -->")
 
 #: Dataset keys in run order, with their ``--only`` letters and display names.
 DATASETS: dict[str, dict[str, str]] = {
@@ -100,7 +110,8 @@ DATA_PATHS = {
     "mnist": Path("mnist_5k") / "mnist_5k.csv.gz",
 }
 
-#: anomalib PatchCore on Magnetic Tile, 200-image protocol (RESEARCH.md, H100).
+#: anomalib PatchCore on Magnetic Tile, 200-image protocol: measured before this repository,
+#: with anomalib on an H100, as recorded by the project (docs/results.md, "Reference figures").
 PATCHCORE = {"image_auroc": 0.900, "pixel_auroc": 0.800, "aupro": 0.703}
 ONECLASS_TARGETS = {"fashion_mnist": 0.93, "mnist": 0.98}
 METRIC_NAMES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
@@ -154,8 +165,8 @@ TABLE_COLUMNS = [
 ]
 
 
-class ReadmeMarkerError(ValueError):
-    """README.md lacks the quality markers (or has them out of order)."""
+class PageMarkerError(ValueError):
+    """The docs page lacks the quality markers (or has them out of order)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -193,26 +204,12 @@ def parse_only(text: str) -> list[str]:
     return [k for k in DATASETS if k in wanted]
 
 
-def _git(*args: str) -> str | None:
-    """Output of a read-only git command in the repository, or None (no git, not a repository).
-
-    ``GIT_OPTIONAL_LOCKS=0`` keeps ``git status`` from refreshing (writing) the index.
-    """
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False,
-            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
 def git_state() -> dict[str, Any]:
-    """``commit`` (short hash or None) and ``modified``: tracked files with uncommitted changes."""
-    commit = (_git("rev-parse", "--short", "HEAD") or "").strip() or None
-    status = _git("status", "--porcelain", "--untracked-files=no") or ""
-    return {"commit": commit, "modified": sorted(line[3:] for line in status.splitlines() if line.strip())}
+    """``commit`` (short hash or None), ``dirty`` and ``modified`` (tracked files with uncommitted changes)."""
+    from stmae.provenance import git_state as state
+
+    got = state(REPO)
+    return {"commit": got["commit"][:7] if got["commit"] else None, "dirty": got["dirty"], "modified": got["modified"]}
 
 
 def describe_device(device: Any, threads: int) -> str:
@@ -305,6 +302,8 @@ def _finished_fit(run_dir: Path, cfg: Any, n_images: int) -> Any:
     from stmae.checkpoint import META_FILE, CheckpointError
     from stmae.train import FitResult
 
+    from stmae.provenance import ProvenanceError, code_revision
+
     if not (run_dir / META_FILE).is_file():
         return None
     try:
@@ -312,6 +311,12 @@ def _finished_fit(run_dir: Path, cfg: Any, n_images: int) -> Any:
     except CheckpointError:
         return None
     meta = detector.meta
+    if meta.get("code_revision") != code_revision():
+        raise ProvenanceError(
+            f"{run_dir}: a finished fit made by other code (code revision {meta.get('code_revision') or 'not recorded'}, "
+            f"this code {code_revision()}); --resume reuses only fits of this very code: delete the folder "
+            "or use another --work-dir"
+        )
     if detector.config.to_dict() != cfg.to_dict() or meta.get("n_train", 0) + meta.get("n_val", 0) != n_images:
         return None
     return FitResult(run_dir=run_dir, detector=detector, meta=meta, losses=list(meta.get("losses", [])))
@@ -558,7 +563,7 @@ def missing_data(key: str, data_root: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------------------
-# Targets, tables, README
+# Targets, tables, the docs page
 # --------------------------------------------------------------------------------------
 
 
@@ -604,7 +609,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     knn = _find_row(results, "mt200", KNN)
     for metric, value in PATCHCORE.items():
         add("mt200", f"Magnetic Tile 200: ST-MAE {METRIC_NAMES[metric]} >= PatchCore", metric, value,
-            st and st.get(metric), "anomalib PatchCore (RESEARCH.md)")
+            st and st.get(metric), "anomalib PatchCore (reference)")
     for metric in PATCHCORE:
         add("mt200", f"Magnetic Tile 200: ST-MAE {METRIC_NAMES[metric]} >= same-run kNN", metric,
             knn and knn.get(metric), st and st.get(metric), "kNN baseline, same run")
@@ -624,7 +629,7 @@ def _target_cell(targets: list[dict[str, Any]], key: str, method: str) -> str:
     if not mine:
         return ""
     parts = []
-    for ref, label in (("anomalib PatchCore (RESEARCH.md)", "PatchCore"), ("kNN baseline, same run", "kNN"),
+    for ref, label in (("anomalib PatchCore (reference)", "PatchCore"), ("kNN baseline, same run", "kNN"),
                        ("issue target", None)):
         group = [t for t in mine if t["reference"] == ref]
         if not group:
@@ -785,38 +790,115 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def readme_block(results: dict[str, Any]) -> str:
-    """What goes between the README markers: the results table, a one-line provenance note and,
-    where some dataset ran with less than the full protocol, what it left out."""
+def row_provenance(results: dict[str, Any], entry: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of one table row: its own (carried rows), else its dataset's, else the file's."""
+    return row.get("provenance") or entry.get("provenance") or entry_provenance(results)
+
+
+def traceable(prov: dict[str, Any]) -> str | None:
+    """None when ``prov`` names one command and one commit of a clean tree; else why not.
+
+    A ``--resume`` call recorded before entries kept their code revision may have continued
+    a fit made at another commit (nothing refused that then), so its figures are not one
+    commit's.
+    """
+    if not prov.get("command") or not prov.get("commit"):
+        return "no command or commit recorded"
+    if prov.get("dirty") or prov.get("modified"):
+        return "made with uncommitted changes"
+    if "--resume" in str(prov["command"]).split() and not prov.get("code_revision"):
+        return "a fit resumed across calls whose code was not recorded"
+    return None
+
+
+def page_block(results: dict[str, Any]) -> str:
+    """The generated block of docs/results.md: the table with a ``run`` column naming the
+    command and commit of every row, the runs, reduced settings and the targets.
+
+    Rows whose run is not one command at one commit (:func:`traceable`) are listed with
+    their figures withheld, so the page never shows a figure that no single call reproduces.
+    """
+    from stmae.report import markdown_table
+
+    runs: dict[tuple, int] = {}
+    run_list: list[str] = []
+    rows = []
+    withheld: set[str] = set()  # row keys (mt200, fashion_mnist, ...) whose figures are withheld
+    plain = iter(table_rows(results))
+    for key, entry in results.get("datasets", {}).items():
+        if entry.get("status") != "ok":
+            rows.append({**next(plain), "run": ""})
+            continue
+        for row in entry["rows"]:
+            cells = next(plain)
+            prov = row_provenance(results, entry, row)
+            ident = (prov.get("command"), prov.get("commit"), prov.get("device_label"))
+            if ident not in runs:
+                runs[ident] = len(runs) + 1
+                why = traceable(prov)
+                run_list.append(
+                    f"{runs[ident]}. `{prov.get('command')}` at commit {prov.get('commit') or '?'}, "
+                    f"{str(prov.get('created', '?'))[:10]}, {prov.get('device_label', '?')}"
+                    + (f" (figures withheld: {why})" if why else ""))
+            cells["run"] = str(runs[ident])
+            if traceable(prov):
+                withheld.add(row["key"])
+                for col in ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "fit s", "target"):
+                    cells[col] = "withheld" if col != "target" else ""
+            rows.append(cells)
+    columns = [*TABLE_COLUMNS[:-1], "run", TABLE_COLUMNS[-1]]
     reduced = results.get("reduced_settings") or {}
-    note = f"\n\n**Reduced settings** (not the full protocol): {'; '.join(reduced.values())}." if reduced else ""
-    return results_table(results) + "\n" + provenance(results) + note + "\n"
+    lines = [
+        f"Generated by `benchmarks/quality.py` from `{results.get('json_name', 'benchmarks/results/quality.json')}` "
+        f"({'quick mode: reduced settings' if results.get('mode') == 'quick' else 'full settings'}); "
+        "settings, per-class and per-defect-type figures are in that file and its `.md`.",
+        "",
+        markdown_table(rows, columns).rstrip("\n"),
+        "",
+        "Runs (the `run` column):",
+        "",
+        *run_list,
+    ]
+    if reduced:
+        lines += ["", f"**Reduced settings** (not the full protocol): {'; '.join(reduced.values())}."]
+    targets = [
+        {"target": t["target"], "required": t["required"],
+         "measured": "withheld" if t["row"] in withheld else t["measured"],
+         "status": "withheld" if t["row"] in withheld
+         else t["status"] + (" (indicative)" if t.get("indicative_only") and t["status"] != "not run" else "")}
+        for t in results.get("targets") or evaluate_targets(results)
+    ]
+    lines += ["", markdown_table(targets, ["target", "required", "measured", "status"]).rstrip("\n")]
+    return "\n".join(lines) + "\n"
 
 
-def check_readme(readme: Path) -> str:
-    """README text, or :class:`ReadmeMarkerError` naming the file and the markers."""
-    name = readme.name
+def page_markers(results: dict[str, Any]) -> tuple[str, str]:
+    return QUICK_MARKERS if results.get("mode") == "quick" else MARKERS
+
+
+def check_page(page: Path, markers: tuple[str, str] = MARKERS) -> str:
+    """The page's text, or :class:`PageMarkerError` naming the file and the markers."""
     try:
-        text = readme.read_text(encoding="utf-8")
+        text = page.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ReadmeMarkerError(f"{readme}: not found; cannot update {name}") from None
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+        raise PageMarkerError(f"{page}: not found; cannot write the results block into it") from None
+    start, end = text.find(markers[0]), text.find(markers[1])
     if start < 0 or end < 0 or end < start:
-        raise ReadmeMarkerError(
-            f"{readme} ({name}): markers {MARKERS[0]} and {MARKERS[1]} not found (or out of order); "
-            f"add both lines to {name} where the quality table should go"
+        raise PageMarkerError(
+            f"{page}: markers {markers[0]} and {markers[1]} not found (or out of order); "
+            f"add both lines to {page.name} where the quality table should go"
         )
     return text
 
 
-def update_readme(readme: Path, content: str) -> None:
-    """Replace the text between the quality markers in ``readme`` with ``content``."""
+def update_page(page: Path, content: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Replace the text between ``markers`` in ``page`` with ``content``."""
     from stmae.fileio import atomic_write_text
 
-    text = check_readme(readme)
-    start = text.find(MARKERS[0]) + len(MARKERS[0])
-    end = text.find(MARKERS[1])
-    atomic_write_text(readme, text[:start] + "\n" + content.strip("\n") + "\n" + text[end:])
+    text = check_page(page, markers)
+    start = text.find(markers[0]) + len(markers[0])
+    end = text.find(markers[1])
+    atomic_write_text(page, text[:start] + "\n" + content.strip("\n") + "\n" + text[end:])
 
 
 # --------------------------------------------------------------------------------------
@@ -843,8 +925,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "the Markdown goes next to it with .md")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
-                   help=f"folder holding magnetic_tile/, fashion_mnist/, mnist_5k/ (default {DEFAULT_DATA_ROOT})")
+    p.add_argument("--data", "--data-root", dest="data_root", type=Path, default=DEFAULT_DATA_ROOT,
+                   help="folder holding magnetic_tile/, fashion_mnist/, mnist_5k/ (default: ../shared/data)")
     p.add_argument("--epochs", type=int, default=None, help="override ST-MAE epochs on every dataset")
     p.add_argument("--mt-protocols", default=None, type=_mt_protocols,
                    help="Magnetic Tile protocols to run: 200, full or 200,full (default: the mode's)")
@@ -861,11 +943,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="with --work-dir: continue ST-MAE fits that an earlier call left stopped there (they save "
                    "their training state every few minutes) and reuse those it finished, so a run longer than "
                    "a machine's session can be done in several calls")
-    p.add_argument("--update-readme", action="store_true",
-                   help=f"replace the text between {MARKERS[0]} and {MARKERS[1]} in README.md with the table")
-    p.add_argument("--readme", type=Path, default=README_PATH, help=argparse.SUPPRESS)
+    p.add_argument("--docs", type=Path, default=None,
+                   help="page whose quality block (between the quality markers) gets the table (default: "
+                   "docs/results.md, unless --out is given)")
+    p.add_argument("--no-docs", action="store_true", help="write no docs page")
     p.add_argument("--from-json", type=Path, default=None,
-                   help="run nothing: re-render the Markdown (and README with --update-readme) from this results JSON")
+                   help="run nothing: re-render the Markdown (and the docs page) from this results JSON")
     p.add_argument("--merge", action="store_true",
                    help="keep the datasets of an existing --out file that this run does not re-run (same mode), "
                    "and its Magnetic Tile rows of protocols not in --mt-protocols, so a long run can be done "
@@ -878,6 +961,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--coreset must be in (0, 1]")
     if args.resume and args.work_dir is None:
         p.error("--resume needs --work-dir (the default work folder is temporary and deleted at the end)")
+    if args.no_docs:
+        args.docs = None
+    elif args.docs is None and args.out is None:
+        args.docs = DOCS_PATH
     return args
 
 
@@ -999,6 +1086,20 @@ def merge_previous(results: dict[str, Any], previous: dict[str, Any], rerun: Seq
     # Files written before entries kept their own provenance: the file's top level is theirs.
     kept = {k: {"provenance": entry_provenance(previous), **v}
             for k, v in previous.get("datasets", {}).items() if k not in rerun}
+    for key, entry in kept.items():  # a table of one commit: parts made by other code are refused
+        check_same_code(entry["provenance"], results, f"{source}: dataset {key!r}")
+        for row in entry.get("rows", []):
+            if "provenance" in row:
+                check_same_code(row["provenance"], results, f"{source}: dataset {key!r}, row {row['row']!r}")
+    if "magnetic_tile" in rerun and "magnetic_tile" in previous.get("datasets", {}):
+        # rows of Magnetic Tile protocols this call does not re-run are carried over too
+        ran = set(results["settings"].get("magnetic_tile", {}).get("protocols", []))
+        old = previous["datasets"]["magnetic_tile"]
+        fallback = old.get("provenance") or entry_provenance(previous)
+        for row in old.get("rows", []):
+            if MT_ROW_PROTOCOL.get(row.get("key")) not in ran:
+                check_same_code(row.get("provenance", fallback), results,
+                                f"{source}: dataset 'magnetic_tile', row {row['row']!r}")
     for key in kept:
         results["settings"].setdefault(key, previous.get("settings", {}).get(key))
         if key in (previous.get("reduced_settings") or {}):
@@ -1045,9 +1146,29 @@ def in_run_order(datasets: dict[str, Any]) -> dict[str, Any]:
 
 
 def entry_provenance(results: dict[str, Any]) -> dict[str, Any]:
-    """What a dataset entry records of the run that produced it (kept when files are merged)."""
+    """What a dataset entry records of the run that produced it (kept when files are merged):
+    command, date, commit, uncommitted files, device, and (files written since provenance was
+    recorded) the dirty flag, code revision and versions, which :func:`check_same_code` compares."""
     keys = ("command", "created", "commit", "modified", "device_label")
-    return {k: results.get(k) for k in keys}
+    out = {k: results.get(k) for k in keys}
+    full = results.get("provenance") or {}
+    for k in ("dirty", "code_revision", "versions"):
+        if k in full:
+            out[k] = full[k]
+    return out
+
+
+def check_same_code(recorded: dict[str, Any] | None, results: dict[str, Any], what: str) -> None:
+    """Refuse (:class:`stmae.provenance.ProvenanceError`, a ValueError) a part made by other
+    code than this run: another commit, or either side with uncommitted changes."""
+    from stmae.provenance import require_same_code
+
+    current = entry_provenance(results)
+    current["dirty"] = bool(current.get("dirty") or current.get("modified"))
+    recorded = dict(recorded or {})
+    if recorded:
+        recorded["dirty"] = bool(recorded.get("dirty") or recorded.get("modified"))
+    require_same_code(recorded, current, what)
 
 
 def _runs_note(results: dict[str, Any]) -> str:
@@ -1087,10 +1208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
 
-    if args.update_readme:  # fail before hours of work, not after
+    markers = QUICK_MARKERS if args.quick else MARKERS
+    if args.docs is not None and args.from_json is None:  # fail before hours of work, not after
         try:
-            check_readme(args.readme)
-        except ReadmeMarkerError as exc:
+            check_page(args.docs, markers)
+        except PageMarkerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
@@ -1098,18 +1220,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         import json
 
         results = json.loads(args.from_json.read_text(encoding="utf-8"))
+        if args.docs is not None:
+            try:
+                check_page(args.docs, page_markers(results))
+            except PageMarkerError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         out = args.out or args.from_json
         write_outputs(results, out)
         print(f"re-rendered {out.with_suffix('.md')}")
         print_summary(results)
-        if args.update_readme:
-            update_readme(args.readme, readme_block(results))
-            print(f"updated {args.readme} between {MARKERS[0]} and {MARKERS[1]}")
+        if args.docs is not None:
+            update_page(args.docs, page_block(results), page_markers(results))
+            print(f"updated {args.docs} between {' and '.join(page_markers(results))}")
         return 0
 
     import torch
 
     import stmae
+    from stmae import provenance as prov_mod
+    from stmae.checkpoint import CheckpointError
     from stmae.device import resolve_device
 
     torch.set_num_threads(args.threads)
@@ -1128,8 +1258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_label = describe_device(torch_device, args.threads)
     reductions = describe_reductions(settings, args.only)
     started = time.perf_counter()
+    command = shlex.join(["python", "benchmarks/quality.py", *argv_list])
     results: dict[str, Any] = {
-        "command": shlex.join(["python", "benchmarks/quality.py", *argv_list]),
+        "command": command,
         "mode": "quick" if args.quick else "full",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "stmae_version": stmae.__version__,
@@ -1145,6 +1276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else None,
         },
         "json_name": _rel(out),
+        "provenance": prov_mod.collect(str(torch_device), command=command, repo=REPO, started=time.time()),
         "reduced_settings": reductions,  # dataset key -> what differs from the full protocol
         "settings": settings,
         "datasets": {},
@@ -1183,6 +1315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 entry = RUNNERS[key](settings[key], ctx)
                 entry = {"status": "ok", "settings": settings[key], **entry}
+            except (prov_mod.ProvenanceError, CheckpointError) as exc:  # --resume met other code: stop
+                print(f"error: [{key}] {exc}", file=sys.stderr)
+                return 2
             except Exception as exc:  # noqa: BLE001 - one broken dataset must not lose the others' hours
                 failed = True
                 traceback.print_exc()
@@ -1191,7 +1326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry["seconds"] = round(time.perf_counter() - t0, 1)
             entry["provenance"] = entry_provenance(results)
             if key == "magnetic_tile" and previous:
-                entry = merge_protocol_rows(entry, previous.get("datasets", {}).get(key), previous)
+                try:
+                    entry = merge_protocol_rows(entry, previous.get("datasets", {}).get(key), previous)
+                except ValueError as exc:  # checked before any work too; kept for safety
+                    print(f"error: --merge: {exc}", file=sys.stderr)
+                    return 2
                 results["settings"][key] = entry["settings"]
                 results["reduced_settings"].pop(key, None)
                 results["reduced_settings"].update(describe_reductions(results["settings"], [key]))
@@ -1202,12 +1341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_outputs(results, out)  # after every dataset: a late crash keeps the earlier figures
 
     results["total_seconds"] = round(time.perf_counter() - started, 1)
+    results["provenance"]["seconds"] = results["total_seconds"]
     write_outputs(results, out)
     print_summary(results)
     print(f"\nwrote {out} and {out.with_suffix('.md')} ({results['total_seconds'] / 60:.1f} min)")
-    if args.update_readme:
-        update_readme(args.readme, readme_block(results))
-        print(f"updated {args.readme} between {MARKERS[0]} and {MARKERS[1]}")
+    if args.docs is not None:
+        update_page(args.docs, page_block(results), markers)
+        print(f"updated {args.docs} between {markers[0]} and {markers[1]}")
     return 1 if failed else 0
 
 

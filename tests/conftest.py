@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -13,13 +14,16 @@ from PIL import Image
 
 from stmae.config import Config
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Real data sets for the few tests that need them (skipped without): $STMAE_DATA, else the
+#: ``shared/data`` folder beside the checkout.
+SHARED_DATA = Path(os.environ.get("STMAE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RESEARCH = Path(__file__).resolve().parents[1] / "research"
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` (a script folder, not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+def load_benchmark(name: str, folder: Path = BENCHMARKS) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (or ``research/<name>.py``: a script folder, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules

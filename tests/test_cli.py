@@ -31,17 +31,46 @@ def test_cli_fit_predict_test(tiny_mvtec, tmp_path):
     assert len(rows) == 6
     assert {"path", "score", "label", "heatmap"} <= set(rows[0])
     assert all((tmp_path / "preds" / row["heatmap"]).is_file() for row in rows)
-    assert all(row["label"] in ("0", "1") for row in rows)
 
     r = run("test", str(tmp_path / "run"), str(tiny_mvtec), "--out", str(tmp_path / "eval"), "-q")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
-    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap"):
-        assert 0.0 <= res[key] <= 1.0, key
+    # The red squares are grossly visible: every defect image outscores every good one and
+    # the maps cover the squares (train seeds 0, 1, 2 all give AUROC 1, pixel AUROC >= 0.998,
+    # AUPRO >= 0.995, and a gap of 3.8-4.4 between the lowest defect and highest good score).
+    assert res["image_auroc"] == 1.0 and res["image_ap"] == 1.0 and res["image_f1max"] == 1.0
+    assert res["pixel_auroc"] > 0.98 and res["aupro"] > 0.95
     assert res["n_images"] == 6 and set(res["per_type"]) == {"good", "spot"}
     assert (tmp_path / "eval" / "report.html").read_text().count("<img") == 6
-    assert len(list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))) == 6
+    scored = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
+    assert len(scored) == 6
+    good = [float(r["score"]) for r in scored if r["defect_type"] == "good"]
+    spots = [float(r["score"]) for r in scored if r["defect_type"] == "spot"]
+    assert len(good) == len(spots) == 3 and min(spots) > max(good) + 1.0
+    assert [r["predicted"] for r in scored if r["defect_type"] == "spot"] == ["1"] * 3
+    # predict agrees with test on the same images: the defects are labelled anomalous there too
+    assert [r["label"] for r in rows if "spot" in r["path"]] == ["1"] * 3
 
+
+
+def test_cli_residual_ranks_defects_above_good(tmp_path):
+    """The paper's residual alone (``--memory 0``), through the CLI, on the checkerboard set
+    of ``test_detection.py``, whose grey defects a reconstruction of noise does not find
+    (the red squares above are found by any score that grows with the feature norm)."""
+    from .test_detection import DETECTION_SETTINGS, write_checkerboard_set
+
+    root = write_checkerboard_set(tmp_path / "cb")
+    cfg = tmp_path / "tiny.yaml"
+    tiny_config(**DETECTION_SETTINGS).save(cfg)
+    r = run("fit", str(root), "--out", str(tmp_path / "run"), "--config", str(cfg), "--memory", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run("test", str(tmp_path / "run"), str(root), "--out", str(tmp_path / "eval"), "-q")
+    assert r.returncode == 0, r.stderr
+    scored = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
+    good = [float(r["score"]) for r in scored if r["defect_type"] == "good"]
+    grey = [float(r["score"]) for r in scored if r["defect_type"] == "grey"]
+    assert len(good) == len(grey) == 6 and min(grey) > max(good)
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["image_auroc"] == 1.0
 
 def test_cli_memory_option_turns_the_bank_off(tiny_mvtec, tmp_path):
     cfg = tmp_path / "tiny.yaml"

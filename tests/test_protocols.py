@@ -35,15 +35,17 @@ def test_oneclass_folder_protocol_rows_per_class(tmp_path):
             img = np.clip(rng.normal(level, 8, (32, 32)), 0, 255).astype(np.uint8)
             write_png(tmp_path / "classes" / cls / f"{i}.png", img)
     lines: list[str] = []
-    summary = oneclass("folder", tmp_path / "classes", tmp_path / "out", "all", tiny_config(), quiet=True, log=lines.append)
+    # memory 0: the quality bar below is the residual's, not the memory bank's
+    cfg = tiny_config(**{"infer.memory": 0.0})
+    summary = oneclass("folder", tmp_path / "classes", tmp_path / "out", "all", cfg, quiet=True, log=lines.append)
     assert [r["class"] for r in summary["rows"]] == ["dark", "light", "mid"]
     assert len(lines) == 3
     for row in summary["rows"]:
         assert row["n_test"] == 6  # 20% of 10 images x 3 classes
         assert row["n_train"] + 1 == 8  # 80% of 10, one held out for the threshold
     assert summary["mean"]["image_auroc"] == pytest.approx(np.mean([r["image_auroc"] for r in summary["rows"]]))
-    # the classes differ grossly, so even a tiny model separates them
-    assert summary["mean"]["image_auroc"] > 0.8
+    # the classes differ grossly, so even a tiny model's residual separates them
+    assert all(r["image_auroc"] >= 0.95 for r in summary["rows"]), summary["rows"]  # 1.0 each when written
     one = oneclass("folder", tmp_path / "classes", tmp_path / "out1", "mid", tiny_config(), quiet=True, log=lambda s: None)
     assert [r["class"] for r in one["rows"]] == ["mid"]
 

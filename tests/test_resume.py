@@ -65,6 +65,22 @@ def test_resume_with_other_settings_is_refused(tiny_mvtec, tmp_path, monkeypatch
     assert res.meta["resumed_at_epoch"] == 1
 
 
+@pytest.mark.parametrize("change", ["code_revision", "version"])
+def test_resume_of_a_state_saved_by_other_code_is_refused(tiny_mvtec, tmp_path, monkeypatch, change):
+    import stmae.resume as resume_module
+
+    cfg = tiny_config(**{"train.epochs": EPOCHS})
+    run = tmp_path / "stopped"
+    _interrupted_fit(monkeypatch, tiny_mvtec, run, cfg, stop_step=3)
+    if change == "code_revision":  # the package's source changed since the state was saved
+        monkeypatch.setattr(resume_module, "code_revision", lambda: "0123456789abcdef")
+    else:  # another release of the package
+        monkeypatch.setattr(resume_module, "__version__", "9.9.9")
+    with pytest.raises(CheckpointError, match=str(run / STATE_FILE) + ".*other code"):
+        stmae.fit(tiny_mvtec, run, cfg, quiet=True, resume=True)
+    assert (run / STATE_FILE).is_file()  # refused, not deleted
+
+
 def test_fit_without_resume_warns_and_starts_afresh(tiny_mvtec, tmp_path, monkeypatch):
     cfg = tiny_config(**{"train.epochs": EPOCHS})
     run = tmp_path / "stopped"

@@ -41,7 +41,7 @@ class FeatureConfig:
 
     image_size: int = 256  # images are resized to image_size x image_size
     grid_size: int = 32  # all layers are resized (bilinear) to grid_size x grid_size
-    aggregate: int = 3  # k x k local mean of the grid (1 = off); RESEARCH.md: helps
+    aggregate: int = 3  # k x k local mean of the grid (1 = off); helps (docs/research.md)
     standardize: bool = True  # per-channel standardisation with training statistics
     pad: int = 0  # grid cells of reflected image added around it before the backbone, then cropped
 
@@ -223,16 +223,16 @@ class Config:
 
 
 #: Named starting points; a preset is a set of overrides of the defaults above.
-#: accurate: the defaults (RESEARCH.md's best prototype recipe, kept because the Magnetic
+#: accurate: the defaults (the best recipe of the pre-repository prototype, docs/research.md; kept because the Magnetic
 #:           Tile validation ablation found nothing better; meant for a GPU), scored as the
 #:           residual blended with a memory of good patches (infer.memory 0.8: better than
-#:           either alone on every Magnetic Tile validation set, README "Choosing the defaults").
+#:           either alone on every Magnetic Tile validation set, docs/research.md "Choosing the defaults").
 #: fast:     a smaller transformer and fewer epochs, for CPUs and quick looks; same scoring.
 #: demo:     128 px crops of the built-in texture set, minutes on two CPU cores; pure residual
 #:           (the memory was not validated there).
 #: lowres:   28-32 px sources (MNIST, Fashion-MNIST, CIFAR-10) upsampled to 64 px; the
 #:           Mahalanobis residual, 3x3 mean and 60 epochs won on Fashion-MNIST/MNIST
-#:           validation classes (README, "Choosing the defaults"); pure residual.
+#:           validation classes (docs/research.md, "Choosing the defaults"); pure residual.
 PRESETS: dict[str, dict[str, Any]] = {
     "accurate": {},
     "fast": {

@@ -2,7 +2,7 @@
 
 Shallow layers localise small defects; deeper layers know what a "normal" part looks like.
 Each chosen layer is resized (bilinear) to one ``grid x grid`` size and the layers are
-concatenated on channels. An optional k x k local mean (RESEARCH.md: it helps both
+concatenated on channels. An optional k x k local mean (docs/research.md: it helps both
 ST-MAE and the kNN yardstick) gives each position a little neighbourhood context, and
 per-channel standardisation with training statistics keeps the high-magnitude deep channels
 from dominating the reconstruction loss.

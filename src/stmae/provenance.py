@@ -150,6 +150,38 @@ def same_code(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
     return bool(a.get("code_revision")) and a.get("code_revision") == b.get("code_revision")
 
 
+class ProvenanceError(ValueError):
+    """A part of a results file (or a saved state) was made by other code than this run."""
+
+
+def _code_of(prov: Mapping[str, Any]) -> str:
+    commit = prov.get("commit")
+    where = f"commit {commit[:10]}" if commit else f"code revision {prov.get('code_revision', '?')} (no git)"
+    return where + (" with uncommitted changes" if prov.get("dirty") else "")
+
+
+def require_same_code(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`ProvenanceError` unless ``recorded`` and ``current`` pass :func:`same_code`.
+
+    ``what`` names the part (``"benchmarks/results/quality.json: dataset a"``); the message
+    says which code made each side and what to do.
+    """
+    if same_code(recorded, current):
+        return
+    if not recorded:
+        made = "records no provenance (written before results recorded their commit)"
+    else:
+        made = f"was made at {_code_of(recorded)}"
+    if current.get("dirty"):
+        now = f"this run has uncommitted changes ({', '.join(current.get('modified', [])[:5]) or 'tracked files'})"
+    else:
+        now = f"this run is at {_code_of(current)}"
+    raise ProvenanceError(
+        f"{what} {made}; {now}. Parts of one results file must come from one clean commit: "
+        "commit your changes and re-run those parts, or write to another output file"
+    )
+
+
 def describe(prov: Mapping[str, Any]) -> str:
     """One line for a Markdown page: command, commit, device, versions, seconds."""
     commit = (prov.get("commit") or "no git")[:10] + (" (dirty)" if prov.get("dirty") else "")
@@ -160,4 +192,7 @@ def describe(prov: Mapping[str, Any]) -> str:
     return f"`{prov.get('command', '?')}` at commit {commit}, {str(prov.get('created', '?'))[:10]}, on {where}; {vers}{secs}"
 
 
-__all__ = ["code_revision", "collect", "command_line", "describe", "device_info", "git_state", "same_code", "versions"]
+__all__ = [
+    "ProvenanceError", "code_revision", "collect", "command_line", "describe", "device_info", "git_state",
+    "require_same_code", "same_code", "versions",
+]

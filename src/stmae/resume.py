@@ -10,8 +10,10 @@ generator that draws the batches and the splits, a resumed fit on the same devic
 the same weights as one that was never stopped (``tests/test_resume.py``).
 
 The state carries a fingerprint of everything that shapes training (the config without the
-inference and device settings, and the training images): resuming with other settings or
-other images is refused with a clear error instead of silently mixing two trainings. The
+inference and device settings, the training images, and the code: package version and
+:func:`stmae.provenance.code_revision`): resuming with other settings, other images or
+other code is refused with a clear error naming the file instead of silently mixing two
+trainings. The
 file is deleted once the run folder is complete.
 """
 
@@ -27,8 +29,10 @@ from typing import Any, Sequence
 
 import torch
 
+from . import __version__
 from .checkpoint import META_FILE, CheckpointError
 from .fileio import atomic_write
+from .provenance import code_revision
 
 #: File name of the training state inside the run folder.
 STATE_FILE = "train_state.pt"
@@ -38,14 +42,18 @@ SAVE_EVERY_SECONDS = 300.0
 
 
 def fingerprint(config: dict[str, Any], sample_ids: Sequence[str]) -> str:
-    """SHA-256 of the training-relevant config and the training images, in order.
+    """SHA-256 of the training-relevant config, the training images (in order), the package
+    version and the code revision (:func:`stmae.provenance.code_revision`).
 
     ``config`` is :meth:`Config.to_dict`; its ``infer`` section and ``train.device`` are left
     out because they do not change what is trained (resuming a CPU fit on a GPU is allowed).
+    The version and code revision are in because a fit continued by other code is a model
+    that no single version of the code trains: the state is refused instead.
     """
     relevant = {k: v for k, v in config.items() if k != "infer"}
     relevant["train"] = {k: v for k, v in relevant.get("train", {}).items() if k != "device"}
-    blob = json.dumps({"config": relevant, "samples": list(sample_ids)}, sort_keys=True, default=str)
+    code = {"version": __version__, "code_revision": code_revision()}
+    blob = json.dumps({"config": relevant, "samples": list(sample_ids), "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -93,8 +101,9 @@ class TrainState:
             raise CheckpointError(f"{p}: not an stmae training state; delete it to start afresh")
         if payload["fingerprint"] != expected_fingerprint:
             raise CheckpointError(
-                f"{p}: saved by a fit with other settings or other training images; resume with the "
-                "same config and data, or delete the file (or fit without --resume) to start afresh"
+                f"{p}: saved by a fit with other settings, other training images or other code (another "
+                "stmae version or source); resume with the same code, config and data, or delete the file "
+                "(or fit without --resume) to start afresh"
             )
         return cls(
             fingerprint=payload["fingerprint"],

@@ -35,6 +35,7 @@ from .fitting import calibrate_detector
 from .inputs import Item, expand, load_rgb
 from .infer import Detector
 from .model import STMAE, random_splits, reconstruction_loss
+from .provenance import code_revision
 from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint, starting_state
 
 
@@ -330,6 +331,7 @@ def _meta(
     scores = calib_scores.tolist()
     return {
         "stmae_version": __version__,
+        "code_revision": code_revision(),  # which code made the run (stmae.provenance)
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backbone": {
             "name": backbone.info.name,

@@ -2,10 +2,10 @@
 
 Why: on Magnetic Tile the residual of a good patch stays noisy where the tile's own fine
 texture cannot be predicted from the other half of the image, and faint defects at the
-image border drown in that noise (README, "Probing the crack gap"). The distance of a patch
+image border drown in that noise (docs/research.md, "Probing the crack gap"). The distance of a patch
 to its nearest *stored* good patch (PatchCore's score) does not have that noise, but it has
 blind spots of its own. On all three Magnetic Tile validation sets, at two schedules, the
-sum of the two maps beat both alone (``benchmarks/probe_memory.py``), so the industrial
+sum of the two maps beat both alone (``research/probe_memory.py``), so the industrial
 presets score with
 
     map = (1 - memory) * residual / median_residual + memory * distance / median_distance

@@ -12,7 +12,7 @@ Two families:
   already telling. Whitening the residual with its own normal-image covariance weighs every
   direction by how surprising an error of that size is. It is still a residual of the
   leakage-free reconstruction; the statistics only rescale it. On the validation protocols of
-  ``benchmarks/ablation.py`` it was the best residual (README, "Choosing the defaults").
+  ``research/ablation.py`` it was the best residual (docs/research.md, "Choosing the defaults").
 """
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ standardised training patches, seed 42), the residual is the package's (``mse_co
 Data: the three Magnetic Tile validation protocols of ``ablation.py`` (``mt_edge``, ``mt``,
 ``mt_extended``: validation images only, no test image is read). They share the training
 images, so each schedule trains once and is scored on all three. ``fast`` preset, CPU,
-1 thread (reduced, like the ablation). Outputs ``benchmarks/results/probe_memory.json`` and
+1 thread (reduced, like the ablation). Outputs ``research/results/probe_memory.json`` and
 ``.md`` (rows merge).
 
-Run: ``python benchmarks/probe_memory.py --variants base,epochs_x4,package``.
+Run: ``python research/probe_memory.py --variants base,epochs_x4,package``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from stmae.features import FeatureStats
+from stmae import provenance
 from stmae.fileio import atomic_write_json, atomic_write_text
 from stmae.infer import Detector, build_model
 from stmae.train import make_config, train_model
@@ -146,7 +147,7 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
         "setup": setup, "variants": {},
     }
     if out.exists():
-        results["variants"] = ab.mergeable_variants(out, setup)
+        results["variants"] = ab.mergeable_variants(out, setup, provenance.collect("cpu"))
     knn = ab._knn_module()
     cache = ab.FeatureCache()
     tasks = {}
@@ -165,8 +166,10 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
         f"{time.perf_counter() - t0:.0f} s")
     vals = {p: cache.get(cfg0, f"magnetic_tile/{p}", "val", t.test) for p, t in tasks.items()}
     for name in names:
+        started = time.time()
         if name == "package":
             results["variants"][name] = package_variant(cfg0, train_samples, tasks, vals, log)
+            results["variants"][name]["provenance"] = results["provenance"] = provenance.collect("cpu", started=started)
             atomic_write_json(out, results)
             atomic_write_text(out.with_suffix(".md"), render(results))
             continue
@@ -182,7 +185,9 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
         results["variants"][name] = {
             "epochs": cfg.train.epochs, "train_seconds": round(train_s, 1), "final_loss": losses[-1],
             "scores": scores, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "provenance": provenance.collect("cpu", started=started),
         }
+        results["provenance"] = results["variants"][name]["provenance"]  # the latest call
         log(f"{name}: train {train_s:.0f} s, " + ", ".join(
             f"{p} residual {scores[p]['residual']['image_auroc']:.3f} knn {scores[p]['knn']['image_auroc']:.3f}"
             for p in PROTOCOLS))

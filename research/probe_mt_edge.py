@@ -24,10 +24,10 @@ scoring
     channels of one backbone layer.
 
 The data are exactly ``ablation.py --protocol mt_edge``'s: validation images only, no test
-image is read. Outputs ``benchmarks/results/probe_mt_edge.json`` and ``.md`` (rows merge).
+image is read. Outputs ``research/results/probe_mt_edge.json`` and ``.md`` (rows merge).
 CPU, 1 thread, ``fast`` preset, 30 base epochs (reduced, like the ablation).
 
-Run: ``python benchmarks/probe_mt_edge.py --variants base,flip,partitions_4``.
+Run: ``python research/probe_mt_edge.py --variants base,flip,partitions_4``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from torch import nn
 
 from stmae.data import Sample, resize_image
 from stmae.features import FeatureStats, extract_features
+from stmae import provenance
 from stmae.fileio import atomic_write_json, atomic_write_text
 from stmae.infer import Detector, build_model
 from stmae.model import STMAE, feature_residual
@@ -168,7 +169,7 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
         "setup": setup, "variants": {},
     }
     if out.exists():
-        results["variants"] = ab.mergeable_variants(out, setup)
+        results["variants"] = ab.mergeable_variants(out, setup, provenance.collect("cpu"))
     (task_name, task), = ab.mt_task(cfg0.features.image_size, spec["val"], ab.PAINTERS["mt_edge"])
     cache = ab.FeatureCache()
     extractor = cache.extractor(cfg0)
@@ -179,6 +180,7 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
     bounds = np.cumsum([0] + [bb.channels[name] for name in bb.layers])
     layer_slices = {name: slice(int(a), int(b)) for name, a, b in zip(bb.layers, bounds[:-1], bounds[1:])}
     for name in names:
+        started = time.time()
         augment, parts, mult = VARIANTS[name]
         views = AUGMENT[augment]
         feats = torch.cat([train, view_features(cfg0, extractor, task.train, views)]) if views else train
@@ -199,7 +201,9 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
             "augment": augment, "train_views": 1 + len(views), "parts": parts, "epochs": epochs,
             "passes_per_image": epochs * (1 + len(views)), "train_seconds": round(train_s, 1),
             "final_loss": losses[-1], "scores": rows, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "provenance": provenance.collect("cpu", started=started),
         }
+        results["provenance"] = results["variants"][name]["provenance"]  # the latest call
         log(f"{name}: train {train_s:.0f} s, loss {losses[-1]:.3f}, P2/mean {rows['P2/mean']['image_auroc']:.3f}")
         atomic_write_json(out, results)
         atomic_write_text(out.with_suffix(".md"), render(results))

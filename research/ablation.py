@@ -10,8 +10,8 @@ data the quality benchmark never scores:
     ``--train-limit`` of its training images and is scored against ``--val`` other
     training-split images of all classes. Mean image AUROC over ``--classes``.
 ``mt``
-    Magnetic Tile: ST-MAE trains on the 200-image protocol's training subset (RESEARCH.md's
-    seed-42 subsample of ``train/good``). Validation uses other ``train/good`` images the
+    Magnetic Tile: ST-MAE trains on the 200-image protocol's training subset (the quality
+    benchmark's seed-42 subsample of ``train/good``, docs/results.md). Validation uses other ``train/good`` images the
     protocol never trains on: half stay good, half get one synthetic defect each
     (:func:`synthetic_defect`: a dark or bright soft blob, or a thin dark crack, with its
     mask). Image AUROC and pixel AUROC. The real defects of the test split are never read.
@@ -25,15 +25,19 @@ Rows. A *training* variant (a set of config overrides, :data:`TRAIN_VARIANTS`) t
 model; every trained model is then scored with every *scoring* variant
 (:data:`SCORING_VARIANTS`: residual function, image score, K split pairs, per-position
 normalisation), which costs inference only. The kNN yardstick
-(``baseline_knn.py``, same features) is scored on the same validation images for
+(``benchmarks/baseline_knn.py``, same features) is scored on the same validation images for
 reference. All settings are reduced to fit a 2-core CPU (see ``PROTOCOLS``) and every row
 says so; they rank recipes, they are not the quality figures.
 
-Outputs: ``benchmarks/results/ablation_<protocol>.json`` and ``.md`` (rows merge with an
-existing file, so protocols and variants can run in separate processes).
+Outputs: ``research/results/ablation_<protocol>.json`` and ``.md``. Rows merge with an
+existing file, so protocols and variants can run in separate processes, but only rows made
+by the same code: every row records its provenance (command, commit, device, versions,
+seconds; :mod:`stmae.provenance`) and a merge with rows from another commit or a dirty tree
+is refused.
 
-Run: ``python benchmarks/ablation.py --protocol fmnist [--variants base,epochs_x2]
-[--classes 0,1,...] [--train-limit 150] [--val 500] [--threads 1]``.
+Run: ``python research/ablation.py --protocol fmnist [--variants base,epochs_x2]
+[--classes 0,1,...] [--train-limit 150] [--val 500] [--threads 1] [--data ../shared/data]``
+(``--data``: the folder holding ``magnetic_tile/``, ``fashion_mnist/`` and ``mnist_5k/``).
 """
 
 from __future__ import annotations
@@ -55,27 +59,44 @@ from PIL import Image, ImageDraw, ImageFilter
 from stmae.config import Config
 from stmae.data import Sample, load_mvtec, load_oneclass, resize_image
 from stmae.features import FeatureStats, extract_features
+from stmae import provenance
 from stmae.fileio import atomic_write_json, atomic_write_text
+from stmae.provenance import ProvenanceError, require_same_code
 from stmae.infer import Detector, build_extractor, build_model
 from stmae.metrics import auroc
 from stmae.model import PatchMemory
 from stmae.train import make_config, train_model
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 RESULTS_DIR = HERE / "results"
-DATA_ROOT = HERE.parent.parent / "shared" / "data"
+#: Default data folder (``--data``): ``shared/data`` beside the checkout.
+DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+_data_root = DEFAULT_DATA_ROOT
+
+
+def set_data_root(root: Path) -> None:
+    """Where :func:`data_path` finds the data sets (``--data``)."""
+    global _data_root
+    _data_root = Path(root)
+
+
+def data_path(spec: dict[str, Any]) -> Path:
+    """A protocol's data set under the data root."""
+    return _data_root / spec["data"]
+
 
 #: Per protocol: data, base preset, reduced epochs, and overrides that pin the base to the
 #: recipe the recorded rows were run from (the ``lowres`` preset before this study had no
 #: local mean; the study then chose it; the ``fast`` preset before it had no memory bank), so
 #: re-running a variant stays comparable.
 #: The Magnetic Tile protocols differ only in the validation defects (:data:`PAINTERS`).
-_MT: dict[str, Any] = {"data": DATA_ROOT / "magnetic_tile" / "magnetic_tile", "kind": "mvtec", "preset": "fast",
+_MT: dict[str, Any] = {"data": "magnetic_tile/magnetic_tile", "kind": "mvtec", "preset": "fast",
                        "epochs": 30, "val": 160, "base": {"infer.memory": 0.0}}
 PROTOCOLS: dict[str, dict[str, Any]] = {
-    "fmnist": {"data": DATA_ROOT / "fashion_mnist", "kind": "fashion-mnist", "preset": "lowres", "epochs": 15,
+    "fmnist": {"data": "fashion_mnist", "kind": "fashion-mnist", "preset": "lowres", "epochs": 15,
                "val": 400, "base": {"features.aggregate": 1}},
-    "mnist": {"data": DATA_ROOT / "mnist_5k" / "mnist_5k.csv.gz", "kind": "mnist", "preset": "lowres", "epochs": 15,
+    "mnist": {"data": "mnist_5k/mnist_5k.csv.gz", "kind": "mnist", "preset": "lowres", "epochs": 15,
               "val": 400, "base": {"features.aggregate": 1}},
     "mt": {**_MT, "defect": "one synthetic defect"},
     # Same training data and validation images as "mt"; the defects are long, thin, faint
@@ -144,7 +165,7 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mse_cos/max/sigma8": ("mse_cos", "max", 4, False, {"sigma": 8.0}),
     "mse_cos/max/sigma16": ("mse_cos", "max", 4, False, {"sigma": 16.0}),
     "mse_cos/top10%/sigma8": ("mse_cos", "topk", 4, False, {"sigma": 8.0, "topk": 0.1}),
-    # The residual blended with the memory of good patches (``infer.memory``, README "Design
+    # The residual blended with the memory of good patches (``infer.memory``, docs/design.md, "Design
     # notes"); chosen on Magnetic Tile by probe_memory.py, checked on one-class data with these.
     "mse_cos/max/memory0.8": ("mse_cos", "max", 4, False, {"memory": 0.8}),
     "mahalanobis/topk/memory0.5": ("mahalanobis", "topk", 4, False, {"memory": 0.5}),
@@ -236,7 +257,7 @@ def edge_crack_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.n
     good images is higher, and a defect there has to stand out against that. Cracks are
     drawn from a random edge inward, 10-35 % of the side long, 1-2 px wide, 20-50 % darker.
     Designed after looking at four real test cracks (no metric of them), which reached the
-    border; settings chosen on this probe carry that caveat (README, "Probing the crack gap").
+    border; settings chosen on this probe carry that caveat (docs/research.md, "Probing the crack gap").
     """
     h, w = image.shape[:2]
     edge = int(rng.integers(4))  # 0 top, 1 bottom, 2 left, 3 right
@@ -288,7 +309,7 @@ def oneclass_tasks(name: str, classes: Sequence[int], train_limit: int, val: int
     spec = PROTOCOLS[name]
     tasks = []
     for c in classes:
-        ds = load_oneclass(spec["kind"], spec["data"], c, train_limit=train_limit, validation=val, seed=0)
+        ds = load_oneclass(spec["kind"], data_path(spec), c, train_limit=train_limit, validation=val, seed=0)
         tasks.append((str(c), Task(ds.train, ds.test)))
     return tasks
 
@@ -299,7 +320,7 @@ def mt_task(image_size: int, n_val: int, painter: Callable[..., Any] = synthetic
     ``painter`` draws the validation defects (:data:`PAINTERS`); the images it paints on and
     the good half are the same whichever painter it is.
     """
-    ds = load_mvtec(PROTOCOLS["mt"]["data"])
+    ds = load_mvtec(data_path(PROTOCOLS["mt"]))
     train = ds.train
     chosen = sorted(np.random.default_rng(42).choice(len(train), 200, replace=False))
     unused = np.setdiff1d(np.arange(len(train)), chosen)
@@ -327,7 +348,7 @@ class Task:
 
 
 def _knn_module() -> Any:
-    spec = importlib.util.spec_from_file_location("baseline_knn", HERE / "baseline_knn.py")
+    spec = importlib.util.spec_from_file_location("baseline_knn", REPO / "benchmarks" / "baseline_knn.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -591,7 +612,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
     p.add_argument("--variants", default="base", help="comma list of " + ", ".join(TRAIN_VARIANTS))
     p.add_argument("--scoring", default="all",
-                   help="scoring variants to run: all, or a comma list of " + ", ".join(SCORING_VARIANTS))
+                   help="scoring variants to run: all, or a comma list of "
+                   + ", ".join(SCORING_VARIANTS).replace("%", "%%"))  # argparse %-formats help
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="one-class protocols: normal classes")
     p.add_argument("--train-limit", type=int, default=150, help="one-class: training images per class")
     p.add_argument("--val", type=int, default=None,
@@ -599,6 +621,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="base epochs (default: the protocol's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_ROOT,
+                   help="folder holding magnetic_tile/, fashion_mnist/, mnist_5k/ (default: ../shared/data)")
     return p.parse_args(argv)
 
 
@@ -612,24 +636,36 @@ def probe_main(argv: Sequence[str] | None, doc: str, variants: Sequence[str], de
     p.add_argument("--variants", default="base", help="comma list of " + ", ".join(variants))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=default_out)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_ROOT,
+                   help="folder holding magnetic_tile/ (default: ../shared/data)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     if unknown := [n for n in names if n not in variants]:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(variants)}")
     torch.set_num_threads(args.threads)
+    set_data_root(args.data)
     results = run(names, args.out, lambda m: print(m, flush=True))
     print(render(results))
     return results
 
 
-def mergeable_variants(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
-    """The rows already in ``path``, if they were run on the same validation setup.
+def mergeable_variants(path: Path, setup: dict[str, Any], current: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The rows already in ``path``, if they were run on the same validation setup by the
+    same code (``current``: this call's provenance; every kept row must have the same commit
+    and a clean tree, :func:`stmae.provenance.same_code`).
 
     Why refuse rather than merge: rows scored on other validation images (``--val``), another
     base schedule (``--epochs``) or another training size are not comparable, and one table
-    would silently mix them under the newest run's description.
+    would silently mix them under the newest run's description. Rows made by other code
+    would make a table that no single commit reproduces.
     """
     existing = json.loads(path.read_text())
+    if current is not None:
+        for name, row in existing.get("variants", {}).items():
+            try:
+                require_same_code(row.get("provenance"), current, f"{path}: row {name!r}")
+            except ProvenanceError as exc:
+                raise SystemExit(f"error: {exc}") from None
     recorded = existing.get("setup", setup)
     differs = {k: (recorded.get(k), v) for k, v in setup.items() if recorded.get(k) != v}
     if differs:
@@ -642,6 +678,7 @@ def mergeable_variants(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    set_data_root(args.data)
     spec = PROTOCOLS[args.protocol]
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in TRAIN_VARIANTS]
@@ -670,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.out or RESULTS_DIR / f"ablation_{args.protocol}.json"
     results: dict[str, Any] = {"protocol": args.protocol, "description": description, "setup": setup, "variants": {}}
     if out.exists():
-        results["variants"] = mergeable_variants(out, setup)
+        results["variants"] = mergeable_variants(out, setup, provenance.collect("cpu"))
     cache, knn = FeatureCache(), _knn_module()
     for name in names:
         cfg = resolve_variant(base, TRAIN_VARIANTS[name])
@@ -678,12 +715,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{name}: same as base for this protocol, skipped", flush=True)
             continue
         print(f"{name}:", flush=True)
+        started = time.time()
         # The kNN sees only the features: re-run it where a variant changes them, so a feature
         # change is judged against the yardstick on the same features, not only against base.
         with_knn = name == "base" or cache.feature_key(cfg) != cache.feature_key(base)
         row = run_variant(name, cfg, tasks, cache, knn, lambda m: print(m, flush=True), scorings, with_knn)
         row["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        row["provenance"] = provenance.collect("cpu", started=started)
         results["variants"][name] = row
+        results["provenance"] = row["provenance"]  # the latest call; each row keeps its own
         atomic_write_json(out, results)
         atomic_write_text(out.with_suffix(".md"), render(results))
     print(render(results))
