@@ -32,7 +32,7 @@ from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
 from .infer import Detector, build_extractor, build_model
 from .model import STMAE, random_splits, reconstruction_loss
-from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint, starting_state
+from .resume import STATE_FILE, TrainState, fingerprint, starting_state
 
 
 @dataclass
@@ -114,7 +114,7 @@ def train_model(
 
     With ``state_path``, the training state is written there (``stmae.resume``) at the
     first epoch boundary after every ``save_every`` seconds of training (default
-    ``stmae.resume.SAVE_EVERY_SECONDS``), and once more at the end if it was ever written,
+    ``cfg.checkpoint_seconds``), and once more at the end if it was ever written,
     so the slow steps after training (the memory's coreset) are covered too. ``start`` (a
     loaded state) continues a stopped training from its epoch.
     """
@@ -139,7 +139,7 @@ def train_model(
         if ema is not None and start.ema is not None:
             ema = [t.to(device) for t in start.ema]
     if save_every is None:
-        save_every = SAVE_EVERY_SECONDS
+        save_every = cfg.checkpoint_seconds
     began = last_save = time.perf_counter()
     saved_epoch = start.epoch if start is not None else None  # long fits: keep the end state too
 
@@ -282,8 +282,9 @@ def fit(
         meta["resumed_at_epoch"] = start.epoch
     meta["fit_seconds"] = round(time.perf_counter() - started + (start.train_seconds if start else 0.0), 3)
     detector.meta = meta
-    run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats, detector.memory)
-    state_path.unlink(missing_ok=True)  # the run folder is complete: nothing left to resume
+    # The state is not carried into the new run folder: complete, it has nothing left to resume.
+    run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats, detector.memory, drop=(STATE_FILE,))
+    state_path.unlink(missing_ok=True)
     return FitResult(run_dir=run, detector=detector, meta=meta, losses=losses)
 
 
