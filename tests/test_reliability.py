@@ -189,7 +189,10 @@ def test_overwrite_interrupted_anywhere_leaves_the_old_run(fitted_run, tmp_path,
         assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before, target
         assert load_run(run).meta["seed"] == 0
         assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no staging folder left
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
     _refit(run, **{"train.seed": 1})
+    assert torch.equal(torch.get_rng_state(), rng_before)  # fit's seeding does not leak out
     assert load_run(run).meta["seed"] == 1 and (run / "test" / "results.json").read_text() == "{}"
 
     # Without an atomic exchange (not Linux): a crash between the two renames leaves the old
@@ -241,6 +244,14 @@ def test_mixed_or_tampered_run_folders_are_refused(fitted_run, tmp_path):
     # A run written before run_schema existed (no schema, no hash) still loads.
     (run / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("run_schema", "weights_sha256")}))
     assert load_run(run).meta["threshold"] == meta["threshold"]
+
+
+def test_fit_max_pixels_reaches_the_loaders(fitted_run, tmp_path):
+    out = str(tmp_path / "r")
+    r = CliRunner().invoke(app, ["fit", str(fitted_run / "data"), "-o", out, "--max-pixels", "4095", "-q"])
+    assert r.exit_code == 2 and "000.png: 64x64 = 4,096 pixels, over the limit of 4,095" in r.output
+    r = CliRunner().invoke(app, ["fit", str(fitted_run / "data"), "-o", out, "--max-pixels", "4095", "--skip-unreadable", "-q"])
+    assert r.exit_code == 2 and "no training images" in r.output and "(13 unreadable files were skipped)" in r.output
 
 
 def test_library_code_changes_no_process_global_state_and_loads_safely():

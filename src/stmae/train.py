@@ -11,6 +11,7 @@ without ever having seen a defect. Callers can instead name their own validation
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -190,6 +191,24 @@ def train_model(
     return losses
 
 
+def _private_rng(func: Callable[..., FitResult]) -> Callable[..., FitResult]:
+    """Run ``func`` with torch's global random generators forked and restored afterwards.
+
+    ``fit`` seeds the global generator (weight initialisation draws from it) so that a seed
+    gives one result; forking keeps that seeding from leaking into the caller's own random
+    numbers, a process-wide side effect. CUDA generators are forked when CUDA is in use.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> FitResult:
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_private_rng
 def fit(
     data: str | os.PathLike | AnomalyDataset | Sequence[Sample],
     out_dir: str | os.PathLike,
