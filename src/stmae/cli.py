@@ -293,6 +293,7 @@ def test(
     from .infer import Detector
     from .report import SKIPPED_FILE, write_evaluation
 
+    del skip_unreadable  # the old opt-in is now the default
     dataset = open_dataset(data_dir, max_pixels=max_pixels)
     weights = str(backbone_weights) if backbone_weights else None
     detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
