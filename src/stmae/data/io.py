@@ -261,7 +261,9 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     scan looks like its 8-bit export instead of being clipped to white; NaN counts as 0.
     """
     if arr.dtype != np.uint8:
-        scaled = arr.astype(np.float64)  # one float buffer, scaled in place
+        # errstate (context-local): signalling NaNs in float files would warn on the cast.
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = arr.astype(np.float64)  # one float buffer, scaled in place
         np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0 * _UINT16_TO_UINT8, neginf=0.0)
         np.divide(scaled, _UINT16_TO_UINT8, out=scaled)
         np.rint(scaled, out=scaled)
@@ -347,7 +349,8 @@ def as_rgb(image: PathLike | Image.Image | np.ndarray, *, max_pixels: int | None
         )
     _check_size("<array>", image.shape[1], image.shape[0], max_pixels)
     if np.issubdtype(image.dtype, np.floating):
-        scaled = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0) * 255.0
+        with np.errstate(invalid="ignore", over="ignore"):  # signalling NaNs warn on the cast
+            scaled = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0) * 255.0
         return _to_rgb_uint8(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
     return _to_rgb_uint8(image)
 
