@@ -16,7 +16,8 @@ from PIL import Image
 from .conftest import load_benchmark
 
 fuzz = load_benchmark("fuzz")
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
+                    database=None)
 
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,8 @@ def fit(
     Args:
         data: an MVTec-style category folder (its ``train/good`` is used), a folder of good
             images, an :class:`AnomalyDataset`, or a list of :class:`Sample`.
-        out_dir: the run folder to write (created; files inside are replaced atomically).
+        out_dir: the run folder to write, replaced as a whole and atomically (other files in it
+            are kept; see :func:`stmae.checkpoint.save_run`).
         config: a :class:`Config`, a preset name (``fast``, ``accurate``, ``demo``, ``lowres``),
             a YAML file, or None for the defaults (= ``accurate``).
         val_data: good images to calibrate the threshold on (same forms as ``data``). Default:
