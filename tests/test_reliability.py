@@ -157,6 +157,21 @@ def test_stmae_test_skips_bad_files_and_lists_them(fitted_run, tmp_path):
     assert r.exit_code == 0 and (tmp_path / "ev" / "skipped.csv").read_text() == "path,reason\n"  # no stale list
 
 
+def test_evaluate_skips_a_sample_whose_mask_is_unreadable(fitted_run, tiny_mvtec):
+    from stmae.data import open_dataset
+    from stmae.evaluate import evaluate
+
+    mask = tiny_mvtec / "ground_truth" / "spot" / "001_mask.png"
+    mask.write_bytes(mask.read_bytes()[:50])
+    detector = stmae.load(fitted_run / "run", device="cpu")
+    evaluation = evaluate(detector, open_dataset(tiny_mvtec), quiet=True, skip_unreadable=True)
+    assert evaluation.skipped == [(str(mask), "truncated or corrupt image data (OSError: image file is truncated)")]
+    assert evaluation.metrics["n_images"] == 5 and len(evaluation.records) == 5
+    assert "spot/001.png" not in [r["name"] for r in evaluation.records]
+    with pytest.raises(DataError, match="001_mask.png"):
+        evaluate(detector, open_dataset(tiny_mvtec), quiet=True)
+
+
 # ---------------------------------------------------------------------------- run folders
 def _copy_run(src: Path, dst: Path) -> Path:
     dst.mkdir()
