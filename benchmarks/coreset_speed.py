@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         inputs.append((f"kNN bank rows of {args.mvtec.name}: {images} seeded training images (seed 42), "
                        "'accurate' preset features, standardised", rows))
     if args.features is not None:
-        feats = torch.load(args.features, map_location="cpu")
+        feats = torch.load(args.features, map_location="cpu", weights_only=True)
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2:
             raise SystemExit(f"{args.features}: expected an (M, C) tensor saved with torch.save")
         inputs.append((str(args.features), feats))

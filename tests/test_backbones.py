@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from skimage import data, transform
 
+import stmae.backbones.weights as weights_module
 from stmae.backbones import (
     Backbone,
     BackboneInfo,
@@ -189,7 +190,7 @@ def test_failed_download_becomes_weights_error(empty_hub: Path, monkeypatch: pyt
         raise URLError("no route to host")
 
     monkeypatch.delenv("STMAE_OFFLINE", raising=False)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", unreachable)
+    monkeypatch.setattr(weights_module, "urlopen", unreachable)
     with pytest.raises(WeightsError, match="no route to host") as error:
         build_backbone("resnet18")
     assert "resnet18-f37072fd.pth" in str(error.value)

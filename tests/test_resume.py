@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -20,7 +22,7 @@ EPOCHS = 4
 def _interrupted_fit(monkeypatch, data, run, cfg, stop_step: int) -> None:
     """A fit that saves its state at every epoch and is stopped (KeyboardInterrupt) at ``stop_step``."""
     real_lr = train_module.cosine_lr
-    monkeypatch.setattr(train_module, "SAVE_EVERY_SECONDS", 0.0)
+    cfg = copy.deepcopy(cfg).override({"train.checkpoint_seconds": 0.0})  # not in the fingerprint: resumable with cfg
 
     def stopping_lr(step, total, warmup, base):
         if step == stop_step:

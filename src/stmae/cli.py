@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from . import __version__
+from .data.io import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     add_completion=False,
@@ -92,13 +93,19 @@ SKIP = typer.Option(
 )
 
 
-def _open(data_dir: Path, skip_unreadable: bool) -> Any:
+MAX_PIXELS = typer.Option(
+    DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
+    help="Largest image accepted, in pixels (width x height, read from the header before decoding).",
+)
+
+
+def _open(data_dir: Path, skip_unreadable: bool, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Any:
     """Open a dataset folder; with skip_unreadable, list the files that were dropped."""
     from .data import open_dataset
 
     if not skip_unreadable:
-        return open_dataset(data_dir)
-    dataset = open_dataset(data_dir, skip_unreadable=True)
+        return open_dataset(data_dir, max_pixels=max_pixels)
+    dataset = open_dataset(data_dir, skip_unreadable=True, max_pixels=max_pixels)
     for file, reason in dataset.skipped:
         typer.secho(f"skipped {file}: {reason}", fg=typer.colors.YELLOW, err=True)
     return dataset
@@ -145,6 +152,7 @@ def fit(
     ),
     set_: List[str] = SETS,
     skip_unreadable: bool = SKIP,
+    max_pixels: int = MAX_PIXELS,
     quiet: bool = QUIET,
 ) -> None:
     """Train ST-MAE on good images and write a run folder.
@@ -169,8 +177,8 @@ def fit(
         "infer.memory": memory,
     }
     overrides.update(_parse_sets(set_))
-    val = _open(val_dir, skip_unreadable) if val_dir is not None else None
-    result = fit_api(_open(data_dir, skip_unreadable), out, _base(config, preset), val_data=val, quiet=quiet, resume=resume, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    val = _open(val_dir, skip_unreadable, max_pixels) if val_dir is not None else None
+    result = fit_api(_open(data_dir, skip_unreadable, max_pixels), out, _base(config, preset), val_data=val, quiet=quiet, resume=resume, **{k.replace(".", "__"): v for k, v in overrides.items()})
     m = result.meta
     if m.get("resumed_at_epoch") is not None:
         typer.echo(f"resumed the saved training at epoch {m['resumed_at_epoch']} of {m['epochs']}")
@@ -235,24 +243,43 @@ def test(
     examples_per_type: int = typer.Option(4, help="Images per defect type shown in report.html."),
     device: Optional[str] = DEVICE,
     backbone_weights: Optional[Path] = WEIGHTS,
-    skip_unreadable: bool = SKIP,
+    strict: bool = typer.Option(
+        False, "--strict", help="Stop at the first unreadable image or mask (exit 2) instead of skipping it."
+    ),
+    max_pixels: int = MAX_PIXELS,
+    skip_unreadable: bool = typer.Option(
+        False, "--skip-unreadable", hidden=True, help="Accepted for old scripts; skipping is the default."
+    ),
     quiet: bool = QUIET,
 ) -> None:
-    """Evaluate a run on a labelled test split: results.json, scores.csv, report.html."""
+    """Evaluate a run on a labelled test split: results.json, scores.csv, skipped.csv, report.html.
+
+    Unreadable images (empty, truncated, not an image, over --max-pixels) are skipped, each
+    listed with its reason in skipped.csv, and the exit code stays 0; --strict stops instead.
+    """
+    from .data import open_dataset
     from .evaluate import evaluate
     from .infer import Detector
-    from .report import write_evaluation
+    from .report import SKIPPED_FILE, write_evaluation
 
-    dataset = _open(data_dir, skip_unreadable)
+    del skip_unreadable  # the old opt-in is now the default
+    dataset = open_dataset(data_dir, max_pixels=max_pixels)
     weights = str(backbone_weights) if backbone_weights else None
     detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
-    evaluation = evaluate(detector, dataset, examples_per_type=examples_per_type, quiet=quiet)
+    evaluation = evaluate(
+        detector, dataset, examples_per_type=examples_per_type, quiet=quiet, skip_unreadable=not strict
+    )
     target = out or Path(run_dir) / "test"
     results = write_evaluation(
         evaluation, target, title=f"stmae test: {dataset.name}", extra={"dataset": str(data_dir), "run": str(run_dir)}
     )
+    for file, reason in evaluation.skipped:
+        typer.secho(f"skipped {file}: {reason}", fg=typer.colors.YELLOW, err=True)
     _print_metrics(results)
-    typer.echo(f"wrote {target / 'results.json'}, {target / 'scores.csv'}, {target / 'report.html'}")
+    typer.echo(
+        f"{results['n_images']} images scored, {len(evaluation.skipped)} skipped (listed in {target / SKIPPED_FILE}); "
+        f"wrote {target / 'results.json'}, {target / 'scores.csv'}, {target / 'report.html'}"
+    )
 
 
 def _print_metrics(results: dict[str, Any]) -> None:

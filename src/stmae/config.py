@@ -75,6 +75,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of good images held out to calibrate the threshold
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_seconds: float = 300.0  # training state saved at the first epoch end after this many seconds (0 = every epoch)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Config:
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
         _check(0.0 <= t.ema < 1.0, "train.ema must be in [0, 1)")
         _check(0.0 <= t.val_fraction < 1.0, "train.val_fraction must be in [0, 1)")
+        _check(t.checkpoint_seconds >= 0, "train.checkpoint_seconds must be >= 0")
         _check(i.num_pairs >= 1, "infer.num_pairs must be >= 1")
         _check(i.residual in RESIDUALS, f"infer.residual must be one of {RESIDUALS}")
         _check(0.0 <= i.shrinkage <= 1.0, "infer.shrinkage must be in [0, 1]")

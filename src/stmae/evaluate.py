@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import AnomalyDataset, Sample, resize_image, resize_mask
+from .data import AnomalyDataset, DataError, Sample, resize_image, resize_mask
+from .data.io import UnreadableImageError
 from .features import batched
 from .infer import Detector
 from .metrics import PixelMetricAccumulator, auroc, average_precision, compute_metrics
@@ -28,9 +29,11 @@ class Evaluation:
     metrics: image_auroc, image_ap, image_f1max, pixel_auroc, pixel_ap, pixel_f1max, aupro,
         ... (pixel values None when the dataset has no masks).
     per_type: defect type -> {n, mean_score, image_auroc, image_ap (vs. the good images), detected}.
-    records: one dict per test image (name, defect_type, label, score, predicted).
-    examples: image index -> (image uint8 (S,S,3), map float32 (S,S), mask bool (S,S) | None)
+    records: one dict per scored test image (name, defect_type, label, score, predicted).
+    examples: record index -> (image uint8 (S,S,3), map float32 (S,S), mask bool (S,S) | None)
         for the images chosen for the report.
+    skipped: ``(file, reason)`` for every test image left out because it or its mask could
+        not be read (only with ``skip_unreadable``); metrics cover the other images.
     """
 
     metrics: dict[str, Any]
@@ -38,6 +41,7 @@ class Evaluation:
     records: list[dict[str, Any]]
     threshold: float | None
     examples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def pick_examples(samples: Sequence[Sample], per_type: int) -> set[int]:
@@ -56,36 +60,64 @@ def evaluate(
     *,
     examples_per_type: int = 0,
     quiet: bool = False,
+    skip_unreadable: bool = False,
 ) -> Evaluation:
-    """Score ``dataset.test`` with ``detector`` and compute all metrics."""
+    """Score ``dataset.test`` with ``detector`` and compute all metrics.
+
+    With ``skip_unreadable``, a test image whose file or mask cannot be read (a
+    :class:`~stmae.data.DataError`: empty, truncated, not an image, over the pixel limit,
+    mask of the wrong size) is left out and listed in ``Evaluation.skipped`` instead of
+    stopping the evaluation; without it the first such file raises, naming it.
+
+    Raises:
+        DataError: an unreadable file (without ``skip_unreadable``), or no readable test image.
+    """
     samples = dataset.test
     if not samples:
         raise ValueError(f"{dataset.root or dataset.name}: the test split is empty; nothing to evaluate")
     size = detector.config.features.image_size
     pixel = PixelMetricAccumulator() if dataset.has_masks else None
     keep = pick_examples(samples, examples_per_type)
-    scores = np.zeros(len(samples), dtype=np.float64)
+    scored: list[Sample] = []
+    scores: list[float] = []
+    skipped: list[tuple[str, str]] = []
     examples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     bs = detector.config.infer.batch_size
     with tqdm(total=len(samples), desc="test", unit="img", disable=quiet, leave=False) as bar:
         for chunk in batched(list(range(len(samples))), bs):
-            images = [samples[i].load_image() for i in chunk]
-            maps, batch_scores = detector.score_arrays(images)
-            for j, i in enumerate(chunk):
-                scores[i] = float(batch_scores[j])
-                amap = maps[j].numpy()
-                mask = mask_at(samples[i], size) if pixel or i in keep else None
-                if pixel is not None:
-                    pixel.update(mask, amap)
-                if i in keep:
-                    examples[i] = (resize_image(images[j], size), amap, mask)
+            loaded = []  # (sample index, image, mask) of the readable samples of this chunk
+            for i in chunk:
+                try:
+                    image = samples[i].load_image()
+                    mask = mask_at(samples[i], size) if pixel or i in keep else None
+                except DataError as exc:
+                    if not skip_unreadable:
+                        raise
+                    skipped.append(_skip_entry(samples[i], exc))
+                    continue
+                loaded.append((i, image, mask))
+            if loaded:
+                maps, batch_scores = detector.score_arrays([image for _, image, _ in loaded])
+                for j, (i, image, mask) in enumerate(loaded):
+                    amap = maps[j].numpy()
+                    if pixel is not None:
+                        pixel.update(mask, amap)
+                    if i in keep:
+                        examples[len(scored)] = (resize_image(image, size), amap, mask)
+                    scored.append(samples[i])
+                    scores.append(float(batch_scores[j]))
             bar.update(len(chunk))
-
-    labels = np.array([s.label for s in samples])
-    metrics = compute_metrics(labels, scores)
+    if not scored:
+        raise DataError(
+            f"{dataset.root or dataset.name}: none of the {len(samples)} test images could be read "
+            f"(first: {skipped[0][0]}: {skipped[0][1]})"
+        )
+    score_array = np.asarray(scores, dtype=np.float64)
+    labels = np.array([s.label for s in scored])
+    metrics = compute_metrics(labels, score_array)
     if pixel is not None:
         metrics.update(pixel.result())
-    metrics["n_images"] = len(samples)
+    metrics["n_images"] = len(scored)
     metrics["n_anomalous"] = int(labels.sum())
     metrics["n_good"] = int(len(labels) - labels.sum())
     threshold = detector.threshold
@@ -94,12 +126,20 @@ def evaluate(
             "name": s.name or (str(s.path) if s.path else str(i)),
             "defect_type": s.defect_type,
             "label": s.label,
-            "score": float(scores[i]),
+            "score": scores[i],
             "predicted": None if threshold is None else int(scores[i] > threshold),
         }
-        for i, s in enumerate(samples)
+        for i, s in enumerate(scored)
     ]
-    return Evaluation(metrics, per_type_breakdown(samples, scores, threshold), records, threshold, examples)
+    per_type = per_type_breakdown(scored, score_array, threshold)
+    return Evaluation(metrics, per_type, records, threshold, examples, skipped)
+
+
+def _skip_entry(sample: Sample, exc: DataError) -> tuple[str, str]:
+    """``(file, reason)`` for ``skipped.csv``: the file that failed (image or mask) and why."""
+    if isinstance(exc, UnreadableImageError):
+        return exc.file, exc.reason
+    return str(sample.path or sample.display_name), str(exc)
 
 
 def mask_at(sample: Sample, size: int) -> np.ndarray:

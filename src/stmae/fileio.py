@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,21 +32,68 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> None:
     """Call ``writer(tmp_path)`` to produce the file, then rename it onto ``path``.
 
     The temp file keeps ``path``'s suffix so writers that infer a format from the name
-    (PIL, safetensors) work. The result gets the permissions of a file created by ``open``
-    (0666 less the umask), not the temp file's private 0600, so a run folder written by
-    one account can be read by the service that scores with it.
+    (PIL, safetensors) work. It is created with ``os.open(..., 0o666)``, so the kernel
+    applies the umask exactly as for a file created by ``open`` (a run folder written by one
+    account stays readable by the service that scores with it), without this module ever
+    reading the umask (there is no getter: reading it means setting it, a process-wide
+    change that races with other threads). The data is fsynced before the rename and the
+    folder after it, so a power cut leaves the old file or the new one, not an empty one.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=p.parent)
-    os.close(fd)
+    tmp = _create_temp(p)
     try:
-        writer(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        writer(str(tmp))
+        fsync_path(tmp)
         os.replace(tmp, p)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(p.parent)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temp file :func:`atomic_write` creates (left behind by a kill)."""
+    return name.startswith(".") and _TEMP_MARK in name
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data to the disk (not just to the OS cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename inside it) to the disk; a no-op where folders
+    cannot be opened (Windows), which orders renames itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders; nothing more can be done
+        pass
+    finally:
+        os.close(fd)
+
+
+_TEMP_MARK = ".tmp-"
+
+
+def _create_temp(p: Path) -> Path:
+    """A new, empty, uniquely named file beside ``p`` (mode 0666 less the umask)."""
+    for _ in range(100):
+        tmp = p.with_name(f".{p.stem}{_TEMP_MARK}{secrets.token_hex(6)}{p.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {p}")
 
 
 def _nan_to_none(obj: Any) -> Any:
@@ -57,10 +104,3 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
-
-
-def _umask() -> int:
-    """The process umask (read by setting it and putting it back: there is no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -163,6 +163,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], digit
     return "\n".join(lines) + "\n"
 
 
+#: File name of the list of skipped inputs that batch commands write into their output folder.
+SKIPPED_FILE = "skipped.csv"
+
+
+def write_skipped(out_dir: str | os.PathLike, skipped: Sequence[tuple[str, str]]) -> Path:
+    """Write ``skipped.csv`` (columns ``path``, ``reason``; header only when nothing was skipped)."""
+    path = Path(out_dir) / SKIPPED_FILE
+    write_csv(path, [{"path": f, "reason": r} for f, r in skipped], ["path", "reason"])
+    return path
+
+
 def write_evaluation(
     evaluation: "Evaluation",
     out_dir: str | os.PathLike,
@@ -170,9 +181,11 @@ def write_evaluation(
     title: str,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``scores.csv``, ``report.html`` and ``report_images/``.
+    """Write ``results.json``, ``scores.csv``, ``skipped.csv``, ``report.html`` and ``report_images/``.
 
-    Returns the results dict that was written to ``results.json``.
+    ``skipped.csv`` (columns path, reason) is written even when empty, so a script never
+    reads a stale list from an earlier run. Returns the results dict that was written to
+    ``results.json`` (``n_skipped`` and ``skipped`` included).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +193,10 @@ def write_evaluation(
     results.update(evaluation.metrics)
     results["threshold"] = evaluation.threshold
     results["per_type"] = evaluation.per_type
+    results["n_skipped"] = len(evaluation.skipped)
+    results["skipped"] = [{"path": f, "reason": r} for f, r in evaluation.skipped]
     atomic_write_json(out / "results.json", results)
+    write_skipped(out, evaluation.skipped)
     write_csv(out / "scores.csv", evaluation.records, ["name", "defect_type", "label", "score", "predicted"])
     figures = []
     for i in sorted(evaluation.examples, key=lambda k: (evaluation.records[k]["defect_type"], k)):
@@ -193,7 +209,9 @@ def write_evaluation(
     notes = []
     if evaluation.metrics.get("pixel_auroc") is None:
         notes.append("Pixel metrics skipped: the test split has no ground-truth masks.")
-    html_report(out / "report.html", title, {k: v for k, v in results.items() if not isinstance(v, dict)},
+    if evaluation.skipped:
+        notes.append(f"{len(evaluation.skipped)} unreadable test images were skipped (listed in {SKIPPED_FILE}).")
+    html_report(out / "report.html", title, {k: v for k, v in results.items() if not isinstance(v, (dict, list))},
                 evaluation.per_type, figures, notes)
     return results
 

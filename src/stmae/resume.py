@@ -3,8 +3,9 @@
 Why: the ``accurate`` preset trains for hours on a CPU (Magnetic Tile's whole train split:
 about 3 h on two cores), longer than a laptop stays awake or a shared machine's job slot
 lasts. ``fit`` therefore writes the training state into the run folder every few minutes
-(``train_state.pt``: weights, optimizer moments, the step, the random generators, the
-averaged weights and the losses so far), always at an epoch boundary, and ``fit(...,
+(``train.checkpoint_seconds``, 300 by default; ~40 MB for the default model, well under a
+second) as ``train_state.pt`` (weights, optimizer moments, the step, the random generators,
+the averaged weights and the losses so far), always at an epoch boundary, and ``fit(...,
 resume=True)`` (``stmae fit --resume``) continues from it. Because the state includes the
 generator that draws the batches and the splits, a resumed fit on the same device produces
 the same weights as one that was never stopped (``tests/test_resume.py``).
@@ -36,22 +37,20 @@ from .provenance import code_revision
 
 #: File name of the training state inside the run folder.
 STATE_FILE = "train_state.pt"
-#: Seconds of training between two saves of the state (each save writes weights and Adam
-#: moments: ~40 MB for the default model, well under a second).
-SAVE_EVERY_SECONDS = 300.0
 
 
 def fingerprint(config: dict[str, Any], sample_ids: Sequence[str]) -> str:
     """SHA-256 of the training-relevant config, the training images (in order), the package
     version and the code revision (:func:`stmae.provenance.code_revision`).
 
-    ``config`` is :meth:`Config.to_dict`; its ``infer`` section and ``train.device`` are left
-    out because they do not change what is trained (resuming a CPU fit on a GPU is allowed).
-    The version and code revision are in because a fit continued by other code is a model
-    that no single version of the code trains: the state is refused instead.
+    ``config`` is :meth:`Config.to_dict`; its ``infer`` section, ``train.device`` and
+    ``train.checkpoint_seconds`` are left out because they do not change what is trained
+    (resuming a CPU fit on a GPU is allowed). The version and code revision are in because
+    a fit continued by other code is a model that no single version of the code trains: the
+    state is refused instead.
     """
     relevant = {k: v for k, v in config.items() if k != "infer"}
-    relevant["train"] = {k: v for k, v in relevant.get("train", {}).items() if k != "device"}
+    relevant["train"] = {k: v for k, v in relevant.get("train", {}).items() if k not in ("device", "checkpoint_seconds")}
     code = {"version": __version__, "code_revision": code_revision()}
     blob = json.dumps({"config": relevant, "samples": list(sample_ids), "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

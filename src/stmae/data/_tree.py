@@ -14,7 +14,7 @@ from typing import Literal
 
 from ._masks import match_masks, missing_masks_error
 from .base import NORMAL_TYPE, AnomalyDataset, Sample, build_dataset
-from .io import DataError, list_images, require_dir, require_images
+from .io import DEFAULT_MAX_PIXELS, DataError, list_images, require_dir, require_images
 
 RequireMasks = bool | Literal["auto"]
 
@@ -74,6 +74,7 @@ def load_tree(
     require_masks: RequireMasks = "auto",
     verify: bool = False,
     skip_unreadable: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> AnomalyDataset:
     """Load one category laid out as ``train/<normal>``, ``test/<type>``, ``ground_truth/<type>``.
 
@@ -114,5 +115,6 @@ def load_tree(
         test,
         verify=verify,
         skip_unreadable=skip_unreadable,
+        max_pixels=max_pixels,
         train_location=str(train_dir),
     )

@@ -9,12 +9,12 @@ are the exception: their images already sit in memory and travel in ``Sample.arr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .io import DataError, as_rgb, image_size, read_image, read_mask, unreadable_reason
+from .io import DEFAULT_MAX_PIXELS, DataError, as_rgb, image_size, read_image, read_mask, unreadable_reason
 
 __all__ = ["Sample", "AnomalyDataset", "build_dataset"]
 
@@ -27,7 +27,8 @@ class Sample:
 
     ``array`` is excluded from equality, hashing and repr: numpy arrays are neither
     hashable nor comparable with ``==``, and in-memory samples are already identified
-    by their unique ``name``.
+    by their unique ``name``. ``max_pixels`` is the pixel limit its files are read with
+    (:data:`stmae.data.io.DEFAULT_MAX_PIXELS`; loaders set it from their ``max_pixels``).
     """
 
     path: Path | None
@@ -36,6 +37,7 @@ class Sample:
     mask_path: Path | None = None
     array: np.ndarray | None = field(default=None, compare=False, repr=False)
     name: str = ""
+    max_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.label not in (0, 1):
@@ -54,8 +56,8 @@ class Sample:
         """Return the image as uint8 ``(H, W, 3)`` RGB (a fresh array the caller may modify)."""
         if self.array is None:
             assert self.path is not None  # guaranteed by __post_init__
-            return read_image(self.path)
-        img = as_rgb(self.array)
+            return read_image(self.path, max_pixels=self.max_pixels)
+        img = as_rgb(self.array, max_pixels=self.max_pixels)
         # In-memory arrays are shared between samples and calls; never hand them out.
         return img.copy() if np.may_share_memory(img, self.array) else img
 
@@ -68,7 +70,7 @@ class Sample:
         """
         if self.mask_path is None:
             return None
-        mask = read_mask(self.mask_path)
+        mask = read_mask(self.mask_path, max_pixels=self.max_pixels)
         if self.path is not None:
             expected = image_size(self.path)
         else:
@@ -111,7 +113,7 @@ def _unreadable(sample: Sample) -> tuple[str, str] | None:
     """``(file, reason)`` for the first unreadable file of a sample (image, then mask)."""
     for path in (sample.path, sample.mask_path):
         if path is not None:
-            reason = unreadable_reason(path)
+            reason = unreadable_reason(path, max_pixels=sample.max_pixels)
             if reason is not None:
                 return str(path), reason
     return None
@@ -144,14 +146,19 @@ def build_dataset(
     verify: bool = False,
     skip_unreadable: bool = False,
     train_location: str = "",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> AnomalyDataset:
     """Finish a loader: optionally decode every file, then check the splits and set ``has_masks``.
 
     ``skip_unreadable=True`` implies ``verify=True``: skipping is impossible without
     looking. ``has_masks`` requires at least one anomalous test sample, because pixel
     metrics need defect pixels, and a mask on every one of them, because a partial set
-    would bias pixel AUROC towards the annotated images.
+    would bias pixel AUROC towards the annotated images. ``max_pixels`` becomes every
+    sample's pixel limit (:func:`stmae.data.io.read_image`), for the check and for later reads.
     """
+    if max_pixels != DEFAULT_MAX_PIXELS:
+        train = [replace(s, max_pixels=max_pixels) for s in train]
+        test = [replace(s, max_pixels=max_pixels) for s in test]
     skipped: list[tuple[str, str]] = []
     if verify or skip_unreadable:
         train = _screen(train, skip_unreadable, skipped)

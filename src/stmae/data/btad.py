@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ._tree import RequireMasks, TreeLayout, load_tree
 from .base import AnomalyDataset
+from .io import DEFAULT_MAX_PIXELS
 
 __all__ = ["load_btad", "BTAD_LAYOUT"]
 
@@ -42,6 +43,7 @@ def load_btad(
     require_masks: RequireMasks = True,
     verify: bool = False,
     skip_unreadable: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> AnomalyDataset:
     """Load one BTAD product folder (``01``, ``02`` or ``03``).
 
@@ -51,5 +53,6 @@ def load_btad(
     other options behave as in :func:`stmae.data.load_mvtec`.
     """
     return load_tree(
-        category_dir, BTAD_LAYOUT, require_masks=require_masks, verify=verify, skip_unreadable=skip_unreadable
+        category_dir, BTAD_LAYOUT, require_masks=require_masks, verify=verify, skip_unreadable=skip_unreadable,
+        max_pixels=max_pixels,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ._masks import match_masks, missing_masks_error
 from .base import NORMAL_TYPE, AnomalyDataset, Sample, build_dataset
-from .io import require_dir, require_images
+from .io import DEFAULT_MAX_PIXELS, require_dir, require_images
 
 __all__ = ["load_folder", "FOLDER_LAYOUT"]
 
@@ -58,6 +58,7 @@ def load_folder(
     name: str | None = None,
     verify: bool = False,
     skip_unreadable: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> AnomalyDataset:
     """Build a dataset from plain folders (non-recursive).
 
@@ -86,5 +87,6 @@ def load_folder(
         test,
         verify=verify,
         skip_unreadable=skip_unreadable,
+        max_pixels=max_pixels,
         train_location=str(good),
     )

@@ -8,17 +8,25 @@ orientation, same 16-bit scaling) and fail with the same kind of error: a
 
 from __future__ import annotations
 
+import io
 import os
+import stat
+import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DECODED_FORMATS",
+    "DEFAULT_MAX_PIXELS",
     "DataError",
+    "UnreadableImageError",
     "read_image",
+    "decode_image_bytes",
     "read_mask",
     "as_rgb",
     "list_images",
@@ -33,6 +41,24 @@ __all__ = [
 #: datasets mix cases (VisA ships ``.JPG``, some BTAD copies ``.BMP``).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
+#: PIL formats that are decoded, whatever the file is named. Files are identified by their
+#: content, so a JPEG named ``.png`` still works; every other format PIL knows (EPS, which
+#: runs Ghostscript; ICNS; FLI; ...) is refused: each decoder is attack surface, and an
+#: inspection tool reads files nobody curated.
+DECODED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+
+#: Largest image, in pixels (width x height, read from the file header before anything is
+#: decoded), that :func:`read_image` and friends accept by default: 64 megapixels. Why this
+#: number: it admits every camera and dataset an inspection line uses (MVTec AD and VisA
+#: are 1-2.5 MP, 45-61 MP full-frame sensors such as 9504x6336, 16k line-scan strips of
+#: 4000 lines), bounds the memory of one decode to ~0.2 GB (RGB; ~0.5 GB for 16-bit
+#: grayscale, which is scaled in float64), and stays below PIL's own warning limit
+#: (``Image.MAX_IMAGE_PIXELS``, 89.5 MP), so PIL never warns about an image stmae accepts.
+#: The model sees every image at ``features.image_size`` (256 px), so larger images add
+#: cost, not accuracy. Pass ``max_pixels=`` (CLI ``--max-pixels``) to change it; ``None``
+#: leaves only PIL's own hard limit (``2 * Image.MAX_IMAGE_PIXELS``).
+DEFAULT_MAX_PIXELS: int = 64_000_000
+
 PathLike = str | os.PathLike[str]
 
 # Modes whose samples do not fit in uint8. PIL's own convert("RGB") clips them instead of
@@ -43,6 +69,12 @@ _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Maps the full 16-bit range 0..65535 exactly onto 0..255 (65535 / 257 == 255).
 _UINT16_TO_UINT8 = 257.0
+# What a plugin's parser raises when a file is not of its format (PIL tries the next one).
+_NOT_THIS_FORMAT = (SyntaxError, IndexError, TypeError, struct.error)
+_ADVICE = (
+    "Re-export or delete the file (dataset loaders can drop such files with "
+    "skip_unreadable=True; `stmae test` skips them and lists them in skipped.csv)."
+)
 
 
 class DataError(ValueError):
@@ -53,15 +85,23 @@ class DataError(ValueError):
     """
 
 
-def _open_error(path: Path, exc: BaseException) -> DataError:
-    """Turn whatever PIL raised into one actionable message."""
-    if isinstance(exc, FileNotFoundError):
-        return DataError(f"Image file not found: {path}. Check the path and that the file was not moved.")
-    return DataError(
-        f"Cannot read image file {path}: {type(exc).__name__}: {exc}. The file is corrupt, "
-        "truncated or not an image; re-export or delete it (dataset loaders can drop such "
-        "files with skip_unreadable=True)."
-    )
+class UnreadableImageError(DataError):
+    """One image file (or in-memory image) cannot be used; the only error decoding raises.
+
+    ``file`` names it (a path, an upload's name, or ``<array>`` / ``<PIL image>``) and
+    ``reason`` is the short problem ("empty file (0 bytes)", "truncated or corrupt image
+    data (...)", "20000x20000 = 400,000,000 pixels, over the limit of ...") that batch
+    commands write into ``skipped.csv``; ``str(exc)`` is the full sentence with a fix.
+    """
+
+    def __init__(self, file: str, reason: str, advice: str = _ADVICE) -> None:
+        self.file = file
+        self.reason = reason
+        self.advice = advice
+        super().__init__(f"Cannot read image {file}: {reason}." + (f" {advice}" if advice else ""))
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # picklable across worker processes
+        return (type(self), (self.file, self.reason, self.advice))
 
 
 def _orientation(img: Image.Image) -> int | None:
@@ -83,33 +123,152 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in _HIGH_BIT_DEPTH_MODES:
         return np.array(img)
-    if mode in ("1", "L", "LA", "La"):
+    if mode == "La":  # premultiplied luminance + alpha: PIL has no La -> L conversion
+        return np.array(img.getchannel(0))
+    if mode in ("1", "L", "LA"):
         return np.array(img if mode == "L" else img.convert("L"))
     if mode in ("P", "PA"):
         img = img.convert("RGBA")  # lets PIL apply palette transparency without warnings
     return np.array(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def _decode(path: PathLike) -> np.ndarray:
-    """Decode the first frame of ``path`` (see :func:`_pil_to_array`); errors name the file."""
-    p = Path(path)
+def _pixel_limit(max_pixels: int | None) -> int | None:
+    """The effective limit: ``max_pixels``, or PIL's own hard limit when it is None."""
+    if max_pixels is not None:
+        return int(max_pixels)
+    pil = Image.MAX_IMAGE_PIXELS
+    return None if pil is None else 2 * int(pil)
+
+
+def _check_size(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse empty images and images over the pixel limit, from their header alone."""
+    if width <= 0 or height <= 0:
+        raise UnreadableImageError(name, f"the image is empty ({width}x{height} pixels)")
+    limit = _pixel_limit(max_pixels)
+    pixels = width * height
+    if limit is not None and pixels > limit:
+        raise UnreadableImageError(
+            name,
+            f"{width}x{height} = {pixels:,} pixels, over the limit of {limit:,} (a decompression bomb "
+            "or an image far larger than inspection needs; raise max_pixels / --max-pixels to accept it)",
+        )
+
+
+def _identify(fp: IO[bytes], name: str) -> Image.Image:
+    """Open (header only) a file of one of :data:`DECODED_FORMATS`.
+
+    Does what ``Image.open`` does minus its decompression-bomb check, which warns or
+    raises according to the process-global ``Image.MAX_IMAGE_PIXELS`` (changing that, or
+    the warnings filters to silence it, would change every other PIL user in the
+    process); the caller checks the size against its own limit instead.
+    """
+    registry = getattr(Image, "OPEN", None)
+    if not isinstance(registry, dict):  # a future Pillow without the registry: plain open
+        return Image.open(fp, formats=list(DECODED_FORMATS))
+    prefix = fp.read(16)
+    Image.preinit()
+    first_failure: str | None = None
+    for fmt in DECODED_FORMATS:
+        if fmt not in registry:
+            Image.init()
+            if fmt not in registry:  # e.g. Pillow built without WebP
+                continue
+        factory, accept = registry[fmt]
+        verdict = accept(prefix) if accept else True
+        if not verdict or isinstance(verdict, str):
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, name)
+        except _NOT_THIS_FORMAT as exc:
+            first_failure = first_failure or f"corrupt {fmt} header ({type(exc).__name__}: {exc})"
+    if first_failure:
+        raise UnreadableImageError(name, first_failure)
+    raise UnreadableImageError(
+        name, f"not an image (not {', '.join(DECODED_FORMATS)}; the file starts with {prefix[:8]!r})"
+    )
+
+
+def _decode_stream(fp: IO[bytes], name: str, max_pixels: int | None) -> np.ndarray:
+    """Decode the first frame of an open binary stream (see :func:`_pil_to_array`).
+
+    Any exception PIL raises here means "this file is not a usable image": its decoders
+    raise at least ten types on malformed input (OSError, SyntaxError, ValueError,
+    TypeError, IndexError, KeyError, EOFError, struct.error, ZeroDivisionError,
+    DecompressionBombError, MemoryError, ...), so all of them become one
+    :class:`UnreadableImageError` naming the file.
+    """
     try:
-        with Image.open(p) as img:
-            img.load()  # force a full decode now so truncated files fail here, not later
-            return _pil_to_array(img)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _open_error(p, exc) from exc
+        img = _identify(fp, name)
+    except UnreadableImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        raise UnreadableImageError(name, _describe("unreadable image header", exc)) from exc
+    with img:
+        _check_size(name, *img.size, max_pixels)
+        try:
+            img.load()  # a full decode now, so truncated files fail here, not later
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            raise UnreadableImageError(name, _describe("truncated or corrupt image data", exc)) from exc
+        return _converted(img, name)
+
+
+def _converted(img: Image.Image, name: str) -> np.ndarray:
+    """:func:`_pil_to_array` with its failures (odd modes, broken EXIF) as UnreadableImageError."""
+    try:
+        return _pil_to_array(img)
+    except Exception as exc:  # noqa: BLE001 - conversions raise ValueError, OSError, KeyError...
+        raise UnreadableImageError(name, _describe(f"cannot convert pixel mode {img.mode!r} to RGB", exc)) from exc
+
+
+def _describe(what: str, exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "too large to decode in the memory available"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"decompression bomb ({exc})"
+    detail = str(exc).strip() or "no detail"
+    return f"{what} ({type(exc).__name__}: {detail[:300]})"
+
+
+def _decode(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode the image file ``path``; every problem is an UnreadableImageError naming it."""
+    p = Path(path)
+    name = str(p)
+    try:
+        info = p.stat()
+    except FileNotFoundError:
+        raise UnreadableImageError(name, "file not found", "Check the path and that the file was not moved.") from None
+    except OSError as exc:
+        raise UnreadableImageError(name, _describe("cannot access the file", exc)) from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise UnreadableImageError(name, "is a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+        raise UnreadableImageError(name, "not a regular file")
+    if info.st_size == 0:
+        raise UnreadableImageError(name, "empty file (0 bytes)")
+    try:
+        fh = open(p, "rb")
+    except OSError as exc:
+        raise UnreadableImageError(name, _describe("cannot open the file", exc)) from exc
+    with fh:
+        return _decode_stream(fh, name, max_pixels)
 
 
 def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     """``(H, W)`` / ``(H, W, 1|3|4)`` pixels of any bit depth -> uint8 ``(H, W, 3)``.
 
     Wider-than-8-bit values are scaled with the full 16-bit range (``/257``) so a 16-bit
-    scan looks like its 8-bit export instead of being clipped to white.
+    scan looks like its 8-bit export instead of being clipped to white; NaN counts as 0.
     """
     if arr.dtype != np.uint8:
-        scaled = np.rint(arr.astype(np.float64) / _UINT16_TO_UINT8)
-        arr = np.clip(scaled, 0, 255).astype(np.uint8)
+        # errstate (context-local): signalling NaNs in float files would warn on the cast.
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = arr.astype(np.float64)  # one float buffer, scaled in place
+        np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0 * _UINT16_TO_UINT8, neginf=0.0)
+        np.divide(scaled, _UINT16_TO_UINT8, out=scaled)
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, 0, 255, out=scaled)
+        arr = scaled.astype(np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.shape[2] == 1:
@@ -117,54 +276,94 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def read_image(path: PathLike) -> np.ndarray:
+def read_image(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read any supported image as uint8 ``(H, W, 3)`` RGB.
 
     Grayscale is repeated to three channels because every backbone in the project is
     RGB; 16-bit and float images are scaled with the full 16-bit range (``/257``).
+    Images over ``max_pixels`` pixels (:data:`DEFAULT_MAX_PIXELS`) are refused from their
+    header, before any pixel is decoded.
 
     Raises:
-        DataError: the file is missing, corrupt, or not an image (the message names it).
+        UnreadableImageError: (a :class:`DataError`) the file is missing, empty, not an
+            image, truncated, corrupt, too large or of an unsupported pixel mode; the
+            message names the file and the problem.
     """
-    return _to_rgb_uint8(_decode(path))
+    return _to_rgb_uint8(_decode(path, max_pixels))
 
 
-def as_rgb(image: PathLike | Image.Image | np.ndarray) -> np.ndarray:
+def decode_image_bytes(data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image held in memory (an HTTP upload) as uint8 ``(H, W, 3)`` RGB.
+
+    Exactly :func:`read_image`'s checks and conversions; ``name`` (the upload's file name)
+    is what error messages quote.
+
+    Raises:
+        UnreadableImageError: as :func:`read_image`.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UnreadableImageError(name, f"expected the encoded bytes of an image, got {type(data).__name__}")
+    if len(data) == 0:
+        raise UnreadableImageError(name, "empty file (0 bytes)")
+    return _to_rgb_uint8(_decode_stream(io.BytesIO(bytes(data)), name, max_pixels))
+
+
+def as_rgb(image: PathLike | Image.Image | np.ndarray, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any user-supplied image (path, PIL image or numpy array) as uint8 ``(H, W, 3)`` RGB.
 
     This is the one entry point inference uses, so a PNG on disk and the same picture
     passed in memory give the same score: PIL images get the same mode and EXIF
     handling as files. Arrays may be ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or
     ``(H, W, 4)`` (alpha dropped) and uint8, uint16 (scaled ``/257``) or float in
-    ``[0, 1]``. Other integer types are rejected: an int64 array holding 0..255 would
-    otherwise be mistaken for 16-bit data and come out black. A uint8 ``(H, W, 3)``
-    array is returned without a copy (a view of it).
+    ``[0, 1]`` (NaN counts as 0). Other integer types are rejected: an int64 array holding
+    0..255 would otherwise be mistaken for 16-bit data and come out black. A uint8
+    ``(H, W, 3)`` array is returned without a copy (a view of it). Every input is held
+    to ``max_pixels`` and must have at least one pixel.
+
+    Raises:
+        UnreadableImageError: (a :class:`DataError`) naming the file, or ``<array>`` /
+            ``<PIL image>``, and the problem.
     """
     if isinstance(image, Image.Image):
-        return _to_rgb_uint8(_pil_to_array(image))
+        name = str(getattr(image, "filename", "") or "<PIL image>")
+        _check_size(name, *image.size, max_pixels)
+        try:
+            image.load()  # a lazily opened file decodes here: truncation shows up now
+        except Exception as exc:  # noqa: BLE001 - see _decode_stream
+            raise UnreadableImageError(name, _describe("truncated or corrupt image data", exc)) from exc
+        return _to_rgb_uint8(_converted(image, name))
     if not isinstance(image, np.ndarray):
-        return read_image(image)
+        if not isinstance(image, (str, os.PathLike)):
+            raise UnreadableImageError(
+                f"<{type(image).__name__}>", "not an image: pass a path, a PIL image or a numpy array"
+            )
+        return read_image(image, max_pixels=max_pixels)
     shape_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
-    if shape_ok and np.issubdtype(image.dtype, np.floating):
-        return _to_rgb_uint8(np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8))
-    if not shape_ok or image.dtype not in (np.uint8, np.uint16):
-        raise DataError(
-            f"Image array has dtype {image.dtype} and shape {image.shape}; expected (H, W), (H, W, 1), "
-            "(H, W, 3) or (H, W, 4) with dtype uint8, uint16 or float in [0, 1]. "
-            "Convert it, e.g. img.astype(np.uint8) for 0..255 integers."
+    dtype_ok = np.issubdtype(image.dtype, np.floating) or image.dtype in (np.uint8, np.uint16)
+    if not shape_ok or not dtype_ok:
+        raise UnreadableImageError(
+            "<array>",
+            f"dtype {image.dtype} and shape {image.shape}; expected (H, W), (H, W, 1), (H, W, 3) or "
+            "(H, W, 4) with dtype uint8, uint16 or float in [0, 1] (convert it, e.g. img.astype(np.uint8) "
+            "for 0..255 integers)",
         )
+    _check_size("<array>", image.shape[1], image.shape[0], max_pixels)
+    if np.issubdtype(image.dtype, np.floating):
+        with np.errstate(invalid="ignore", over="ignore"):  # signalling NaNs warn on the cast
+            scaled = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0) * 255.0
+        return _to_rgb_uint8(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
     return _to_rgb_uint8(image)
 
 
-def read_mask(path: PathLike) -> np.ndarray:
+def read_mask(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a ground-truth mask as bool ``(H, W)``: any non-zero pixel is a defect.
 
     Thresholding at ``> 0`` (not ``> 127``) is deliberate: it accepts 0/255 masks, 0/1
     masks (VisA), instance-labelled masks and 16-bit masks alike. Colour masks count a
     pixel as defective when any colour channel is non-zero, which a luma conversion
-    would get wrong for dark colours such as (0, 0, 1).
+    would get wrong for dark colours such as (0, 0, 1). Errors as :func:`read_image`.
     """
-    arr = _decode(path)
+    arr = _decode(path, max_pixels)
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     return arr > 0
@@ -177,28 +376,42 @@ def image_size(path: PathLike) -> tuple[int, int]:
     are taken into account so the answer agrees with the decoded image.
     """
     p = Path(path)
+    name = str(p)
     try:
-        with Image.open(p) as img:
-            width, height = img.size
-            orientation = _orientation(img)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise _open_error(p, exc) from exc
+        with open(p, "rb") as fh:
+            try:
+                img = _identify(fh, name)
+            except UnreadableImageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - see _decode_stream
+                raise UnreadableImageError(name, _describe("unreadable image header", exc)) from exc
+            with img:
+                width, height = img.size
+                try:
+                    orientation = _orientation(img)
+                except Exception:  # noqa: BLE001 - broken EXIF: read_image reports it when decoding
+                    orientation = None
+    except FileNotFoundError:
+        raise UnreadableImageError(name, "file not found", "Check the path and that the file was not moved.") from None
+    except OSError as exc:
+        raise UnreadableImageError(name, _describe("cannot open the file", exc)) from exc
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return height, width
 
 
-def unreadable_reason(path: PathLike) -> str | None:
-    """Return why ``path`` cannot be decoded, or ``None`` if it decodes.
+def unreadable_reason(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
+    """Return why ``path`` cannot be decoded (``UnreadableImageError.reason``), or ``None``.
 
-    A full decode rather than PIL's ``verify()``: ``verify()`` does not notice truncated
-    JPEG data, which would then crash a long training run halfway through.
+    The same checks as :func:`read_image` (it decodes fully), so a file that passes here
+    is one that training and testing can read. A full decode rather than PIL's
+    ``verify()``: ``verify()`` does not notice truncated JPEG data, which would then crash
+    a long training run halfway through.
     """
     try:
-        _decode(path)
-    except DataError as exc:
-        cause = exc.__cause__
-        return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+        _decode(path, max_pixels)
+    except UnreadableImageError as exc:
+        return exc.reason
     return None
 
 

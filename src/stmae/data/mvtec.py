@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ._tree import RequireMasks, TreeLayout, load_tree
 from .base import AnomalyDataset
+from .io import DEFAULT_MAX_PIXELS
 
 __all__ = ["load_mvtec", "MVTEC_LAYOUT"]
 
@@ -38,6 +39,7 @@ def load_mvtec(
     require_masks: RequireMasks = "auto",
     verify: bool = False,
     skip_unreadable: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> AnomalyDataset:
     """Load one MVTec AD-style category (MVTec AD, MPDD, magnetic_tile, ...).
 
@@ -50,11 +52,14 @@ def load_mvtec(
         verify: decode every image and mask up front to find unreadable files.
         skip_unreadable: drop unreadable files (listed in ``skipped``) instead of
             raising; implies ``verify``.
+        max_pixels: largest image accepted, in pixels, checked from the file header
+            (:data:`stmae.data.io.DEFAULT_MAX_PIXELS`; None: PIL's own limit only).
 
     Raises:
         DataError: missing folder, empty training split, defect image without mask,
             unreadable file.
     """
     return load_tree(
-        category_dir, MVTEC_LAYOUT, require_masks=require_masks, verify=verify, skip_unreadable=skip_unreadable
+        category_dir, MVTEC_LAYOUT, require_masks=require_masks, verify=verify, skip_unreadable=skip_unreadable,
+        max_pixels=max_pixels,
     )

@@ -23,7 +23,7 @@ import csv
 from pathlib import Path
 
 from .base import NORMAL_TYPE, AnomalyDataset, Sample, build_dataset
-from .io import DataError, require_dir
+from .io import DEFAULT_MAX_PIXELS, DataError, require_dir
 
 __all__ = ["load_visa", "VISA_LAYOUT"]
 
@@ -102,6 +102,7 @@ def load_visa(
     *,
     verify: bool = False,
     skip_unreadable: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> AnomalyDataset:
     """Load one VisA object (e.g. ``"candle"``) using the official one-class split.
 
@@ -131,5 +132,6 @@ def load_visa(
         test,
         verify=verify,
         skip_unreadable=skip_unreadable,
+        max_pixels=max_pixels,
         train_location=f"{csv_path} (split=train)",
     )
