@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import stmae
+from stmae.prediction import Skipped
 from stmae.report import overlay
 
 from .conftest import tiny_config, write_png
@@ -252,6 +253,39 @@ def test_too_many_files(model, served):
 def test_filenames_are_never_paths(client, served):
     r = _post(client, ("../../etc/passwd.png", _png(served[1]), "image/png"))
     assert r.status_code == 200 and r.json()["results"][0]["filename"] == "passwd.png"
+
+
+class _Streaming:
+    """An engine with only iter_predict (like a torch-free runtime): the torch Detector's stream,
+    with the image named 'skip me' reported as skipped."""
+
+    engine = "stream-test"
+
+    def __init__(self, detector):
+        self.detector, self.meta, self.calibration = detector, detector.meta, detector.calibration
+        self.threshold, self.image_size = detector.threshold, 64
+
+    def iter_predict(self, images, *, threshold=None):
+        for image in images:
+            if image.shape[:2] == (13, 13):
+                yield Skipped("array", "skip me: 13 x 13 is refused by this engine")
+            else:
+                yield from self.detector.iter_predict([image], threshold=threshold)
+
+
+def test_streaming_engine_is_served_through_the_same_api(model, served):
+    _, good, defect = served
+    with TestClient(create_app(_Streaming(model))) as c:
+        r = _post(c, ("g.png", _png(good), "image/png"), ("d.png", _png(defect), "image/png"), query="?threshold=1e9")
+        assert r.status_code == 200, r.text
+        direct = model.predict([good, defect], threshold=1e9)
+        assert [x["score"] for x in r.json()["results"]] == pytest.approx([p.score for p in direct], rel=1e-6)
+        assert [x["label"] for x in r.json()["results"]] == [0, 0]
+        assert c.get("/info").json()["engine"] == "stream-test"
+        bad = _post(c, ("g.png", _png(good), "image/png"), ("tiny.png", _png(good[:13, :13]), "image/png"))
+        assert bad.status_code == 422 and bad.json()["detail"] == "tiny.png: skip me: 13 x 13 is refused by this engine"
+    with pytest.raises(TypeError, match="cannot be served"):
+        create_app(object())
 
 
 def test_invalid_settings_and_missing_model(model, tmp_path):

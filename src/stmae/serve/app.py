@@ -183,7 +183,12 @@ class _Scorer:
         started = time.perf_counter()
         images = [decode_upload(data, name, max_pixels=self.max_pixels, content_type=ctype)
                   for name, data, ctype in uploads]
-        preds = self.model.predict(images, threshold=threshold)
+        try:
+            preds = self.model.predict(images, threshold=threshold)
+        except UploadError as exc:
+            if exc.index is None:
+                raise
+            raise UploadError(exc.status, f"{uploads[exc.index][0]}: {exc.message}") from None
         results = []
         for (name, _, _), image, pred in zip(uploads, images, preds):
             row: dict[str, Any] = {

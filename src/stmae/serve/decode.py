@@ -38,10 +38,14 @@ GENERIC_TYPES = ("application/octet-stream", "")
 
 @dataclass
 class UploadError(Exception):
-    """A bad upload: ``status`` is the HTTP status to answer, ``message`` says what and why."""
+    """A bad upload: ``status`` is the HTTP status to answer, ``message`` says what and why.
+
+    ``index`` is set when the model (not the decoder) refused the index-th image of a request.
+    """
 
     status: int
     message: str
+    index: int | None = None
 
     def __str__(self) -> str:
         return self.message

@@ -3,8 +3,8 @@
 The app needs four things from a model: ``predict(list of uint8 RGB arrays, threshold=...)
 -> list[Prediction]`` (with ``normalized`` filled in), ``threshold``, ``calibration`` and
 ``meta``. The torch :class:`stmae.Detector` and the torch-free runtime of an exported model
-(``stmae.runtime.open_model``) both offer that (or ``iter_predict``); :func:`as_served`
-adapts the variants so the app has one code path, and :func:`load_model` picks the engine
+(``stmae.runtime.open_model``) offer that, or at least ``iter_predict``; :func:`as_served`
+adapts the latter so the app has one code path, and :func:`load_model` picks the engine
 from what the path holds.
 """
 
@@ -37,76 +37,30 @@ class ServedModel(Protocol):
     def predict(self, images: Sequence[np.ndarray], *, threshold: float | None = None) -> list[Prediction]: ...
 
 
-def calibration_from_meta(meta: dict[str, Any]) -> Calibration | None:
-    """``meta["calibration"]``, or for older runs the ``max`` rule rebuilt from their scores."""
-    if meta.get("calibration"):
-        return Calibration.from_dict(meta["calibration"])
-    if meta.get("threshold") is None:
-        return None
-    scores = (meta.get("calibration_scores") or {}).get("all") or [meta["threshold"]]
-    t = float(meta["threshold"])
-    return Calibration("max", t, t, float(np.median(scores)), len(scores))
+class StreamingModel:
+    """A model offering only ``iter_predict`` (Prediction | Skipped items), e.g. an exported one.
 
-
-class _Adapter:
-    """Common attributes of the adapters: the wrapped model's threshold, meta, config, size."""
+    ``predict`` collects the stream; an item the model skipped becomes a 422 naming it.
+    """
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.meta: dict[str, Any] = dict(getattr(model, "meta", None) or {})
-        cal = getattr(model, "calibration", None)
-        self.calibration: Calibration | None = cal if cal is not None else calibration_from_meta(self.meta)
+        self.calibration: Calibration | None = getattr(model, "calibration", None)
         self.config = getattr(model, "config", None)
-        self.engine = getattr(model, "engine", "torch")
+        self.engine = getattr(model, "engine", None) or type(model).__name__
+        self.image_size = getattr(model, "image_size", None) or self.meta.get("image_size")
 
     @property
     def threshold(self) -> float | None:
-        t = getattr(self.model, "threshold", None)
-        if t is None and self.calibration is not None:
-            return self.calibration.image_threshold
-        return t
-
-    @property
-    def image_size(self) -> int | None:
-        size = getattr(self.model, "image_size", None)
-        if size is None and self.config is not None:
-            size = self.config.features.image_size
-        return size if size is not None else self.meta.get("image_size")
-
-    def _finish(self, pred: Any, threshold: float | None) -> Prediction:
-        """A :class:`stmae.prediction.Prediction` with label, threshold and normalised score."""
-        t = self.threshold if threshold is None else threshold
-        cal = self.calibration
-        return Prediction(
-            score=float(pred.score),
-            label=-1 if t is None else int(pred.score > t),
-            anomaly_map=np.asarray(pred.anomaly_map, dtype=np.float32),
-            threshold=None if t is None else float(t),
-            normalized=None if cal is None else float(cal.normalized(pred.score, t)),
-            pixel_threshold=None if cal is None else cal.pixel_threshold,
-        )
-
-
-class LegacyDetector(_Adapter):
-    """The torch Detector whose ``predict`` has no ``threshold`` (before the pipeline refactor).
-
-    Scores come from the detector unchanged; label, threshold and the normalised score are
-    computed here with :mod:`stmae.thresholds`, exactly as the refactored Detector does.
-    """
-
-    def predict(self, images: Sequence[np.ndarray], *, threshold: float | None = None) -> list[Prediction]:
-        return [self._finish(p, threshold) for p in self.model.predict(list(images))]
-
-
-class StreamingModel(_Adapter):
-    """A model offering only ``iter_predict`` (Prediction | Skipped items), e.g. an exported one."""
+        return getattr(self.model, "threshold", None)
 
     def predict(self, images: Sequence[np.ndarray], *, threshold: float | None = None) -> list[Prediction]:
         out: list[Prediction] = []
         for i, item in enumerate(self.model.iter_predict(list(images), threshold=threshold)):
             if isinstance(item, Skipped):
-                raise UploadError(422, f"image {i}: {item.reason}")
-            out.append(item if item.normalized is not None or self.calibration is None else self._finish(item, threshold))
+                raise UploadError(422, str(item.reason), index=i)
+            out.append(item)
         return out
 
 
@@ -122,11 +76,12 @@ def as_served(model: Any) -> Any:
     predict = getattr(model, "predict", None)
     if predict is not None and _takes_threshold(predict) and hasattr(model, "calibration"):
         return model
-    if predict is None and hasattr(model, "iter_predict"):
+    if hasattr(model, "iter_predict"):
         return StreamingModel(model)
-    if predict is not None:
-        return LegacyDetector(model)
-    raise TypeError(f"{type(model).__name__} has neither predict() nor iter_predict(): it cannot be served")
+    raise TypeError(
+        f"{type(model).__name__} cannot be served: it needs predict(images, threshold=...) and .calibration, "
+        "or iter_predict(images, threshold=...)"
+    )
 
 
 def _exported(path: Path) -> Any | None:
@@ -174,7 +129,7 @@ def model_info(model: Any) -> dict[str, Any]:
     keep = ("stmae_version", "created", "backbone", "grid_size", "feature_channels", "input", "seed", "n_train",
             "n_val", "epochs", "final_loss", "device", "memory", "threshold_source")
     return {
-        "engine": getattr(model, "engine", "torch"),
+        "engine": getattr(model, "engine", None) or ("torch" if type(model).__name__ == "Detector" else type(model).__name__),
         "image_size": image_size,
         "threshold": getattr(model, "threshold", None),
         "calibration": None if cal is None else cal.to_dict(),
@@ -183,5 +138,4 @@ def model_info(model: Any) -> dict[str, Any]:
     }
 
 
-__all__ = ["LegacyDetector", "ServedModel", "StreamingModel", "as_served", "calibration_from_meta", "load_model",
-           "model_info"]
+__all__ = ["ServedModel", "StreamingModel", "as_served", "load_model", "model_info"]
