@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from stmae.serve import create_app, decode_upload, load_model  # noqa: E402
+import httpx  # noqa: E402
+
+from stmae.serve import BackgroundServer, create_app, decode_upload, load_model  # noqa: E402
 from stmae.serve.decode import UploadError  # noqa: E402
 
 
@@ -154,7 +157,7 @@ def test_page_docs_and_schema_are_served_offline(client):
     for asset in ("app.js", "style.css", "docs.js", "docs.css"):
         assert client.get(f"/static/{asset}").status_code == 200
     docs = client.get("/docs")
-    assert docs.status_code == 200 and "/static/docs.js" in docs.text
+    assert docs.status_code == 200 and "static/docs.js" in docs.text
     for text in (page.text, docs.text, client.get("/static/app.js").text, client.get("/static/docs.js").text):
         assert "http://" not in text and "https://" not in text  # nothing fetched from elsewhere
     schema = client.get("/openapi.json").json()
@@ -286,6 +289,43 @@ def test_streaming_engine_is_served_through_the_same_api(model, served):
         assert bad.status_code == 422 and bad.json()["detail"] == "tiny.png: skip me: 13 x 13 is refused by this engine"
     with pytest.raises(TypeError, match="cannot be served"):
         create_app(object())
+
+
+class _Gate:
+    """The tiny model behind a gate: predict waits until released; an all-black image raises."""
+
+    def __init__(self, model):
+        self.model, self.meta, self.calibration, self.threshold = model, model.meta, model.calibration, model.threshold
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def predict(self, images, *, threshold=None):
+        self.entered.set()
+        assert self.release.wait(60)
+        if not images[0].any():
+            raise RuntimeError("model failure on a black image")
+        return self.model.predict(images, threshold=threshold)
+
+
+def test_slow_and_failing_requests_do_not_block_or_kill_the_service(model, served):
+    gate = _Gate(model)
+    png = _png(served[1])
+    answers = {}
+    with BackgroundServer(create_app(gate, max_pending=1)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        slow = threading.Thread(target=lambda: answers.update(slow=http.post("/predict", files={"files": ("a.png", png)})))
+        slow.start()
+        assert gate.entered.wait(30)
+        health = http.get("/health", timeout=5)  # answered while the worker is busy
+        assert health.status_code == 200 and health.json()["pending"] == 1
+        busy = http.post("/predict", files={"files": ("b.png", png)})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+        gate.release.set()
+        slow.join(60)
+        assert answers["slow"].status_code == 200
+        black = http.post("/predict", files={"files": ("black.png", _png(np.zeros((8, 8, 3), np.uint8)))})
+        assert black.status_code == 500
+        assert black.json()["detail"] == "internal error while handling the request (RuntimeError: model failure on a black image)"
+        after = http.post("/predict", files={"files": ("c.png", png)})
+        assert after.status_code == 200 and http.get("/health").json() == {"status": "ok", "pending": 0, "served": 3, "workers": 1}
 
 
 def test_invalid_settings_and_missing_model(model, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import math
 import threading
 import time
@@ -45,6 +46,7 @@ from ..report import overlay
 from .decode import UploadError, decode_upload
 from .model import as_served, model_info
 
+LOG = logging.getLogger("stmae.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 #: Defaults of the limits (``stmae serve`` options override them).
@@ -96,6 +98,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
+
+
+def _internal_error(exc: Exception) -> JSONResponse:
+    """A bug or a model failure, not the client's fault: said in JSON; the service lives on."""
+    return _error(500, f"internal error while handling the request ({type(exc).__name__}: {exc})")
 
 
 class BodyLimit:
@@ -281,6 +288,10 @@ def create_app(
             detail = "malformed request body: send multipart/form-data with the images in the field 'files'"
         return JSONResponse({"detail": str(detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return _internal_error(exc)
+
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=False, responses=ERRORS,
               summary="Score one or more images")
     async def predict(
@@ -308,6 +319,9 @@ def create_app(
             return _error(exc.status, exc.message)
         except ValueError as exc:  # the model refusing an input (stmae.data.DataError and the like)
             return _error(422, str(exc))
+        except Exception as exc:  # a model failure: answered here so the connection stays usable
+            LOG.exception("scoring failed")
+            return _internal_error(exc)
         finally:
             scorer.leave()
 

@@ -36,7 +36,7 @@
   }
 
   async function loadInfo() {
-    const res = await fetch("/info");
+    const res = await fetch("info");
     if (!res.ok) throw new Error("GET /info answered " + res.status);
     const info = await res.json();
     const meta = info.meta || {};
@@ -163,7 +163,7 @@
     form.append("files", item.file, item.file.name);
     const card = item.card;
     try {
-      const res = await fetch("/predict?heatmap=true", { method: "POST", body: form });
+      const res = await fetch("predict?heatmap=true", { method: "POST", body: form });
       let body = null;
       try { body = await res.json(); } catch (e) { body = null; }
       if (!res.ok) throw new Error((body && body.detail) || "the service answered " + res.status);

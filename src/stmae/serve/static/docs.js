@@ -98,7 +98,7 @@
     }
   }
 
-  fetch("/openapi.json")
+  fetch("openapi.json")
     .then((r) => r.json())
     .then(render)
     .catch((err) => { document.getElementById("operations").textContent = "cannot load /openapi.json: " + err; });
