@@ -12,21 +12,42 @@ stranger, not from the user's own disk. Every way bytes can be wrong must end as
 - anything PIL (or a codec under it) raises while decoding, truncated data included, is
   a 422 naming the file.
 
-The pixels then go through :func:`stmae.data.io.as_rgb`, the same conversion every other
-entry point uses (EXIF orientation, grayscale, 16-bit scaling), so an image scores the same
-uploaded as it does from disk.
+The pixels then come from the same conversion every other entry point uses (EXIF
+orientation, grayscale, 16-bit scaling): ``stmae.data.io.decode_image_bytes`` where the
+package has it, else :func:`stmae.data.io.as_rgb` on the opened image; so an image scores
+the same uploaded as it does from disk.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from ..data.io import as_rgb
+from ..data.io import DataError, as_rgb
+
+
+def _shared_decoder() -> Callable[..., np.ndarray] | None:
+    """``stmae.data.io.decode_image_bytes(data, name, *, max_pixels)`` when the package has it.
+
+    One decoder for files and uploads keeps their pixels (and so their scores) identical;
+    this module's own decoding is the fallback for versions without it.
+    """
+    from ..data import io as data_io
+
+    func = getattr(data_io, "decode_image_bytes", None)
+    try:
+        return func if func is not None and "max_pixels" in inspect.signature(func).parameters else None
+    except (TypeError, ValueError):
+        return None
+
+
+_SHARED_DECODER = _shared_decoder()
 
 #: Formats the service decodes (the project's IMAGE_EXTENSIONS), by PIL format name.
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
@@ -99,10 +120,16 @@ def decode_upload(data: bytes, name: str, *, max_pixels: int, content_type: str 
             with Image.open(io.BytesIO(data), formats=[fmt]) as img:
                 width, height = img.size  # from the header: nothing decoded yet
                 _check_pixels(width, height, max_pixels, name)
-                img.load()
-                pixels = as_rgb(img)
+                if _SHARED_DECODER is None:
+                    img.load()
+                    pixels = as_rgb(img)
+            if _SHARED_DECODER is not None:
+                pixels = _SHARED_DECODER(data, name, max_pixels=max_pixels)
     except UploadError:
         raise
+    except DataError as exc:  # the shared decoder's refusal; its short reason, without file-system advice
+        reason = getattr(exc, "reason", None) or str(exc)
+        raise UploadError(422, f"{name}: cannot decode the {fmt} image ({reason})") from None
     except Image.DecompressionBombError as exc:  # raised by PIL from the header, before decoding
         raise UploadError(413, f"{name}: refused before decoding: {exc}") from None
     except MemoryError:
