@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, BinaryIO, Optional
 
 import numpy as np
 from fastapi import FastAPI, File, Query, UploadFile
@@ -164,7 +164,7 @@ def _heatmap_png(image: np.ndarray, amap: np.ndarray, threshold: float | None) -
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     shown = image if size == (w, h) else np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
     heat = amap if amap.shape == (size[1], size[0]) else np.asarray(
-        Image.fromarray(amap.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
+        Image.fromarray(amap.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
     )
     buf = io.BytesIO()
     Image.fromarray(overlay(shown, heat, threshold)).save(buf, format="PNG")
@@ -184,12 +184,16 @@ class _Scorer:
         self.served = 0
         self._lock = threading.Lock()
 
-    def score(self, uploads: list[tuple[str, bytes, str | None]], threshold: float | None,
+    def score(self, uploads: list[tuple[str, BinaryIO, str | None]], threshold: float | None,
               heatmap: bool) -> dict[str, Any]:
-        """Decode, score and (optionally) draw: runs in a pool thread."""
+        """Read, decode, score and (optionally) draw: runs in a pool thread.
+
+        Uploads arrive as the parser's spooled files and are read here, one at a time, so a
+        queue of waiting requests holds no decoded (or even fully buffered) images.
+        """
         started = time.perf_counter()
-        images = [decode_upload(data, name, max_pixels=self.max_pixels, content_type=ctype)
-                  for name, data, ctype in uploads]
+        images = [decode_upload(fileobj.read(), name, max_pixels=self.max_pixels, content_type=ctype)
+                  for name, fileobj, ctype in uploads]
         try:
             preds = self.model.predict(images, threshold=threshold)
         except UploadError as exc:
@@ -306,9 +310,7 @@ def create_app(
             return _error(413, f"{len(files)} files in one request; this service takes at most {max_files}")
         if threshold is not None and not math.isfinite(threshold):
             return _error(422, f"threshold must be a finite number, got {threshold}")
-        uploads = []
-        for i, f in enumerate(files):
-            uploads.append((_display_name(f.filename, i), await f.read(), f.content_type))
+        uploads = [(_display_name(f.filename, i), f.file, f.content_type) for i, f in enumerate(files)]
         if not scorer.try_enter():
             return JSONResponse({"detail": f"busy: {scorer.max_pending} requests are already queued; retry shortly"},
                                 status_code=503, headers={"Retry-After": "1"})
