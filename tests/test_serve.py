@@ -385,13 +385,14 @@ def test_fuzzed_uploads_never_get_a_5xx(client, real_files, data):
         blob = data.draw(st.binary(max_size=3000), label="bytes")
     else:
         blob = bytearray(real_files[kind])
-        for _ in range(data.draw(st.integers(0, 6), label="flips")):  # corrupt bytes anywhere
+        for _ in range(data.draw(st.integers(0, 4), label="flips")):  # corrupt bytes anywhere
             i = data.draw(st.integers(0, len(blob) - 1))
             blob[i] = data.draw(st.integers(0, 255))
-        cut = data.draw(st.integers(0, len(blob)), label="cut")  # and/or truncate
-        blob = bytes(blob[: max(cut, len(blob) // 2 if data.draw(st.booleans()) else cut)])
+        cut = data.draw(st.one_of(st.just(len(blob)), st.integers(0, len(blob))), label="cut")  # maybe truncate
+        blob = bytes(blob[:cut])
     ctype = data.draw(st.sampled_from(["image/png", "image/jpeg", "application/octet-stream", "text/plain"]))
     r = _post(client, ("fuzz.png", blob, ctype), query="?heatmap=true" if data.draw(st.booleans()) else "")
+    hypothesis.event(f"HTTP {r.status_code}")
     assert r.status_code < 500, r.text
     if r.status_code != 200:
         assert 400 <= r.status_code < 500 and r.json()["detail"].startswith("fuzz.png: ")
