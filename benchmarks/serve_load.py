@@ -24,6 +24,7 @@ the fit); writes ``benchmarks/results/serve_load.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=RESULTS_PATH)
     args = p.parse_args(argv)
     t0 = time.time()
+    load_before = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="stmae_serve_load_") as tmp:
         work = args.workdir or Path(tmp)
         if args.run is None:
@@ -209,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": {"source": source, "image_size": size, "engine": getattr(model, "engine", "torch")},
         "settings": {"clients": args.clients, "requests": args.requests, "workers": args.workers,
                      "heatmap": args.heatmap, "host": "127.0.0.1"},
+        # Clients and service share this machine's cores (with anything else running on it).
+        "load_average_before": load_before,
         **load,
         "provenance": collect("cpu", started=t0),
     }
