@@ -361,6 +361,24 @@ def oneclass(
     typer.echo(f"wrote {out / 'summary.md'} and {out / 'summary.json'} ({len(summary['rows'])} classes)")
 
 
+@app.command()
+@friendly
+def serve(
+    model: Path = typer.Argument(..., help="Run folder written by `stmae fit` (or an exported model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 = every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_request_mb: float = typer.Option(32.0, "--max-request-mb", help="Largest request body accepted, in MiB."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image accepted, in pixels (width x height)."),
+    workers: int = typer.Option(1, "--workers", help="Threads that score requests (requests queue for them)."),
+    device: Optional[str] = DEVICE,
+) -> None:
+    """Serve a model over HTTP: POST /predict, GET /health, GET /info, a web page at /, docs at /docs."""
+    from .serve import serve as run
+
+    run(model, host=host, port=port, max_request_mb=max_request_mb, max_pixels=max_pixels, workers=workers,
+        device=device or "auto", log=typer.echo)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="stmae")
