@@ -38,6 +38,7 @@ from torch import nn
 
 from . import __version__
 from .fileio import atomic_write_json
+from .runtime import FORMAT_VERSION, run_fingerprint, sidecar_path
 
 #: Formats :func:`export_model` writes.
 FORMATS = ("onnx", "openvino")
@@ -53,8 +54,6 @@ EXTERNAL_DATA_BYTES = 1_500_000_000
 #: Bank rows per matrix product of the exported memory search: bounds the (positions x rows)
 #: block one image batch needs (at 1,024 positions per image, 4096 rows = 16 MB per image).
 BANK_BLOCK = 4096
-#: Version of the metadata layout below; the runtime refuses files it does not know.
-FORMAT_VERSION = 1
 
 Format = Literal["onnx", "openvino"]
 Layout = Literal["uint8_nhwc", "float_nchw"]
@@ -151,12 +150,6 @@ def export_model(
     return out
 
 
-def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """The JSON written next to an exported model: ``model.onnx`` -> ``model.onnx.json``."""
-    p = Path(model_path)
-    return p.with_name(p.name + ".json")
-
-
 def export_metadata(
     detector: Any, run_dir: Path | None, *, opset: int, layout: Layout, fmt: Format
 ) -> dict[str, Any]:
@@ -206,21 +199,6 @@ def export_metadata(
         "provenance": collect("cpu"),
         "exporter": f"torch.onnx.export (TorchScript) torch {torch.__version__}",
     }
-
-
-def run_fingerprint(run_dir: str | os.PathLike) -> str:
-    """SHA-256 (16 hex digits) of a run's config.yaml and model.safetensors: which fit an export came from."""
-    import hashlib
-
-    from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
-    digest = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(Path(run_dir) / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- helpers
