@@ -365,6 +365,27 @@ def oneclass(
     typer.echo(f"wrote {out / 'summary.md'} and {out / 'summary.json'} ({len(summary['rows'])} classes)")
 
 
+@app.command()
+@friendly
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx or openvino."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="The .onnx / .xml file to write (default: model.onnx / model.xml in RUN_DIR)."
+    ),
+    input_layout: str = typer.Option("uint8_nhwc", "--input", help="Graph input: uint8_nhwc or float_nchw."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (>= 17)."),
+    backbone_weights: Optional[Path] = WEIGHTS,
+) -> None:
+    """Export a run as one ONNX / OpenVINO graph: images in, anomaly map and scores out."""
+    from .export import export_model
+
+    weights = str(backbone_weights) if backbone_weights else None
+    path = export_model(run_dir, out, format, opset=opset, input=input_layout, backbone_weights=weights)  # type: ignore[arg-type]
+    extra = f" (+ {path.with_suffix('.bin').name})" if path.suffix == ".xml" else ""
+    typer.echo(f"wrote {path}{extra} and {path.name}.json; predict with: stmae predict {path} IMAGES... --out DIR")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="stmae")

@@ -132,7 +132,7 @@ def export_model(
     else:
         out = Path(out_path)
     if out.suffix.lower() != suffix:
-        raise ExportError(f"{out}: a {format} export must be a {suffix} file")
+        raise ExportError(f"{out}: format {format} writes a {suffix} file; give a path ending in {suffix}")
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give the {suffix} file to write")
 
