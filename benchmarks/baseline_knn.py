@@ -10,9 +10,8 @@ worse" with "the pipeline differs". This baseline removes the second part: it us
   mean) and the same image loading/resizing (:mod:`stmae.data`);
 * the same per-channel standardisation as ST-MAE when ``cfg.features.standardize`` is on
   (:class:`stmae.features.FeatureStats` from the training features);
-* the same map recipe as :meth:`stmae.infer.Detector.postprocess` (bilinear upsampling of the
-  grid map to the input size, :func:`stmae.infer.gaussian_blur`,
-  :func:`stmae.infer.image_scores`) and the same metrics (:mod:`stmae.metrics`);
+* the same end of the map recipe, :func:`stmae.pipeline.postprocess` (bilinear upsampling of
+  the grid map to the input size, smoothing, image score) and the same metrics (:mod:`stmae.metrics`);
 
 and only replaces the transformer by a memory bank: every training patch feature,
 subsampled by greedy k-center coreset selection (PatchCore, Roth et al. 2022), and a test
@@ -68,7 +67,8 @@ from stmae.data import Sample, load_mvtec
 from stmae.evaluate import mask_at, per_type_breakdown
 from stmae.features import FeatureExtractor, FeatureStats, batched, extract_features
 from stmae.fileio import atomic_write_json
-from stmae.infer import build_extractor, gaussian_blur, image_scores
+from stmae.build import build_extractor
+from stmae.pipeline import postprocess
 from stmae.metrics import PixelMetricAccumulator, compute_metrics
 # The coreset and the search are the package's memory bank (stmae.model.memory); the names
 # stay importable from here for the scripts and tests that use the yardstick.
@@ -118,15 +118,10 @@ __all__ = [
 def anomaly_maps(grid_maps: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid maps (N, G, G) -> (maps (N, S, S) at ``cfg.features.image_size``, scores (N,)).
 
-    The same recipe as :meth:`stmae.infer.Detector.postprocess` (which needs a trained
-    model to be instantiated, hence not callable here): bilinear upsampling, then the shared
-    :func:`stmae.infer.gaussian_blur` and :func:`stmae.infer.image_scores`. The test suite
-    checks the two stay identical.
+    ST-MAE's own end of the recipe (:func:`stmae.pipeline.postprocess`): upsampling,
+    smoothing, image score.
     """
-    size = cfg.features.image_size
-    maps = F.interpolate(grid_maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
-    maps = gaussian_blur(maps.squeeze(1), cfg.infer.sigma)
-    return maps, image_scores(maps, cfg.infer.score, cfg.infer.topk)
+    return postprocess(grid_maps, cfg.infer, cfg.features.image_size)
 
 
 # --------------------------------------------------------------------------------------

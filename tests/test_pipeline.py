@@ -48,9 +48,11 @@ def test_predict_inputs_paths_pil_numpy_agree(fitted, tiny_mvtec):
     assert preds[0].anomaly_map.shape == (64, 64) and preds[0].anomaly_map.dtype == np.float32
     assert preds[0].path == str(path) and preds[2].path is None
     assert preds[0].label in (0, 1) and preds[0].threshold == det.threshold
-    # grayscale 16-bit and odd sizes work; map comes back at the original size
+    # grayscale 16-bit and odd sizes work; the map is at the model size unless full resolution is asked for
     odd = det.predict(np.ascontiguousarray(gray16[:50, :37]))[0]
-    assert odd.anomaly_map.shape == (50, 37)
+    assert odd.anomaly_map.shape == (64, 64)
+    full = det.predict(np.ascontiguousarray(gray16[:50, :37]), full_resolution=True)[0]
+    assert full.anomaly_map.shape == (50, 37) and full.score == odd.score
 
 
 def test_scores_reproducible_across_loads_and_match_fit(fitted, tiny_mvtec):

@@ -19,6 +19,7 @@ import yaml
 from .fileio import atomic_write_text
 from .model.decoupling import check_block
 from .model.residual import RESIDUALS
+from .thresholds import parse_rule
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,8 @@ class InferConfig:
     memory: float = 0.8  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual)
     memory_coreset: float = 0.1  # fraction of training patches kept in the memory bank (greedy coreset)
     batch_size: int = 16
+    threshold_rule: str = "max"  # max | quantile:Q | fpr:F over held-out good images (stmae.thresholds)
+    min_calibration: int = 10  # fewer held-out good images than this: fit warns that the threshold is a guess
 
 
 @dataclass
@@ -144,6 +147,8 @@ class Config:
         _check(i.sigma >= 0, "infer.sigma must be >= 0")
         _check(0.0 <= i.memory <= 1.0, "infer.memory must be in [0, 1]")
         _check(0.0 < i.memory_coreset <= 1.0, "infer.memory_coreset must be in (0, 1]")
+        _check(_rule_ok(i.threshold_rule), "infer.threshold_rule must be max, quantile:Q (0 < Q <= 1) or fpr:F (0 <= F < 1)")
+        _check(i.min_calibration >= 1, "infer.min_calibration must be >= 1")
         return self
 
     # ------------------------------------------------------------------ conversion
@@ -290,6 +295,14 @@ def preset(name: str) -> Config:
 
 
 SCORES = ("max", "topk")
+
+
+def _rule_ok(rule: str) -> bool:
+    try:
+        parse_rule(rule)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(ok: bool, message: str) -> None:

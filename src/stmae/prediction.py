@@ -6,7 +6,7 @@ must hand back the very same objects (and so write the same CSV rows) as the tor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ class Prediction:
     threshold: the image threshold the label used.
     pixel_threshold: the threshold for map pixels (:meth:`mask`).
     path: the file scored, when the input was a path.
+    image: the decoded uint8 RGB image, only when the caller asked to keep it (heat-map panels).
     """
 
     score: float
@@ -34,6 +35,7 @@ class Prediction:
     path: str | None = None
     normalized: float | None = None
     pixel_threshold: float | None = None
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def mask(self) -> np.ndarray:
         """Boolean (H, W) defect mask: map pixels above the pixel threshold."""

@@ -30,7 +30,9 @@ from .config import PRESETS, Config, TrainConfig, preset
 from .data import AnomalyDataset, DataError, Sample, open_dataset
 from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
-from .infer import Detector, build_extractor, build_model
+from .build import build_extractor, build_model
+from .fitting import calibrate_detector
+from .infer import Detector
 from .model import STMAE, random_splits, reconstruction_loss
 from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint, starting_state
 
@@ -265,10 +267,13 @@ def fit(
         memory_started = time.perf_counter()
         detector.fit_memory(train_feats, feats[torch.from_numpy(calib_idx)], seed=cfg.train.seed, quiet=quiet)
         memory_seconds = round(time.perf_counter() - memory_started, 3)
-    _, calib_scores = detector.score_features(feats[torch.from_numpy(calib_idx)])
-    detector.threshold = float(calib_scores.max())
-    meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, calib_scores, losses, device)
-    meta["threshold_source"] = threshold_source
+    calibration, calib_scores = calibrate_detector(
+        detector, feats[torch.from_numpy(calib_idx)], cfg.infer.threshold_rule, min_images=cfg.infer.min_calibration
+    )
+    meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, torch.from_numpy(calib_scores), losses, device)
+    meta["threshold"] = calibration.image_threshold
+    meta["calibration"] = calibration.to_dict()
+    meta["threshold_source"] = threshold_source.replace("max score", f"{cfg.infer.threshold_rule} rule over the scores", 1)
     meta["train_seconds"] = round(train_seconds, 3)
     if detector.memory is not None:
         meta["memory"] = {

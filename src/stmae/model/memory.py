@@ -188,17 +188,25 @@ class _Candidates:
 
 
 @torch.no_grad()
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
     """L2 distance of each query row (Q, C) to its nearest bank row (B, C) -> (Q,).
 
-    ``torch.cdist`` in blocks of queries so the (block x B) distance matrix stays around
-    ``DISTANCE_BLOCK`` elements whatever the bank size.
+    Written as matrix products, ``|q|^2 - 2 q.b + |b|^2`` (``bank_sq`` = ``|b|^2`` when the
+    caller keeps it), because that is fast on every device and exports to ONNX, where
+    ``cdist`` does not. Queries go in blocks so the (block x B) matrix stays around
+    ``DISTANCE_BLOCK`` elements whatever the bank size; under tracing (export) the batch is
+    one block, as a graph has no Python loop.
     """
-    rows = max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
-    out = torch.empty(queries.shape[0], device=queries.device)
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(dim=1)
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    rows = queries.shape[0] if tracing else max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
+    out = []
     for start in range(0, queries.shape[0], rows):
-        out[start : start + rows] = torch.cdist(queries[start : start + rows], bank).amin(dim=1)
-    return out
+        q = queries[start : start + rows]
+        d2 = (q * q).sum(dim=1, keepdim=True) - 2.0 * (q @ bank.T) + bank_sq.unsqueeze(0)
+        out.append(d2.amin(dim=1))
+    return torch.cat(out).clamp_min(0.0).sqrt()
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""The map recipe, once: images -> features -> K split pairs -> residual -> memory blend ->
+upsampling -> smoothing -> image score.
+
+Why one module: ``predict``, ``test``, the calibration inside ``fit``, the benchmarks and the
+exported ONNX/OpenVINO graph must compute the same map. They all run :class:`MapPipeline`
+(or its stages), so a change to the recipe cannot reach one of them and miss another.
+
+Why it is fast:
+
+- all K split pairs go through the transformer in *one* batched forward (K x N sequences)
+  instead of K calls;
+- the memory bank is searched with matrix products in blocks
+  (:func:`stmae.model.memory.nearest_distances`), which is also what the ONNX export needs;
+- with ``infer.memory == 1`` the transformer is skipped: the map is the distance alone;
+- every tensor it needs is a buffer, so it moves with ``.to(device)`` and exports as
+  constants; the threshold is *not* in it (thresholds are data, :mod:`stmae.thresholds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import InferConfig
+from .features import FeatureExtractor, FeatureStats
+from .model import STMAE, PatchMemory, ResidualStats, complementary_splits, feature_residual
+from .model.memory import nearest_distances
+
+if TYPE_CHECKING:
+    from .config import Config
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (N, H, W) maps; kernel radius 4 sigma, reflect border."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    h, w = maps.shape[-2:]
+    mode = "reflect" if radius < min(h, w) else "replicate"
+    out = maps.unsqueeze(1)
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
+    return out.squeeze(1)
+
+
+def image_scores(maps: torch.Tensor, score: str = "max", topk: float = 0.01) -> torch.Tensor:
+    """(N, H, W) maps -> (N,) scores: the maximum, or the mean of the top ``topk`` fraction."""
+    flat = maps.flatten(1)
+    if score == "max":
+        return flat.amax(dim=1)
+    k = max(1, int(math.ceil(topk * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def postprocess(grid: torch.Tensor, infer: InferConfig, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,)).
+
+    Bilinear upsampling, Gaussian smoothing, then the image score: the end of every map
+    recipe in the project (ST-MAE's and the kNN yardstick's).
+    """
+    maps = F.interpolate(grid.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    maps = gaussian_blur(maps.squeeze(1), infer.sigma)
+    return maps, image_scores(maps, infer.score, infer.topk)
+
+
+class MapPipeline(nn.Module):
+    """Images (N, 3, S, S) in [0, 1] at the model input size -> (maps (N, S, S), scores (N,)).
+
+    Stages, each callable on its own: :meth:`features` (standardised grid), :meth:`residual`,
+    :meth:`distances`, :meth:`grid_maps`, :meth:`postprocess`.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        model: STMAE,
+        stats: FeatureStats,
+        splits: torch.Tensor,
+        infer: InferConfig,
+        image_size: int,
+        memory: PatchMemory | None = None,
+        residual_stats: ResidualStats | None = None,
+    ) -> None:
+        super().__init__()
+        if infer.memory > 0 and memory is None:
+            raise ValueError(
+                f"infer.memory is {infer.memory} but there is no memory bank; fit one on good training "
+                "features (stmae fit does this), or set infer.memory to 0"
+            )
+        if infer.residual == "mahalanobis" and residual_stats is None and infer.memory < 1:
+            raise ValueError(
+                "infer.residual is 'mahalanobis' but there are no residual statistics; fit them on good "
+                "training features (stmae fit does this)"
+            )
+        self.extractor = extractor.eval()
+        self.model = model.eval()
+        self.image_size = int(image_size)
+        self.infer = dataclasses.replace(infer)  # a private copy: the pipeline never changes under its owner
+        self.residual_kind = infer.residual
+        self.share = float(infer.memory)
+        self.num_pairs = int(splits.shape[0])
+        self.register_buffer("feat_mean", stats.mean.float().view(1, -1, 1, 1).clone())
+        self.register_buffer("feat_std", stats.std.float().view(1, -1, 1, 1).clone())
+        self.register_buffer("splits", splits.long().clone())
+        self.residual_stats = residual_stats
+        if residual_stats is not None:
+            self.register_buffer("res_mean", residual_stats.mean.float().view(1, -1, 1, 1).clone())
+            self.register_buffer("res_precision", residual_stats.precision.float().clone())
+        self.memory = memory
+        if memory is not None:
+            bank = memory.bank.float()
+            self.register_buffer("bank", bank.clone())
+            self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
+            self.residual_median = float(memory.residual_median)
+            self.distance_median = float(memory.distance_median)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def build(
+        cls,
+        extractor: FeatureExtractor,
+        model: STMAE,
+        stats: FeatureStats,
+        config: "Config",
+        memory: PatchMemory | None = None,
+        residual_stats: ResidualStats | None = None,
+    ) -> "MapPipeline":
+        """The pipeline ``config`` describes: its K fixed test-time split pairs (seeded) included."""
+        splits = complementary_splits(
+            model.num_tokens, config.infer.num_pairs, seed=config.train.seed, block=config.model.split_block
+        )
+        return cls(extractor, model, stats, splits, config.infer, config.features.image_size, memory, residual_stats)
+
+    # ------------------------------------------------------------------ stages
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) in [0, 1] -> standardised features (N, C, G, G)."""
+        return self.standardize(self.extractor(images))
+
+    def standardize(self, feats: torch.Tensor) -> torch.Tensor:
+        """Raw cached features -> standardised (training statistics)."""
+        return (feats.float() - self.feat_mean) / self.feat_std
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised features (N, C, G, G) -> mean residual over the K split pairs (N, G, G).
+
+        One transformer call on K x N sequences: pair k of image i is row k * N + i.
+        """
+        n, k = x.shape[0], self.num_pairs
+        recon, xs = self.reconstructions(x)
+        if self.residual_kind == "mahalanobis":
+            d = (recon - xs) - self.res_mean
+            pd = torch.einsum("cd,ndhw->nchw", self.res_precision, d)
+            res = (d * pd).sum(dim=1).clamp_min(0.0)
+        else:
+            res = feature_residual(recon, xs, self.residual_kind)
+        return res.view(k, n, *res.shape[1:]).mean(dim=0)
+
+    def reconstructions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised features (N, C, G, G) -> (reconstructions, inputs), both (K * N, C, G, G).
+
+        Pair k of image i is row k * N + i. Autocast (bf16 on CUDA) covers the transformer
+        only; the residual is computed in float32.
+        """
+        n, k = x.shape[0], self.num_pairs
+        xs = x.repeat(k, 1, 1, 1)
+        splits = self.splits.repeat_interleave(n, dim=0)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            recon = self.model(xs, splits)
+        return recon.float(), xs
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised features (N, C, G, G) -> distance to the nearest bank patch (N, G, G)."""
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+        return nearest_distances(rows, self.bank, self.bank_sq).view(n, h, w)
+
+    def grid_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised features -> anomaly maps on the grid (N, G, G): residual, distance or their blend."""
+        if self.share >= 1.0:
+            return self.distances(x) / self.distance_median
+        residual = self.residual(x)
+        if self.share <= 0.0:
+            return residual
+        return (1.0 - self.share) * residual / self.residual_median + self.share * self.distances(x) / self.distance_median
+
+    def postprocess(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,)) (:func:`postprocess`)."""
+        return postprocess(grid, self.infer, self.image_size)
+
+    def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw cached features (N, C, G, G) -> (maps, scores): the recipe after the backbone."""
+        return self.postprocess(self.grid_maps(self.standardize(feats)))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.postprocess(self.grid_maps(self.features(images)))
+
+
+__all__ = ["MapPipeline", "gaussian_blur", "image_scores", "postprocess"]
