@@ -51,9 +51,6 @@ INPUT_NAMES = ("images", "threshold", "center")
 OUTPUT_NAMES = ("anomaly_map", "score", "normalized")
 #: Above this many bytes of weights the ONNX file keeps them in ``<file>.data`` (protobuf caps a file at 2 GB).
 EXTERNAL_DATA_BYTES = 1_500_000_000
-#: Bank rows per matrix product of the exported memory search: bounds the (positions x rows)
-#: block one image batch needs (at 1,024 positions per image, 4096 rows = 16 MB per image).
-BANK_BLOCK = 4096
 
 Format = Literal["onnx", "openvino"]
 Layout = Literal["uint8_nhwc", "float_nchw"]
@@ -190,7 +187,7 @@ def export_metadata(
             "normalized": {"dtype": "float32", "shape": [None], "range": [0.0, 1.0]},
         },
         "threshold": threshold,
-        "pixel_threshold": calibration["pixel_threshold"] if calibration else None,
+        "pixel_threshold": detector.pixel_threshold,
         "calibration": calibration,
         "resize": "PIL bilinear (antialiased) to image_size x image_size, RGB",
         "config": cfg.to_dict(),
@@ -228,7 +225,7 @@ def _jsonable(obj: Any) -> Any:
 
 def _cpu_pipeline(detector: Any) -> nn.Module:
     """The detector's map pipeline on the CPU in float32 (a copy when it lives elsewhere)."""
-    pipeline = _map_pipeline(detector)
+    pipeline = detector.pipeline
     if any(t.device.type != "cpu" for t in list(pipeline.parameters()) + list(pipeline.buffers())):
         pipeline = copy.deepcopy(pipeline).cpu()
     return pipeline.float().eval()
@@ -352,89 +349,6 @@ def _save_openvino(onnx_path: Path, meta: dict[str, Any], out: Path, tmp: Path) 
         os.chmod(f, 0o644)
     os.replace(bin_staged, out.with_suffix(".bin"))
     os.replace(staged, out)
-
-
-# --------------------------------------------------------------------------- pipeline
-def _map_pipeline(detector: Any) -> nn.Module:
-    """The detector's map pipeline (:class:`stmae.pipeline.MapPipeline`)."""
-    pipeline = getattr(detector, "pipeline", None)
-    if pipeline is not None:
-        return pipeline
-    return _FallbackPipeline(detector)
-
-
-class _FallbackPipeline(nn.Module):
-    """The map recipe of the current Detector, written so it traces (until stmae.pipeline lands)."""
-
-    def __init__(self, det: Any) -> None:
-        super().__init__()
-        from .model import PatchMemory  # noqa: F401
-
-        cfg = det.config
-        self.extractor = det.extractor
-        self.model = det.model
-        self.register_buffer("feat_mean", det.stats.mean.float().view(1, -1, 1, 1).clone())
-        self.register_buffer("feat_std", det.stats.std.float().view(1, -1, 1, 1).clone())
-        self.register_buffer("splits", det.splits.long().cpu().clone())
-        self.num_pairs = int(det.splits.shape[0])
-        self.kind = cfg.infer.residual
-        self.share = float(cfg.infer.memory)
-        self.sigma = float(cfg.infer.sigma)
-        self.score_kind = cfg.infer.score
-        self.topk = float(cfg.infer.topk)
-        self.size = int(cfg.features.image_size)
-        if det.residual_stats is not None:
-            self.register_buffer("res_mean", det.residual_stats.mean.float().view(1, -1, 1, 1).clone())
-            self.register_buffer("res_precision", det.residual_stats.precision.float().clone())
-        if det.memory is not None and self.share > 0:
-            bank = det.memory.bank.float().cpu()
-            self.register_buffer("bank", bank.clone())
-            self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
-            self.residual_median = float(det.memory.residual_median)
-            self.distance_median = float(det.memory.distance_median)
-
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        from .model import feature_residual
-
-        n, k = x.shape[0], self.num_pairs
-        xs = x.repeat(k, 1, 1, 1)
-        splits = self.splits.unsqueeze(1).expand(k, n, *self.splits.shape[1:]).reshape(-1, *self.splits.shape[1:])
-        recon = self.model(xs, splits).float()
-        if self.kind == "mahalanobis":
-            d = (recon - xs) - self.res_mean
-            pd = torch.einsum("cd,ndhw->nchw", self.res_precision, d)
-            res = (d * pd).sum(dim=1).clamp_min(0.0)
-        else:
-            res = feature_residual(recon, xs, self.kind)
-        return res.view(k, n, *res.shape[1:]).mean(dim=0)
-
-    def distances(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        best = None
-        for start in range(0, self.bank.shape[0], BANK_BLOCK):
-            b = self.bank[start : start + BANK_BLOCK]
-            d = torch.matmul(rows, b.T) * -2.0 + self.bank_sq[start : start + BANK_BLOCK]
-            m = d.amin(dim=2)
-            best = m if best is None else torch.minimum(best, m)
-        d2 = best + (rows * rows).sum(dim=2)
-        return d2.clamp_min(0.0).sqrt().view(n, h, w)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch.nn.functional as F
-
-        from .infer import gaussian_blur, image_scores
-
-        x = (self.extractor(images) - self.feat_mean) / self.feat_std
-        if self.share >= 1.0:
-            grid = self.distances(x) / self.distance_median
-        elif self.share <= 0.0:
-            grid = self.residual(x)
-        else:
-            grid = (1.0 - self.share) * self.residual(x) / self.residual_median + self.share * self.distances(x) / self.distance_median
-        maps = F.interpolate(grid.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False).squeeze(1)
-        maps = gaussian_blur(maps, self.sigma)
-        return maps, image_scores(maps, self.score_kind, self.topk)
 
 
 __all__ = ["ExportError", "ExportGraph", "FORMATS", "LAYOUTS", "DEFAULT_OPSET", "export_model", "export_metadata", "run_fingerprint", "sidecar_path"]
