@@ -203,70 +203,39 @@ def fit(
 @friendly
 def predict(
     run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`."),
-    paths: List[Path] = typer.Argument(..., help="Images and/or folders of images."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv and heatmaps/."),
-    threshold: Optional[float] = typer.Option(None, help="Override the run's decision threshold."),
+    paths: List[Path] = typer.Argument(..., help="Images and/or folders of images (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv, skipped.csv and heatmaps/."),
+    threshold: Optional[float] = typer.Option(None, help="Override the run's image threshold."),
     heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write a heat-map PNG per image."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image (default: skip and list it)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Skip images with more pixels than this (read from the header)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default: the run's)."),
     device: Optional[str] = DEVICE,
     backbone_weights: Optional[Path] = WEIGHTS,
     quiet: bool = QUIET,
 ) -> None:
-    """Score images: writes predictions.csv (path, score, label) and heat-map PNGs."""
-    from tqdm.auto import tqdm
+    """Score images: streams predictions.csv (path, score, normalized, label, threshold), skipped.csv and heat maps.
 
-    from .data import DataError, list_images, read_image
-    from .features import batched
+    Unreadable files are skipped and listed in skipped.csv (exit code 0); --strict makes the
+    first one fatal (exit code 2).
+    """
+    from .batch import predict_to_folder
     from .infer import Detector
-    from .report import panel, save_png, write_csv
 
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found = list_images(p, recursive=True)
-            if not found:
-                raise DataError(f"{p}: folder contains no images")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such file or folder")
     weights = str(backbone_weights) if backbone_weights else None
     detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
-    if threshold is not None:
-        detector.threshold = threshold
-    names = dict(zip(files, _unique_names(files)))
-    rows = []
-    with tqdm(total=len(files), desc="predict", unit="img", disable=quiet, leave=False) as bar:
-        for batch in batched(files, detector.config.infer.batch_size):
-            images = [read_image(f) for f in batch]  # read once: scored and drawn
-            for path, image, pred in zip(batch, images, detector.predict(images)):
-                row = {"path": str(path), "score": pred.score, "label": pred.label}
-                if heatmaps:
-                    heat = out / "heatmaps" / f"{names[path]}.png"
-                    save_png(heat, panel(image, pred.anomaly_map, pred.threshold))
-                    row["heatmap"] = str(heat.relative_to(out))
-                rows.append(row)
-            bar.update(len(batch))
-    columns = ["path", "score", "label", "heatmap"] if heatmaps else ["path", "score", "label"]
-    write_csv(out / "predictions.csv", rows, columns)
-    flagged = sum(r["label"] == 1 for r in rows)
-    limit = "none" if detector.threshold is None else f"{detector.threshold:.5g}"
-    typer.echo(
-        f"{len(rows)} images scored, {flagged} flagged anomalous (threshold {limit}); "
-        f"wrote {out / 'predictions.csv'}"
+    summary = predict_to_folder(
+        detector, list(paths), out, heatmaps=heatmaps, threshold=threshold, strict=strict,
+        max_pixels=max_pixels, batch_size=batch_size, quiet=quiet,
     )
-
-
-def _unique_names(files: List[Path]) -> list[str]:
-    """File stems, made unique with the parent folder name and a counter where needed."""
-    seen: dict[str, int] = {}
-    names = []
-    for f in files:
-        base = f"{f.parent.name}_{f.stem}" if f.parent.name else f.stem
-        count = seen.get(base, 0)
-        seen[base] = count + 1
-        names.append(base if count == 0 else f"{base}_{count}")
-    return names
+    for skip in summary.skipped:
+        typer.secho(f"skipped {skip.item}: {skip.reason}", fg=typer.colors.YELLOW, err=True)
+    limit = "none" if summary.threshold is None else f"{summary.threshold:.5g}"
+    typer.echo(
+        f"{summary.scored} images scored, {summary.flagged} flagged anomalous (threshold {limit}), "
+        f"{len(summary.skipped)} skipped; wrote {summary.predictions_csv}"
+        + (f" and {summary.skipped_csv}" if summary.skipped else "")
+    )
 
 
 @app.command()

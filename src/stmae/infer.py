@@ -19,7 +19,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .build import build_extractor, build_model
@@ -30,6 +29,7 @@ from .data.io import DataError
 from .device import resolve_device
 from .features import FeatureExtractor, FeatureStats
 from .inputs import Item, expand, load_rgb
+from .mapops import resize_map
 from .model import STMAE, PatchMemory, ResidualStats
 from .pipeline import MapPipeline, gaussian_blur, image_scores
 from .prediction import Prediction, Skipped
@@ -47,14 +47,6 @@ def calibration_from_meta(meta: dict[str, Any]) -> Calibration | None:
     scores = (meta.get("calibration_scores") or {}).get("all") or [meta["threshold"]]
     t = float(meta["threshold"])
     return Calibration("max", t, t, float(np.median(scores)), len(scores))
-
-
-def _upsample(amap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A (S, S) map -> (H, W) float32 numpy, bilinear (align_corners=False)."""
-    if tuple(amap.shape) == size:
-        return amap.numpy().astype(np.float32)
-    full = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    return full.numpy().astype(np.float32)
 
 
 class Detector:
@@ -292,7 +284,9 @@ class Detector:
             j = slot[i]
             rgb = p[0]
             score = float(scores[j])  # type: ignore[index]
-            amap = _upsample(maps[j], rgb.shape[:2]) if full_resolution else maps[j].numpy().astype(np.float32)  # type: ignore[index]
+            amap = maps[j].numpy().astype(np.float32)  # type: ignore[index]
+            if full_resolution:
+                amap = resize_map(amap, rgb.shape[:2])  # type: ignore[index]
             yield Prediction(
                 score=score,
                 label=-1 if threshold is None else int(score > threshold),

@@ -118,7 +118,7 @@ class STMAE(nn.Module):
         latents = self.encode(tokens.repeat(2, 1, 1), visible)
         pred = self.decode(latents, visible, target)  # (2N, L/2, C*p*p)
 
-        recon = tokens.new_zeros(n, length, dim)
+        recon = pred.new_zeros(n, length, dim)  # pred's dtype: bf16 under autocast
         recon = recon.scatter(1, _expand(half_b, dim), pred[:n])
         recon = recon.scatter(1, _expand(half_a, dim), pred[n:])
         return self.unpatchify(recon)

@@ -1,0 +1,38 @@
+"""Map post-processing in numpy alone, equal to the torch path.
+
+Why: heat maps and full-resolution maps are made from a model-size map after scoring, by
+the torch Detector and by the torch-free runtime of an exported model. Both call
+:func:`resize_map`, which reproduces ``torch.nn.functional.interpolate(mode="bilinear",
+align_corners=False)`` (tested against it), so a map looks the same whichever engine made it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axis(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (lo, hi) and weights of hi for one axis, as torch computes them."""
+    scale = in_size / out_size
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.maximum(src, 0.0)
+    lo = np.floor(src).astype(np.int64)
+    lo = np.minimum(lo, in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float (H, W) map to ``size`` = (height, width), as torch does it."""
+    h, w = int(size[0]), int(size[1])
+    m = np.asarray(amap, dtype=np.float32)
+    if m.shape == (h, w):
+        return m.copy()
+    y0, y1, wy = _axis(h, m.shape[0])
+    x0, x1, wx = _axis(w, m.shape[1])
+    top = m[y0][:, x0] * (1 - wx) + m[y0][:, x1] * wx
+    bottom = m[y1][:, x0] * (1 - wx) + m[y1][:, x1] * wx
+    return (top * (1 - wy)[:, None] + bottom * wy[:, None]).astype(np.float32)
+
+
+__all__ = ["resize_map"]

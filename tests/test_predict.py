@@ -1,0 +1,238 @@
+"""The inference pipeline: fast path = reference path, streaming, inputs, thresholds, bad files."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import resource
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stmae
+from stmae.batch import predict_to_folder
+from stmae.data import DataError
+from stmae.model import feature_residual
+from stmae.prediction import Prediction, Skipped
+from stmae.thresholds import Calibration, ThresholdWarning, calibrate, normalize, parse_rule, threshold_from
+
+from .conftest import tiny_config, write_png
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("predict") / "tiny"
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        write_png(root / "train" / "good" / f"{i:03d}.png", rng.integers(90, 160, (64, 64, 3), dtype=np.uint8))
+    for i in range(3):
+        write_png(root / "test" / "good" / f"{i:03d}.png", rng.integers(90, 160, (64, 64, 3), dtype=np.uint8))
+        img = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
+        img[20:34, 24:40] = (250, 20, 20)
+        write_png(root / "test" / "spot" / f"{i:03d}.png", img)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    stmae.fit(tiny_data, out, tiny_config(**{"train.epochs": 3, "train.val_fraction": 0.3}), quiet=True)
+    return out
+
+
+def reference_grid_maps(det: stmae.Detector, feats: torch.Tensor) -> torch.Tensor:
+    """The recipe written the slow, obvious way: one transformer call per split pair."""
+    cfg = det.config.infer
+    x = det.stats.apply(feats)
+    total = torch.zeros(x.shape[0], x.shape[2], x.shape[3])
+    with torch.no_grad():
+        for split in det.splits:
+            recon = det.model(x, split)
+            total += feature_residual(recon, x, cfg.residual, det.residual_stats)
+    residual = total / len(det.splits)
+    if cfg.memory <= 0:
+        return residual
+    dist = torch.cdist(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), det.memory.bank).amin(1).view_as(residual)
+    return (1 - cfg.memory) * residual / det.memory.residual_median + cfg.memory * dist / det.memory.distance_median
+
+
+@pytest.mark.parametrize("memory,pairs,residual", [(0.8, 2, "mse_cos"), (0.0, 3, "mse_cos"), (1.0, 2, "mse_cos"), (0.0, 2, "mahalanobis")])
+def test_fast_path_equals_reference_path(run_dir, tiny_data, memory, pairs, residual):
+    det = stmae.load(run_dir, device="cpu")
+    det.config.infer.memory, det.config.infer.num_pairs, det.config.infer.residual = memory, pairs, residual
+    if residual == "mahalanobis":
+        from stmae.features import extract_features
+        from stmae.data import open_dataset
+
+        det.fit_residual_stats(extract_features(det.extractor, open_dataset(tiny_data).train, 64, quiet=True))
+    images = det._batch([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_data / "test").rglob("*.png"))])
+    feats = det.extractor(images)
+    fast = det.grid_maps(det.stats.apply(feats))
+    torch.testing.assert_close(fast, reference_grid_maps(det, feats), rtol=0, atol=1e-5)
+    assert det.splits.shape[0] == pairs  # the pipeline follows a changed setting
+
+
+def test_detector_copies_what_it_is_given(run_dir):
+    det = stmae.load(run_dir, device="cpu")
+    cfg = copy.deepcopy(det.config)
+    first = stmae.Detector(det.extractor, det.model, det.stats, cfg, memory=det.memory)
+    first.config.infer.num_pairs = 5
+    assert cfg.infer.num_pairs == 2 and first.extractor is not det.extractor and first.model is not det.model
+    assert first.splits.shape[0] == 5
+
+
+def test_inputs_of_every_kind_score_alike(run_dir, tiny_data):
+    det = stmae.load(run_dir, device="cpu")
+    path = sorted((tiny_data / "test" / "spot").glob("*.png"))[0]
+    arr = np.array(Image.open(path))
+    reference = det.predict(path)[0].score
+    batch = np.stack([arr, arr])
+    tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
+    preds = det.predict([arr, batch, tensor, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), Image.open(path)])
+    assert len(preds) == 1 + 2 + 2 + 1 + 1
+    assert [p.score for p in preds] == pytest.approx([reference] * 7, rel=1e-5)
+    folder = det.predict(tiny_data / "test")
+    assert len(folder) == 6 and all(p.path for p in folder)
+    with pytest.raises(DataError, match="no such file"):
+        det.predict(tiny_data / "missing.png")
+    with pytest.raises(DataError, match="not an image"):
+        det.predict([object()])
+
+
+def test_thresholds_and_normalised_scores(run_dir, tiny_data):
+    det = stmae.load(run_dir, device="cpu")
+    cal = det.calibration
+    assert cal is not None and cal.rule == "max" and cal.n_images == 3
+    assert det.threshold == cal.image_threshold
+    preds = det.predict(tiny_data / "test")
+    spot = [p for p in preds if "spot" in p.path]
+    good = [p for p in preds if "good" in p.path]
+    assert min(p.score for p in spot) > max(p.score for p in good)  # the detector detects
+    assert all(p.label == 1 for p in spot)
+    for p in preds:
+        assert p.normalized == pytest.approx(float(normalize(p.score, cal.image_threshold, cal.center)))
+        assert (p.normalized > 0.5) == (p.label == 1)
+    # an override relabels, and moves 0.5 with it
+    high = max(p.score for p in preds) + 1.0
+    relabelled = det.predict(tiny_data / "test", threshold=high)
+    assert all(p.label == 0 and p.normalized < 0.5 for p in relabelled)
+    # pixel masks use the pixel threshold
+    assert spot[0].mask().dtype == bool and spot[0].mask().shape == (64, 64)
+    assert spot[0].mask()[20:34, 24:40].mean() > spot[0].mask().mean()
+
+
+def test_threshold_rules():
+    good = np.arange(1, 101, dtype=float)
+    assert threshold_from(good, "max") == 100
+    assert threshold_from(good, "quantile:0.5") == pytest.approx(50.5)
+    assert threshold_from(good, "fpr:0.1") == pytest.approx(np.quantile(good, 0.9))
+    assert parse_rule("FPR:0.01") == ("fpr", pytest.approx(0.99))
+    for bad in ("median", "quantile:0", "fpr:1", "quantile:x"):
+        with pytest.raises(ValueError, match="threshold rule"):
+            parse_rule(bad)
+    cal = calibrate(good, np.tile(good[:, None, None], (1, 2, 2)), "fpr:0.1")
+    assert (np.array([cal.normalized(s) for s in good]) > 0.5).mean() == pytest.approx(0.1)
+    assert cal.normalized(cal.center) == 0.0 and cal.normalized(cal.image_threshold) == 0.5
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    with pytest.warns(ThresholdWarning, match="3 held-out good image"):
+        calibrate([1.0, 2.0, 3.0])
+
+
+def test_fit_threshold_rule_and_warning(tiny_data, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = stmae.fit(
+            tiny_data, tmp_path / "q", tiny_config(**{"infer.threshold_rule": "quantile:0.5", "infer.min_calibration": 10, "train.val_fraction": 0.3}),
+            quiet=True,
+        )
+    assert any(issubclass(w.category, ThresholdWarning) for w in caught)
+    cal = fitted.meta["calibration"]
+    scores = fitted.meta["calibration_scores"]["all"]
+    assert cal["rule"] == "quantile:0.5" and cal["image_threshold"] == pytest.approx(float(np.quantile(scores, 0.5)))
+    assert cal["image_threshold"] < max(scores)
+
+
+def mixed_folder(root: Path, good_source: Path) -> Path:
+    """5 good images plus the four bad files of the reliability issue."""
+    folder = root / "mixed"
+    folder.mkdir()
+    for i, p in enumerate(sorted(good_source.rglob("*.png"))[:5]):
+        (folder / f"good_{i}.png").write_bytes(p.read_bytes())
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("this is not an image")
+    data = (folder / "good_0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.new("P", (20000, 20000)).save(folder / "bomb.png")  # 400 Mpx, a few kB on disk
+    return folder
+
+
+def test_a_batch_survives_bad_files(run_dir, tiny_data, tmp_path):
+    det = stmae.load(run_dir, device="cpu")
+    folder = mixed_folder(tmp_path, tiny_data / "test")
+    results = list(det.iter_predict(folder))
+    scored = [r for r in results if isinstance(r, Prediction)]
+    skipped = {Path(r.item).name: r.reason for r in results if isinstance(r, Skipped)}
+    assert len(scored) == 5 and set(skipped) == {"empty.png", "text.png", "truncated.png", "bomb.png"}
+    assert all(reason for reason in skipped.values())
+    with pytest.raises(DataError):
+        list(det.iter_predict(folder, on_error="raise"))
+
+    summary = predict_to_folder(det, [folder], tmp_path / "out")
+    assert summary.scored == 5 and len(summary.skipped) == 4
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [r["path"] for r in rows] == [str(p) for p in sorted(folder.glob("good_*.png"))]
+    assert all((tmp_path / "out" / r["heatmap"]).is_file() for r in rows)
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "skipped.csv")))) == 4
+    assert not (tmp_path / "out" / "predictions.csv.partial").exists()
+
+
+def test_cli_predict_skips_bad_files_and_strict_stops(run_dir, tiny_data, tmp_path):
+    folder = mixed_folder(tmp_path, tiny_data / "test")
+    exe = Path(sys.executable).with_name("stmae")
+    r = subprocess.run([str(exe), "predict", str(run_dir), str(folder), "--out", str(tmp_path / "p"), "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "5 images scored" in r.stdout and "4 skipped" in r.stdout
+    assert r.stderr.count("skipped ") == 4 and "bomb.png" in r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
+    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "normalized", "label", "threshold", "heatmap"}
+    r = subprocess.run([str(exe), "predict", str(run_dir), str(folder), "--out", str(tmp_path / "s"), "--strict", "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_streaming_2000_images_keeps_memory_flat(run_dir, tmp_path, monkeypatch):
+    det = stmae.load(run_dir, device="cpu")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "many"
+    for i in range(2000):
+        write_png(folder / f"{i // 100:02d}" / f"{i:04d}.png", rng.integers(90, 160, (16, 16, 3), dtype=np.uint8))
+    import stmae.infer as infer
+
+    decoded = {"n": 0}
+    real = infer.load_rgb
+
+    def counting(item, max_pixels=None):
+        decoded["n"] += 1
+        return real(item, max_pixels)
+
+    monkeypatch.setattr(infer, "load_rgb", counting)
+    bs = 16
+    yielded, most_ahead = 0, 0
+    rss_start = None
+    for pred in det.iter_predict(folder, batch_size=bs):
+        assert isinstance(pred, Prediction)
+        yielded += 1
+        most_ahead = max(most_ahead, decoded["n"] - yielded)
+        if yielded == 200:
+            rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert yielded == 2000
+    assert most_ahead <= 2 * bs  # at most the batch being yielded and the one decoded ahead
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_start) / 1024
+    assert grown_mb < 50, f"peak memory grew by {grown_mb:.0f} MB while streaming"
