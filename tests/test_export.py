@@ -20,7 +20,8 @@ import stmae
 import stmae.model.memory
 from stmae.export import ExportError, export_model
 from stmae.thresholds import normalize
-from stmae.runtime import ModelFileError, is_exported_model, open_model, resize_bilinear, sidecar_path
+from stmae.mapops import resize_map
+from stmae.runtime import ModelFileError, is_exported_model, open_model, sidecar_path
 
 from .conftest import tiny_config, write_png
 
@@ -228,12 +229,17 @@ def test_runtime_imports_and_predicts_without_torch(tiny_root, default_run):
         f"p = open_model({str(path)!r}).predict({str(image)!r}, full_resolution=True)[0]\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print(p.score, p.label, p.anomaly_map.shape)\n"
+        "from stmae.cli import app\n"
+        f"app(['predict', {str(path)!r}, {str(image)!r}, '--out', {str(run.parent / 'no_torch_preds')!r}, '-q'], standalone_mode=False)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     score, label, *_ = out.stdout.split()
     assert float(score) == pytest.approx(expected, rel=1e-5)
     assert label in ("0", "1")
+    rows = (run.parent / "no_torch_preds" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(str(image))
     # and the lazy top-level names and the CLI say what is missing
     code = "import sys; sys.modules['torch'] = None\nimport stmae\ntry:\n    stmae.fit\nexcept ImportError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -255,11 +261,11 @@ def test_base_install_is_torch_free():
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 480, 640), (64, 64, 37, 50), (8, 8, 3, 100), (1, 5, 4, 4), (256, 256, 999, 1000), (5, 7, 5, 7)])
-def test_resize_bilinear_equals_torch_interpolate(shape):
+def test_resize_map_equals_torch_interpolate(shape):
     h_in, w_in, h, w = shape
     amap = np.random.default_rng(h * w).standard_normal((h_in, w_in)).astype(np.float32) * 3
     ref = F.interpolate(torch.from_numpy(amap)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    got = resize_bilinear(amap, (h, w))
+    got = resize_map(amap, (h, w))
     assert got.shape == (h, w) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=5e-6)
 
@@ -272,3 +278,40 @@ def test_cli_export(default_run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == ["m.bin", "m.xml", "m.xml.json"]
     r = cli("export", str(default_run), "--format", "tflite")
     assert r.returncode == 2 and r.stderr.startswith("error: unknown export format 'tflite'")
+
+
+def test_cli_predict_writes_the_same_csv_on_every_engine(tiny_root, default_run, tmp_path):
+    """`stmae predict RUN`, `stmae predict RUN/model.onnx` and `stmae predict RUN --engine openvino`."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from stmae.cli import app
+
+    runner = CliRunner()
+    tables = {}
+    for name, target, extra in (
+        ("torch", default_run, []),
+        ("onnx", default_run / "model.onnx", []),
+        ("openvino", default_run, ["--engine", "openvino"]),
+        ("ir", default_run / "model.xml", []),
+    ):
+        result = runner.invoke(app, ["predict", str(target), str(tiny_root / "test"), "--out", str(tmp_path / name), "-q", *extra])
+        assert result.exit_code == 0, result.output
+        assert "6 images scored" in result.output
+        tables[name] = list(csv.DictReader(open(tmp_path / name / "predictions.csv")))
+        assert all((tmp_path / name / row["heatmap"]).is_file() for row in tables[name])
+    ref = tables.pop("torch")
+    threshold = float(ref[0]["threshold"])
+    for name, rows in tables.items():
+        assert [r["path"] for r in rows] == [r["path"] for r in ref], name
+        assert [r["label"] for r in rows] == [r["label"] for r in ref], name
+        assert [r["threshold"] for r in rows] == [r["threshold"] for r in ref], name
+        for a, b in zip(ref, rows):
+            assert float(b["score"]) == pytest.approx(float(a["score"]), abs=1e-4 * threshold)
+            assert float(b["normalized"]) == pytest.approx(float(a["normalized"]), abs=1e-4)
+    # --threshold overrides the stored one on an exported model too
+    result = runner.invoke(app, ["predict", str(default_run / "model.onnx"), str(tiny_root / "test"), "--out", str(tmp_path / "t"), "-q", "--threshold", "1e9", "--no-heatmaps"])
+    assert result.exit_code == 0 and "0 flagged anomalous (threshold 1e+09)" in result.output
+    result = runner.invoke(app, ["predict", str(default_run), str(tiny_root / "test"), "--out", str(tmp_path / "x"), "--engine", "tflite"])
+    assert result.exit_code == 2 and "unknown engine 'tflite'" in result.output

@@ -202,7 +202,7 @@ def fit(
 @app.command()
 @friendly
 def predict(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`."),
+    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`, or an exported model (.onnx / .xml)."),
     paths: List[Path] = typer.Argument(..., help="Images and/or folders of images (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv, skipped.csv and heatmaps/."),
     threshold: Optional[float] = typer.Option(None, help="Override the run's image threshold."),
@@ -212,18 +212,26 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default: the run's)."),
     device: Optional[str] = DEVICE,
     backbone_weights: Optional[Path] = WEIGHTS,
+    engine: Optional[str] = typer.Option(
+        None, "--engine", help="onnxruntime or openvino: score with the exported model (stmae export) instead of torch."
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Score images: streams predictions.csv (path, score, normalized, label, threshold), skipped.csv and heat maps.
 
     Unreadable files are skipped and listed in skipped.csv (exit code 0); --strict makes the
-    first one fatal (exit code 2).
+    first one fatal (exit code 2). An exported model (or --engine) runs without torch.
     """
     from .batch import predict_to_folder
-    from .infer import Detector
+    from .runtime import is_exported_model, open_model
 
-    weights = str(backbone_weights) if backbone_weights else None
-    detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
+    if engine is not None or is_exported_model(run_dir):
+        detector: Any = open_model(run_dir, engine=engine)
+    else:
+        from .infer import Detector
+
+        weights = str(backbone_weights) if backbone_weights else None
+        detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
     summary = predict_to_folder(
         detector, list(paths), out, heatmaps=heatmaps, threshold=threshold, strict=strict,
         max_pixels=max_pixels, batch_size=batch_size, quiet=quiet,

@@ -9,7 +9,7 @@ It gives the same answers as the torch path because it shares the code around th
 inputs are expanded and decoded by :mod:`stmae.inputs`, resized by
 :func:`stmae.data.resize_image` (PIL bilinear), labelled and normalised by
 :mod:`stmae.thresholds`, and returned as :class:`stmae.prediction.Prediction`; full-resolution
-maps use :func:`resize_bilinear`, numpy arithmetic equal to torch's ``F.interpolate``.
+maps use :func:`stmae.mapops.resize_map`, the torch path's own numpy resize.
 
 Usage::
 
@@ -33,10 +33,10 @@ import numpy as np
 from ..data.io import DataError
 from ..data.transforms import resize_image
 from ..inputs import Item, expand, load_rgb
+from ..mapops import resize_map
 from ..prediction import Prediction, Skipped
 from ..thresholds import Calibration
 from .engines import ENGINES, Engine, EngineError, available, create, read_onnx_metadata
-from .resize import resize_bilinear
 
 #: Metadata layouts this runtime reads (``format_version`` in the file).
 FORMAT_VERSION = 1
@@ -217,7 +217,7 @@ class ExportedModel:
             rgb = p[0]
             score = float(scores[j])  # type: ignore[index]
             amap = maps[j]  # type: ignore[index]
-            amap = resize_bilinear(amap, rgb.shape[:2]) if full_resolution else np.array(amap, dtype=np.float32)
+            amap = resize_map(amap, rgb.shape[:2]) if full_resolution else np.array(amap, dtype=np.float32)
             yield Prediction(
                 score=score,
                 label=-1 if threshold is None else int(score > threshold),
@@ -333,7 +333,6 @@ __all__ = [
     "ModelFileError",
     "is_exported_model",
     "open_model",
-    "resize_bilinear",
     "run_fingerprint",
     "sidecar_path",
 ]
