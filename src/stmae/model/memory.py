@@ -206,10 +206,14 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     if bank_sq is None:
         bank_sq = (bank * bank).sum(dim=1)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # One product per block gives |b|^2 - 2 q.b directly: queries get a column of ones and
+        # the (constant-folded) bank block the column |b|^2, so no (queries x block) subtraction.
+        q1 = torch.cat([queries, torch.ones_like(queries[:, :1])], dim=1)
         best = None
         for start in range(0, bank.shape[0], EXPORT_BANK_BLOCK):
             part = slice(start, start + EXPORT_BANK_BLOCK)
-            m = (bank_sq[part].unsqueeze(0) - 2.0 * (queries @ bank[part].T)).amin(dim=1)
+            block = torch.cat([-2.0 * bank[part], bank_sq[part].unsqueeze(1)], dim=1)
+            m = (q1 @ block.T).amin(dim=1)
             best = m if best is None else torch.minimum(best, m)
         return (best + (queries * queries).sum(dim=1)).clamp_min(0.0).sqrt()
     rows = max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
