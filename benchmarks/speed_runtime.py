@@ -13,6 +13,8 @@ What it times, per engine (torch = ``Detector`` on the CPU, the pipeline of ``pr
 - ``export_s``: writing that file from the run folder (runtimes only);
 - batch 1: median and p95 latency over ``--calls`` calls after ``--warmup`` calls;
 - batch 32: images per second over ``--batches`` calls of 32 images;
+- the engines take turns call by call, so load from other processes on a shared machine
+  slows them alike (the ratios to torch are the robust figures there);
 - ``max_map_diff_over_threshold``: the largest map difference to torch on those images, in
   units of the image threshold (the parity the tests hold to 1e-4).
 
@@ -45,53 +47,29 @@ DEFAULT_DATA = next(
 )
 
 
-def _latencies(call: Callable[[], Any], calls: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        call()
-    out = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def _p95(values: Sequence[float]) -> float:
     return float(np.percentile(np.asarray(values), 95))
 
 
-def _timed_rows(
-    name: str,
-    load: Callable[[], Any],
-    score: Callable[[Any, list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
-    images: list[np.ndarray],
-    calls: int,
-    warmup: int,
-    batches: int,
-    extra: dict[str, Any],
-) -> tuple[dict[str, Any], np.ndarray]:
-    t = time.perf_counter()
-    model = load()
-    load_s = time.perf_counter() - t
-    one = images[:1]
-    lat = _latencies(lambda: score(model, one), calls, warmup)
-    batch = [images[i % len(images)] for i in range(32)]
-    score(model, batch)  # warm-up at this batch size
-    t = time.perf_counter()
-    for _ in range(batches):
-        score(model, batch)
-    throughput = 32 * batches / (time.perf_counter() - t)
-    maps, _ = score(model, images)
-    row = {
-        "engine": name,
-        "load_s": round(load_s, 3),
-        **extra,
-        "batch1_median_ms": round(1000 * statistics.median(lat), 2),
-        "batch1_p95_ms": round(1000 * _p95(lat), 2),
-        "batch32_images_per_s": round(throughput, 2),
-        "calls": calls,
-    }
-    return row, np.asarray(maps)
+Scorer = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+
+def _interleaved(scorers: dict[str, Scorer], batch: list[np.ndarray], calls: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each scorer on ``batch``, the engines taking turns call by call.
+
+    Taking turns matters on a shared machine: a burst of load from other processes then
+    slows every engine alike instead of whichever happened to be running.
+    """
+    for _ in range(warmup):
+        for score in scorers.values():
+            score(batch)
+    times: dict[str, list[float]] = {name: [] for name in scorers}
+    for _ in range(calls):
+        for name, score in scorers.items():
+            t = time.perf_counter()
+            score(batch)
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 def runtime_rows(
@@ -109,7 +87,7 @@ def runtime_rows(
 
     The images are resized once to the model input size (:func:`stmae.data.resize_image`).
     Runtime engines get a fresh export in a temporary folder (ONNX for onnxruntime, IR for
-    OpenVINO), timed as ``export_s``.
+    OpenVINO), timed as ``export_s``. Batch-1 and batch-32 calls alternate between engines.
     """
     import torch
 
@@ -120,48 +98,48 @@ def runtime_rows(
 
     torch.set_num_threads(threads)
     run = Path(run_dir)
-    det0 = stmae.load(run, device="cpu")
-    size = det0.config.features.image_size
-    threshold = float(det0.threshold or 1.0)
-    resized = [resize_image(np.asarray(im), size) for im in images]
-    rows: list[dict[str, Any]] = []
-    reference = None
-
-    def torch_score(det: Any, batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = det.score_tensor(det._batch(batch))
-        return maps.numpy(), scores.numpy()
-
-    if include_torch:
-        row, reference = _timed_rows(
-            "torch", lambda: stmae.load(run, device="cpu"), torch_score, resized, calls, warmup, batches, {"export_s": None}
-        )
-        rows.append(row)
+    rows: dict[str, dict[str, Any]] = {}
+    scorers: dict[str, Scorer] = {}
     with tempfile.TemporaryDirectory(prefix="stmae_speed_runtime_") as tmp:
+        if include_torch:
+            t = time.perf_counter()
+            det = stmae.load(run, device="cpu")
+            rows["torch"] = {"engine": "torch", "load_s": round(time.perf_counter() - t, 3), "export_s": None}
+
+            def torch_score(batch: list[np.ndarray], det: Any = det) -> tuple[np.ndarray, np.ndarray]:
+                maps, scores = det.score_tensor(det._batch(batch))
+                return maps.numpy(), scores.numpy()
+
+            scorers["torch"] = torch_score
         for engine in engines:
             fmt = "openvino" if engine == "openvino" else "onnx"
             out = Path(tmp) / ("model.xml" if fmt == "openvino" else "model.onnx")
             t = time.perf_counter()
             export_model(run, out, fmt)
             export_s = time.perf_counter() - t
-            row, maps = _timed_rows(
-                engine,
-                lambda: open_model(out, engine=engine, threads=threads),
-                lambda m, batch: m.score_batch(batch),
-                resized,
-                calls,
-                warmup,
-                batches,
-                {"export_s": round(export_s, 3)},
-            )
-            if reference is not None:
-                row["max_map_diff_over_threshold"] = float(np.abs(maps - reference).max() / threshold)
-            rows.append(row)
-    torch_row = rows[0] if include_torch else None
-    for row in rows:
-        if torch_row is not None:
-            row["batch1_vs_torch"] = round(row["batch1_median_ms"] / torch_row["batch1_median_ms"], 3)
-            row["batch32_vs_torch"] = round(row["batch32_images_per_s"] / torch_row["batch32_images_per_s"], 3)
-    return rows
+            t = time.perf_counter()
+            model = open_model(out, engine=engine, threads=threads)
+            rows[engine] = {"engine": engine, "load_s": round(time.perf_counter() - t, 3), "export_s": round(export_s, 3)}
+            scorers[engine] = model.score_batch
+        size = model.image_size if engines else det.config.features.image_size
+        threshold = float((model.threshold if engines else det.threshold) or 1.0)
+        resized = [resize_image(np.asarray(im), size) for im in images]
+        one = _interleaved(scorers, resized[:1], calls, warmup)
+        thirty_two = _interleaved(scorers, [resized[i % len(resized)] for i in range(32)], batches, 1)
+        maps = {name: score(resized)[0] for name, score in scorers.items()}
+    for name, row in rows.items():
+        row["batch1_median_ms"] = round(1000 * statistics.median(one[name]), 2)
+        row["batch1_p95_ms"] = round(1000 * _p95(one[name]), 2)
+        row["batch32_images_per_s"] = round(32 * len(thirty_two[name]) / sum(thirty_two[name]), 2)
+        row["calls"] = calls
+        if "torch" in maps and name != "torch":
+            row["max_map_diff_over_threshold"] = float(np.abs(maps[name] - maps["torch"]).max() / threshold)
+    if "torch" in rows:
+        base = rows["torch"]
+        for row in rows.values():
+            row["batch1_vs_torch"] = round(row["batch1_median_ms"] / base["batch1_median_ms"], 3)
+            row["batch32_vs_torch"] = round(row["batch32_images_per_s"] / base["batch32_images_per_s"], 3)
+    return list(rows.values())
 
 
 def _fit_run(data: Path, work_dir: Path, n_train: int, epochs: int, threads: int) -> Path:
