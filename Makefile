@@ -14,7 +14,7 @@ $(BIN)/stmae: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,lite]"
+	$(BIN)/python -m pip install --quiet -e ".[torch,test,lite]"
 	touch $@
 
 install: $(BIN)/stmae

@@ -9,16 +9,66 @@ Typical use::
         print(p.score, p.label, p.anomaly_map.shape)
 
 The CLI (``stmae --help``) is a thin layer over these calls.
+
+Names are imported on first use (PEP 562): ``import stmae`` must not import torch, so that the
+runtime of an exported model (:mod:`stmae.runtime`, numpy + Pillow + onnxruntime/OpenVINO)
+works where torch is not installed. ``stmae.fit`` and friends import it when touched.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .config import Config  # noqa: E402
-from .demo import run_demo  # noqa: E402
-from .evaluate import Evaluation, evaluate  # noqa: E402
-from .infer import Detector, Prediction, load  # noqa: E402
-from .model import STMAE  # noqa: E402
-from .train import FitResult, fit  # noqa: E402
+#: Public name -> module that defines it (imported lazily).
+_LAZY = {
+    "Config": ".config",
+    "run_demo": ".demo",
+    "Evaluation": ".evaluate",
+    "evaluate": ".evaluate",
+    "Detector": ".infer",
+    "Prediction": ".infer",
+    "load": ".infer",
+    "STMAE": ".model",
+    "FitResult": ".train",
+    "fit": ".train",
+    "export_model": ".export",
+    "open_model": ".runtime",
+}
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from .config import Config
+    from .demo import run_demo
+    from .evaluate import Evaluation, evaluate
+    from .export import export_model
+    from .infer import Detector, Prediction, load
+    from .model import STMAE
+    from .runtime import open_model
+    from .train import FitResult, fit
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stmae' has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(module, __name__), name)
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch":
+            raise ImportError(
+                f"stmae.{name} needs torch, which is not installed: pip install 'stmae[torch]' "
+                "(an exported model runs without it: stmae.runtime.open_model)"
+            ) from exc
+        raise
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",
@@ -29,7 +79,9 @@ __all__ = [
     "Prediction",
     "STMAE",
     "evaluate",
+    "export_model",
     "fit",
     "load",
+    "open_model",
     "run_demo",
 ]

@@ -40,11 +40,14 @@ def _main(
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .backbones import WeightsError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
     from .data import DataError
 
+    try:
+        from .backbones import WeightsError
+        from .checkpoint import CheckpointError
+        from .config import ConfigError
+    except ModuleNotFoundError:  # no torch (an exported-model install): these cannot be raised
+        return (DataError, ValueError, FileNotFoundError)
     return (DataError, ConfigError, CheckpointError, WeightsError, ValueError, FileNotFoundError)
 
 
@@ -61,6 +64,15 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             typer.secho("interrupted", err=True)
             raise typer.Exit(code=130) from None
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch":
+                raise
+            typer.secho(
+                "error: this command needs torch, which is not installed: pip install 'stmae[torch]' "
+                "(an exported model scores without it: stmae predict MODEL.onnx ...)",
+                fg=typer.colors.RED, err=True,
+            )
+            raise typer.Exit(code=2) from None
 
     return wrapper
 
@@ -198,7 +210,7 @@ def fit(
 @app.command()
 @friendly
 def predict(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`."),
+    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`, or an exported model (.onnx / .xml)."),
     paths: List[Path] = typer.Argument(..., help="Images and/or folders of images (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv, skipped.csv and heatmaps/."),
     threshold: Optional[float] = typer.Option(None, help="Override the run's image threshold."),
@@ -208,18 +220,26 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default: the run's)."),
     device: Optional[str] = DEVICE,
     backbone_weights: Optional[Path] = WEIGHTS,
+    engine: Optional[str] = typer.Option(
+        None, "--engine", help="onnxruntime or openvino: score with the exported model (stmae export) instead of torch."
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Score images: streams predictions.csv (path, score, normalized, label, threshold), skipped.csv and heat maps.
 
     Unreadable files are skipped and listed in skipped.csv (exit code 0); --strict makes the
-    first one fatal (exit code 2).
+    first one fatal (exit code 2). An exported model (or --engine) runs without torch.
     """
     from .batch import predict_to_folder
-    from .infer import Detector
+    from .runtime import is_exported_model, open_model
 
-    weights = str(backbone_weights) if backbone_weights else None
-    detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
+    if engine is not None or is_exported_model(run_dir):
+        detector: Any = open_model(run_dir, engine=engine)
+    else:
+        from .infer import Detector
+
+        weights = str(backbone_weights) if backbone_weights else None
+        detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
     summary = predict_to_folder(
         detector, list(paths), out, heatmaps=heatmaps, threshold=threshold, strict=strict,
         max_pixels=max_pixels, batch_size=batch_size, quiet=quiet,
@@ -377,6 +397,27 @@ def serve(
 
     run(model, host=host, port=port, max_request_mb=max_request_mb, max_pixels=max_pixels, workers=workers,
         device=device or "auto", log=typer.echo)
+
+
+@app.command()
+@friendly
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx or openvino."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="The .onnx / .xml file to write (default: model.onnx / model.xml in RUN_DIR)."
+    ),
+    input_layout: str = typer.Option("uint8_nhwc", "--input", help="Graph input: uint8_nhwc or float_nchw."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (>= 17)."),
+    backbone_weights: Optional[Path] = WEIGHTS,
+) -> None:
+    """Export a run as one ONNX / OpenVINO graph: images in, anomaly map and scores out."""
+    from .export import export_model
+
+    weights = str(backbone_weights) if backbone_weights else None
+    path = export_model(run_dir, out, format, opset=opset, input=input_layout, backbone_weights=weights)  # type: ignore[arg-type]
+    extra = f" (+ {path.with_suffix('.bin').name})" if path.suffix == ".xml" else ""
+    typer.echo(f"wrote {path}{extra} and {path.name}.json; predict with: stmae predict {path} IMAGES... --out DIR")
 
 
 def main() -> None:

@@ -13,13 +13,16 @@ import numpy as np
 
 def _axis(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices (lo, hi) and weights of hi for one axis, as torch computes them."""
-    scale = in_size / out_size
-    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
-    src = np.maximum(src, 0.0)
+    # torch computes scale = in / out in float32, then scale * (i + 0.5) - 0.5 as one fused
+    # multiply-add (exact, rounded once to float32), and the weight in float32. Doing the same
+    # keeps maps within 2e-6 of F.interpolate at 1000 px instead of 3e-4 (tests/test_export.py).
+    scale = np.float64(np.float32(in_size / out_size))
+    src = ((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
     lo = np.floor(src).astype(np.int64)
     lo = np.minimum(lo, in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, (src - lo).astype(np.float32)
+    return lo, hi, np.clip(src - lo.astype(np.float32), 0.0, 1.0).astype(np.float32)
 
 
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,5 +1,9 @@
 """Resizing and tensor conversion with numpy, PIL and torch only (no torchvision).
 
+torch is imported only inside :func:`to_tensor_batch`: resizing is shared with the torch-free
+runtime of exported models (:mod:`stmae.runtime`), which must give the graph the very same
+pixels.
+
 Every image in the project is resized by :func:`resize_image`, so training, evaluation
 and inference see identical interpolation; a model evaluated with a different resize
 than it was trained with loses accuracy for no visible reason.
@@ -8,10 +12,13 @@ than it was trained with loses accuracy for no visible reason.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["resize_image", "resize_mask", "to_tensor_batch"]
 
@@ -51,11 +58,13 @@ def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
     return np.asarray(Image.fromarray(as_u8).resize((w, h), Image.Resampling.NEAREST)) > 127
 
 
-def to_tensor_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
+def to_tensor_batch(images: Sequence[np.ndarray]) -> "torch.Tensor":
     """Stack uint8 ``(H, W, 3)`` images into a float32 ``(N, 3, H, W)`` tensor in ``[0, 1]``.
 
     No normalisation here: mean/std belong to the backbone that consumes the batch.
     """
+    import torch
+
     if len(images) == 0:
         raise ValueError("to_tensor_batch needs at least one image")
     first = images[0].shape

@@ -187,6 +187,10 @@ class _Candidates:
         torch.minimum(self.dist, self.sq - 2.0 * (self.x @ centre) + centre_sq, out=self.dist)
 
 
+#: Bank rows per matrix product in an exported graph (:func:`nearest_distances` under tracing).
+EXPORT_BANK_BLOCK = 4096
+
+
 @torch.no_grad()
 def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
     """L2 distance of each query row (Q, C) to its nearest bank row (B, C) -> (Q,).
@@ -194,13 +198,25 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     Written as matrix products, ``|q|^2 - 2 q.b + |b|^2`` (``bank_sq`` = ``|b|^2`` when the
     caller keeps it), because that is fast on every device and exports to ONNX, where
     ``cdist`` does not. Queries go in blocks so the (block x B) matrix stays around
-    ``DISTANCE_BLOCK`` elements whatever the bank size; under tracing (export) the batch is
-    one block, as a graph has no Python loop.
+    ``DISTANCE_BLOCK`` elements whatever the bank size. Under tracing (export) the number of
+    queries is symbolic, so the *bank* goes in fixed blocks of :data:`EXPORT_BANK_BLOCK` rows
+    instead (unrolled in the graph, with a running minimum): a batch then needs a
+    (queries x 4096) matrix at a time, not (queries x bank).
     """
     if bank_sq is None:
         bank_sq = (bank * bank).sum(dim=1)
-    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    rows = queries.shape[0] if tracing else max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # One product per block gives |b|^2 - 2 q.b directly: queries get a column of ones and
+        # the (constant-folded) bank block the column |b|^2, so no (queries x block) subtraction.
+        q1 = torch.cat([queries, torch.ones_like(queries[:, :1])], dim=1)
+        best = None
+        for start in range(0, bank.shape[0], EXPORT_BANK_BLOCK):
+            part = slice(start, start + EXPORT_BANK_BLOCK)
+            block = torch.cat([-2.0 * bank[part], bank_sq[part].unsqueeze(1)], dim=1)
+            m = (q1 @ block.T).amin(dim=1)
+            best = m if best is None else torch.minimum(best, m)
+        return (best + (queries * queries).sum(dim=1)).clamp_min(0.0).sqrt()
+    rows = max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
     out = []
     for start in range(0, queries.shape[0], rows):
         q = queries[start : start + rows]
