@@ -413,7 +413,7 @@ def check(case: Case, ctx: Context, targets: list[Target] | None = None) -> list
             try:
                 image = target.run(case, ctx)
                 if image is not None:
-                    pred = ctx.detector.predict(image)[0]
+                    pred = ctx.detector.predict(image, full_resolution=True)[0]
                     if pred.anomaly_map.shape != image.shape[:2] or not np.isfinite(pred.score):
                         raise AssertionError(f"prediction of shape {pred.anomaly_map.shape} score {pred.score}")
                 status, detail = "scored", ""
