@@ -243,8 +243,9 @@ def _to_onnx(graph: ExportGraph, meta: dict[str, Any], path: Path, opset: int) -
     args = (dummy, torch.ones(1), torch.zeros(1))
     axes = {"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}, "normalized": {0: "batch"}}
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer notes about Python ints: the image size is fixed on purpose
+        # record=True keeps the tracer's notes about Python ints (the image size is fixed on
+        # purpose) off the console without touching the process's warning filters
+        with warnings.catch_warnings(record=True), torch.no_grad():
             torch.onnx.export(
                 graph, args, str(path), dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
                 output_names=list(OUTPUT_NAMES), dynamic_axes=axes, do_constant_folding=True,

@@ -104,6 +104,10 @@ class UnreadableImageError(DataError):
         return (type(self), (self.file, self.reason, self.advice))
 
 
+class ImageTooLargeError(UnreadableImageError):
+    """An image over the pixel limit, refused from its header before decoding (HTTP 413 in the service)."""
+
+
 def _orientation(img: Image.Image) -> int | None:
     """The EXIF orientation tag (1 = upright), or None when absent."""
     return img.getexif().get(_EXIF_ORIENTATION_TAG)
@@ -147,7 +151,7 @@ def _check_size(name: str, width: int, height: int, max_pixels: int | None) -> N
     limit = _pixel_limit(max_pixels)
     pixels = width * height
     if limit is not None and pixels > limit:
-        raise UnreadableImageError(
+        raise ImageTooLargeError(
             name,
             f"{width}x{height} = {pixels:,} pixels, over the limit of {limit:,} (a decompression bomb "
             "or an image far larger than inspection needs; raise max_pixels / --max-pixels to accept it)",

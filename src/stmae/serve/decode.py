@@ -8,46 +8,23 @@ stranger, not from the user's own disk. Every way bytes can be wrong must end as
   PIL is asked to parse anything, so a text file named ``.png`` is refused up front (415);
 - the pixel count is read from the image *header* and checked against the limit before a
   single pixel is decoded, so a 20000 x 20000 palette PNG that compresses to a few KB (a
-  decompression bomb) costs nothing (413); PIL's own bomb guard is mapped to 413 as well;
+  decompression bomb) costs nothing (413);
 - anything PIL (or a codec under it) raises while decoding, truncated data included, is
   a 422 naming the file.
 
-The pixels then come from the same conversion every other entry point uses (EXIF
-orientation, grayscale, 16-bit scaling): ``stmae.data.io.decode_image_bytes`` where the
-package has it, else :func:`stmae.data.io.as_rgb` on the opened image; so an image scores
-the same uploaded as it does from disk.
+The pixels come from :func:`stmae.data.io.decode_image_bytes`, the decoder every other
+entry point uses (EXIF orientation, grayscale, 16-bit scaling, the header-first pixel limit),
+so an image scores the same uploaded as it does from disk.
 """
 
 from __future__ import annotations
 
-import inspect
-import io
-import warnings
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
-from PIL import Image
 
-from ..data.io import DataError, as_rgb
+from ..data.io import DataError, ImageTooLargeError, decode_image_bytes
 
-
-def _shared_decoder() -> Callable[..., np.ndarray] | None:
-    """``stmae.data.io.decode_image_bytes(data, name, *, max_pixels)`` when the package has it.
-
-    One decoder for files and uploads keeps their pixels (and so their scores) identical;
-    this module's own decoding is the fallback for versions without it.
-    """
-    from ..data import io as data_io
-
-    func = getattr(data_io, "decode_image_bytes", None)
-    try:
-        return func if func is not None and "max_pixels" in inspect.signature(func).parameters else None
-    except (TypeError, ValueError):
-        return None
-
-
-_SHARED_DECODER = _shared_decoder()
 
 #: Formats the service decodes (the project's IMAGE_EXTENSIONS), by PIL format name.
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
@@ -113,42 +90,17 @@ def decode_upload(data: bytes, name: str, *, max_pixels: int, content_type: str 
             f"WebP; first bytes {data[:8]!r})"
         )
     try:
-        # PIL's bomb *warning* (over Image.MAX_IMAGE_PIXELS) is recorded and dropped: our own
-        # limit, checked from the header, is the one that decides; its *error* (twice that) stays.
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
-            with Image.open(io.BytesIO(data), formats=[fmt]) as img:
-                width, height = img.size  # from the header: nothing decoded yet
-                _check_pixels(width, height, max_pixels, name)
-                if _SHARED_DECODER is None:
-                    img.load()
-                    pixels = as_rgb(img)
-            if _SHARED_DECODER is not None:
-                pixels = _SHARED_DECODER(data, name, max_pixels=max_pixels)
-    except UploadError:
-        raise
-    except DataError as exc:  # the shared decoder's refusal; its short reason, without file-system advice
+        pixels = decode_image_bytes(data, name, max_pixels=max_pixels)  # the same pixels as a file's
+    except ImageTooLargeError as exc:  # from the header, before decoding
+        raise UploadError(413, f"{name}: refused before decoding: {exc.reason}") from None
+    except DataError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         raise UploadError(422, f"{name}: cannot decode the {fmt} image ({reason})") from None
-    except Image.DecompressionBombError as exc:  # raised by PIL from the header, before decoding
-        raise UploadError(413, f"{name}: refused before decoding: {exc}") from None
     except MemoryError:
         raise UploadError(413, f"{name}: the image is too large to decode in memory") from None
-    except Exception as exc:  # any codec failure is the upload's fault, never the service's
-        raise UploadError(422, f"{name}: cannot decode the {fmt} image ({type(exc).__name__}: {exc})") from None
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise UploadError(422, f"{name}: the image has no pixels ({pixels.shape[1]} x {pixels.shape[0]})")
     return pixels
-
-
-def _check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
-    if width <= 0 or height <= 0:
-        raise UploadError(422, f"{name}: the image header says {width} x {height} pixels")
-    if width * height > max_pixels:
-        raise UploadError(
-            413, f"{name}: {width} x {height} = {width * height:,} pixels is over this service's limit of "
-            f"{max_pixels:,} pixels per image; downscale it or start the service with a larger --max-pixels"
-        )
 
 
 __all__ = ["FORMATS", "UploadError", "check_content_type", "decode_upload", "sniff"]
