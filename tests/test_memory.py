@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from stmae.pipeline import blend, blend_scales
 import torch
 import yaml
 
@@ -58,24 +60,35 @@ def test_greedy_coreset_picks_what_the_textbook_loop_picks(monkeypatch, candidat
     assert {i % 40 for i in picked[:40].tolist()} == set(range(40))  # every distinct row before any copy
 
 
-def test_blend_divides_each_map_by_its_good_image_median():
+def test_blend_puts_each_map_on_the_good_images_scale():
     memory = PatchMemory(torch.zeros(1, 2))
     memory.calibrate(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0]))
     assert (memory.residual_median, memory.distance_median) == (2.0, 20.0)
     residual, distance = torch.tensor([4.0, 2.0]), torch.tensor([20.0, 60.0])
-    assert memory.blend(residual, distance, 0.0).tolist() == pytest.approx([2.0, 1.0])  # the residual alone
-    assert memory.blend(residual, distance, 1.0).tolist() == pytest.approx([1.0, 3.0])  # the distance alone
-    assert memory.blend(residual, distance, 0.8).tolist() == pytest.approx([0.2 * 2 + 0.8 * 1, 0.2 * 1 + 0.8 * 3])
+    scales = blend_scales(memory, "median")
+    assert blend(residual, distance, 0.0, scales).tolist() == pytest.approx([2.0, 1.0])  # the residual alone
+    assert blend(residual, distance, 1.0, scales).tolist() == pytest.approx([1.0, 3.0])  # the distance alone
+    assert blend(residual, distance, 0.8, scales).tolist() == pytest.approx([0.2 * 2 + 0.8 * 1, 0.2 * 1 + 0.8 * 3])
+    # quantile: q90 -> 0 and q995 -> 1 for each map
+    memory.calibrate(torch.arange(1001.0), torch.arange(1001.0) * 10)
+    assert memory.residual_range == pytest.approx((900.0, 995.0)) and memory.distance_range == pytest.approx((9000.0, 9950.0))
+    q = blend_scales(memory, "quantile")
+    assert blend(torch.tensor([900.0, 995.0]), torch.tensor([9950.0, 9000.0]), 0.5, q).tolist() == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="no quantile ranges"):
+        blend_scales(PatchMemory(torch.zeros(1, 2)), "quantile")
     # A zero median (good images that are all in the bank) falls back to the mean, then to 1.
     memory.calibrate(torch.tensor([0.0, 0.0, 3.0]), torch.zeros(3))
     assert (memory.residual_median, memory.distance_median) == (1.0, 1.0)
 
 
 def test_memory_tensors_round_trip():
-    memory = PatchMemory(torch.randn(7, 3), 0.5, 2.5)
+    memory = PatchMemory(torch.randn(7, 3), 0.5, 2.5, (0.1, 0.9), (1.0, 3.0))
     back = PatchMemory.from_tensors(memory.to_tensors())
     assert torch.equal(back.bank, memory.bank)
     assert (back.residual_median, back.distance_median) == (0.5, 2.5)
+    assert (back.residual_range, back.distance_range) == ((0.1, 0.9), (1.0, 3.0))
+    older = {k: v for k, v in memory.to_tensors().items() if k != "memory.ranges"}  # saved before the quantile blend
+    assert PatchMemory.from_tensors(older).residual_range is None
 
 
 def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, tmp_path):

@@ -59,13 +59,21 @@ def reference_grid_maps(det: stmae.Detector, feats: torch.Tensor) -> torch.Tenso
     if cfg.memory <= 0:
         return residual
     dist = torch.cdist(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), det.memory.bank).amin(1).view_as(residual)
+    if cfg.blend == "quantile":
+        (r0, r1), (d0, d1) = det.memory.residual_range, det.memory.distance_range
+        return (1 - cfg.memory) * (residual - r0) / (r1 - r0) + cfg.memory * (dist - d0) / (d1 - d0)
     return (1 - cfg.memory) * residual / det.memory.residual_median + cfg.memory * dist / det.memory.distance_median
 
 
-@pytest.mark.parametrize("memory,pairs,residual", [(0.8, 2, "mse_cos"), (0.0, 3, "mse_cos"), (1.0, 2, "mse_cos"), (0.0, 2, "mahalanobis")])
-def test_fast_path_equals_reference_path(run_dir, tiny_data, memory, pairs, residual):
+@pytest.mark.parametrize(
+    "memory,pairs,residual,blend",
+    [(0.8, 2, "mse_cos", "median"), (0.8, 1, "mse_cos", "quantile"), (0.0, 3, "mse_cos", "median"),
+     (1.0, 2, "mse_cos", "median"), (0.0, 2, "mahalanobis", "median")],
+)
+def test_fast_path_equals_reference_path(run_dir, tiny_data, memory, pairs, residual, blend):
     det = stmae.load(run_dir, device="cpu")
     det.config.infer.memory, det.config.infer.num_pairs, det.config.infer.residual = memory, pairs, residual
+    det.config.infer.blend = blend
     if residual == "mahalanobis":
         from stmae.features import extract_features
         from stmae.data import open_dataset

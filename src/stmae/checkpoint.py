@@ -268,9 +268,11 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
     check_meta(meta, run / META_FILE)
     try:
         config = Config.load(run / CONFIG_FILE)
-        if not _mentions_memory(run / CONFIG_FILE):
-            # Written before infer.memory existed: those runs scored with the pure residual.
-            config.infer.memory = 0.0
+        # Settings added after a run was written take the value that run was scored with.
+        given = _infer_keys(run / CONFIG_FILE)
+        for key, then in _INFER_BEFORE_THE_OPTION.items():
+            if key not in given:
+                setattr(config.infer, key, then)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     except (OSError, ValueError, yaml.YAMLError) as exc:  # e.g. bytes that are not UTF-8
@@ -312,11 +314,15 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
     )
 
 
-def _mentions_memory(config_file: Path) -> bool:
-    """Whether a run's config.yaml sets ``infer.memory`` (False for runs older than the option)."""
+#: ``infer`` settings newer than some run folders, and how those older runs scored.
+_INFER_BEFORE_THE_OPTION: dict[str, object] = {"memory": 0.0, "blend": "median"}
+
+
+def _infer_keys(config_file: Path) -> set[str]:
+    """The ``infer`` keys a run's config.yaml sets (older runs lack the newer options)."""
     data = yaml.safe_load(config_file.read_text()) or {}
     infer = data.get("infer") if isinstance(data, dict) else None
-    return isinstance(infer, dict) and "memory" in infer
+    return set(infer) if isinstance(infer, dict) else set()
 
 
 # Keys of meta.json that stmae reads back, with the JSON types they must have.

@@ -89,6 +89,7 @@ class InferConfig:
     score: str = "max"  # max | topk
     topk: float = 0.01  # fraction of map pixels averaged when score == "topk"
     memory: float = 0.8  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual)
+    blend: str = "median"  # median | quantile: how residual and distance are put on one scale (stmae.pipeline.blend_scales)
     memory_coreset: float = 0.1  # fraction of training patches kept in the memory bank (greedy coreset)
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16: autocast of backbone and transformer on the CPU (on CUDA the transformer always runs in bf16)
@@ -151,6 +152,7 @@ class Config:
         _check(0.0 <= i.memory <= 1.0, "infer.memory must be in [0, 1]")
         _check(0.0 < i.memory_coreset <= 1.0, "infer.memory_coreset must be in (0, 1]")
         _check(_rule_ok(i.threshold_rule), "infer.threshold_rule must be max, quantile:Q (0 < Q <= 1) or fpr:F (0 <= F < 1)")
+        _check(i.blend in ("median", "quantile"), "infer.blend must be median or quantile")
         _check(i.precision in ("fp32", "bf16"), "infer.precision must be fp32 or bf16")
         _check(i.min_calibration >= 1, "infer.min_calibration must be >= 1")
         return self

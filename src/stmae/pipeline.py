@@ -70,6 +70,36 @@ def postprocess(grid: torch.Tensor, infer: InferConfig, image_size: int) -> tupl
     return maps, image_scores(maps, infer.score, infer.topk)
 
 
+def blend_scales(memory: PatchMemory, mode: str) -> tuple[float, float, float, float]:
+    """(residual offset, residual scale, distance offset, distance scale) for :func:`blend`.
+
+    ``median``: each map divided by its median over held-out good images' grid cells.
+    ``quantile``: each map mapped so that the 0.90 quantile of those cells is 0 and the
+    0.995 quantile is 1 (``stmae.model.memory.BLEND_QUANTILES``): the two maps then agree on
+    what a high value on a good image is, not only on a typical one.
+    """
+    if mode == "median":
+        return 0.0, memory.residual_median, 0.0, memory.distance_median
+    if memory.residual_range is None or memory.distance_range is None:
+        raise ValueError(
+            "infer.blend is 'quantile' but this memory bank has no quantile ranges (saved by an older "
+            "stmae); refit, or set infer.blend to median"
+        )
+    (r_lo, r_hi), (d_lo, d_hi) = memory.residual_range, memory.distance_range
+    return r_lo, r_hi - r_lo, d_lo, d_hi - d_lo
+
+
+def blend(
+    residual: torch.Tensor | None, distance: torch.Tensor, share: float, scales: tuple[float, float, float, float]
+) -> torch.Tensor:
+    """``(1 - share) * residual' + share * distance'``, each map put on the good images' scale first."""
+    r_off, r_scale, d_off, d_scale = scales
+    dist = (distance - d_off) / d_scale
+    if residual is None or share >= 1.0:
+        return dist
+    return (1.0 - share) * (residual - r_off) / r_scale + share * dist
+
+
 class MapPipeline(nn.Module):
     """Images (N, 3, S, S) in [0, 1] at the model input size -> (maps (N, S, S), scores (N,)).
 
@@ -120,8 +150,7 @@ class MapPipeline(nn.Module):
             bank = memory.bank.float()
             self.register_buffer("bank", bank.clone())
             self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
-            self.residual_median = float(memory.residual_median)
-            self.distance_median = float(memory.distance_median)
+            self.scales = blend_scales(memory, infer.blend)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -202,11 +231,11 @@ class MapPipeline(nn.Module):
     def grid_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised features -> anomaly maps on the grid (N, G, G): residual, distance or their blend."""
         if self.share >= 1.0:
-            return self.distances(x) / self.distance_median
+            return blend(None, self.distances(x), 1.0, self.scales)
         residual = self.residual(x)
         if self.share <= 0.0:
             return residual
-        return (1.0 - self.share) * residual / self.residual_median + self.share * self.distances(x) / self.distance_median
+        return blend(residual, self.distances(x), self.share, self.scales)
 
     def postprocess(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,)) (:func:`postprocess`)."""
@@ -220,4 +249,4 @@ class MapPipeline(nn.Module):
         return self.postprocess(self.grid_maps(self.features(images)))
 
 
-__all__ = ["MapPipeline", "gaussian_blur", "image_scores", "postprocess"]
+__all__ = ["MapPipeline", "blend", "blend_scales", "gaussian_blur", "image_scores", "postprocess"]

@@ -225,18 +225,26 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     return torch.cat(out).clamp_min(0.0).sqrt()
 
 
+#: Quantiles of held-out good images' grid cells that span [0, 1] in the ``quantile`` blend.
+BLEND_QUANTILES = (0.90, 0.995)
+
+
 @dataclass
 class PatchMemory:
-    """A bank of good patch features and the two medians that put residual and distance on one scale.
+    """A bank of good patch features and the statistics that put residual and distance on one scale.
 
     bank: (B, C) standardised patch features of good training images.
     residual_median, distance_median: medians of the residual map and of the distance map
-    over the grid positions of held-out good images (:meth:`calibrate`); 1.0 until then.
+        over the grid cells of held-out good images (:meth:`calibrate`); 1.0 until then.
+    residual_range, distance_range: their 0.90 and 0.995 quantiles over the same cells
+        (:data:`BLEND_QUANTILES`), for the ``quantile`` blend; None for banks saved before it.
     """
 
     bank: torch.Tensor
     residual_median: float = 1.0
     distance_median: float = 1.0
+    residual_range: tuple[float, float] | None = None
+    distance_range: tuple[float, float] | None = None
 
     @classmethod
     def fit(cls, feats: torch.Tensor, ratio: float, seed: int = 42, quiet: bool = True) -> "PatchMemory":
@@ -256,26 +264,40 @@ class PatchMemory:
         return nearest_distances(patch_rows(feats.float()), bank).view(n, h, w)
 
     def calibrate(self, residual_maps: torch.Tensor, distance_maps: torch.Tensor) -> None:
-        """Take the medians from the grid maps of good images (any shape; all positions count)."""
+        """Medians and quantile ranges from the grid maps of good images (any shape; all cells count)."""
         self.residual_median = _positive_median(residual_maps)
         self.distance_median = _positive_median(distance_maps)
-
-    def blend(self, residual_maps: torch.Tensor, distance_maps: torch.Tensor, share: float) -> torch.Tensor:
-        """(1 - share) x residual / its median + share x distance / its median, elementwise."""
-        return (1.0 - share) * residual_maps / self.residual_median + share * distance_maps / self.distance_median
+        self.residual_range = _quantile_range(residual_maps)
+        self.distance_range = _quantile_range(distance_maps)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors for the run folder's safetensors file."""
-        return {
+        out = {
             "memory.bank": self.bank.detach().cpu().contiguous(),
             "memory.medians": torch.tensor([self.residual_median, self.distance_median], dtype=torch.float64),
         }
+        if self.residual_range is not None and self.distance_range is not None:
+            out["memory.ranges"] = torch.tensor([*self.residual_range, *self.distance_range], dtype=torch.float64)
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "PatchMemory":
         """Inverse of :meth:`to_tensors`; KeyError when the bank is missing."""
         medians = tensors["memory.medians"].tolist()
-        return cls(tensors["memory.bank"], float(medians[0]), float(medians[1]))
+        ranges = tensors["memory.ranges"].tolist() if "memory.ranges" in tensors else None
+        return cls(
+            tensors["memory.bank"], float(medians[0]), float(medians[1]),
+            None if ranges is None else (float(ranges[0]), float(ranges[1])),
+            None if ranges is None else (float(ranges[2]), float(ranges[3])),
+        )
+
+
+def _quantile_range(maps: torch.Tensor) -> tuple[float, float]:
+    """(q90, q995) of all cells (a strided subsample above a million), widened to a positive span."""
+    values = maps.detach().flatten().float().cpu()
+    values = values[:: max(1, values.numel() // 1_000_000)]
+    lo, hi = (float(torch.quantile(values, q)) for q in BLEND_QUANTILES)
+    return lo, max(hi, lo + max(abs(lo), 1.0) * 1e-6)
 
 
 def _positive_median(maps: torch.Tensor) -> float:
