@@ -295,7 +295,7 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
         )
     memory = None
     if "memory.bank" in tensors and "memory.medians" in tensors:
-        memory = PatchMemory.from_tensors({k: tensors.pop(k) for k in ("memory.bank", "memory.medians")})
+        memory = PatchMemory.from_tensors({k: tensors.pop(k) for k in list(tensors) if k.startswith("memory.")})
     elif config.infer.memory > 0:
         raise CheckpointError(
             f"{run / WEIGHTS_FILE}: config.yaml sets infer.memory = {config.infer.memory} but no memory "
