@@ -221,16 +221,16 @@ def test_streaming_2000_images_keeps_memory_flat(run_dir, tmp_path, monkeypatch)
     folder = tmp_path / "many"
     for i in range(2000):
         write_png(folder / f"{i // 100:02d}" / f"{i:04d}.png", rng.integers(90, 160, (16, 16, 3), dtype=np.uint8))
-    import stmae.infer as infer
+    import stmae.streaming as streaming
 
     decoded = {"n": 0}
-    real = infer.load_rgb
+    real = streaming.load_rgb
 
     def counting(item, max_pixels=None):
         decoded["n"] += 1
         return real(item, max_pixels)
 
-    monkeypatch.setattr(infer, "load_rgb", counting)
+    monkeypatch.setattr(streaming, "load_rgb", counting)
     bs = 16
     yielded, most_ahead = 0, 0
     rss_start = None

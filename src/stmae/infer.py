@@ -2,7 +2,8 @@
 
 The map recipe itself lives in :class:`stmae.pipeline.MapPipeline`; this module only holds a
 fitted run's parts, its thresholds (:mod:`stmae.thresholds`) and the streaming front end that
-decodes inputs (:mod:`stmae.inputs`) in worker threads while the previous batch is scored.
+decodes inputs in worker threads while the previous batch is scored (:mod:`stmae.streaming`,
+shared with the runtime of exported models).
 
 Why the pipeline is rebuilt lazily: ``detector.config.infer`` (K, the memory share, the
 residual...) and ``detector.memory`` may be changed after loading; the pipeline is rebuilt
@@ -13,26 +14,22 @@ from __future__ import annotations
 
 import copy
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .build import build_extractor, build_model
 from .checkpoint import load_run
 from .config import Config
 from .data import resize_image
-from .data.io import DataError
 from .device import resolve_device
 from .features import FeatureExtractor, FeatureStats
-from .inputs import Item, expand, load_rgb
-from .mapops import resize_map
 from .model import STMAE, PatchMemory, ResidualStats
 from .pipeline import MapPipeline, gaussian_blur, image_scores
 from .prediction import Prediction, Skipped
+from .streaming import stream_predictions
 from .thresholds import Calibration
 
 ImageInput = Any  # a path, folder, PIL image, numpy array or torch tensor (see stmae.inputs)
@@ -165,8 +162,7 @@ class Detector:
     @staticmethod
     def _batch(resized: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 (S, S, 3) arrays -> float (N, 3, S, S) in [0, 1] (one copy, no per-image tensors)."""
-        stacked = torch.from_numpy(np.stack(resized))
-        return stacked.permute(0, 3, 1, 2).float().div_(255.0)
+        return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div_(255.0)
 
     # ------------------------------------------------------------------ fitting helpers
     def fit_residual_stats(self, feats: torch.Tensor, quiet: bool = True) -> ResidualStats:
@@ -228,75 +224,18 @@ class Detector:
         images from their header, before decoding. ``keep_images`` attaches the decoded image
         to each prediction (for heat-map panels).
         """
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        items = expand(images)
-        bs = batch_size or self.config.infer.batch_size
-        size = self.config.features.image_size
-        t = self.threshold if threshold is None else float(threshold)
+        return stream_predictions(
+            images, self._score_uint8, image_size=self.config.features.image_size,
+            batch_size=batch_size or self.config.infer.batch_size,
+            threshold=self.threshold if threshold is None else float(threshold),
+            pixel_threshold=self.pixel_threshold, calibration=self.calibration, full_resolution=full_resolution,
+            on_error=on_error, max_pixels=max_pixels, keep_images=keep_images, quiet=quiet,
+        )
 
-        def prepare(item: Item) -> tuple[np.ndarray, np.ndarray] | str:
-            try:
-                rgb = load_rgb(item, max_pixels)
-                return rgb, resize_image(rgb, size)
-            except DataError as exc:
-                if on_error == "raise":
-                    raise
-                return str(exc)
-
-        chunks = [items[i : i + bs] for i in range(0, len(items), bs)]
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stmae-decode") as pool, tqdm(
-            total=len(items), desc="predict", unit="img", disable=quiet, leave=False
-        ) as bar:
-            pending: Future | None = pool.submit(lambda c=chunks[0]: list(pool.map(prepare, c))) if chunks else None
-            for index in range(len(chunks)):
-                assert pending is not None
-                prepared = pending.result()
-                # Decode the next batch while this one is scored.
-                pending = (
-                    pool.submit(lambda c=chunks[index + 1]: list(pool.map(prepare, c)))
-                    if index + 1 < len(chunks) else None
-                )
-                yield from self._score_chunk(chunks[index], prepared, t, full_resolution, keep_images)
-                bar.update(len(chunks[index]))
-
-    def _score_chunk(
-        self,
-        chunk: Sequence[Item],
-        prepared: Sequence[tuple[np.ndarray, np.ndarray] | str],
-        threshold: float | None,
-        full_resolution: bool,
-        keep_images: bool,
-    ) -> Iterator[Prediction | Skipped]:
-        good = [i for i, p in enumerate(prepared) if not isinstance(p, str)]
-        maps = scores = None
-        if good:
-            maps, scores = self.score_tensor(self._batch([prepared[i][1] for i in good]))  # type: ignore[index]
-        normalized = None
-        if scores is not None and self.calibration is not None and threshold is not None:
-            normalized = self.calibration.normalized(scores.numpy(), threshold)
-        slot = {i: j for j, i in enumerate(good)}
-        for i, item in enumerate(chunk):
-            p = prepared[i]
-            if isinstance(p, str):
-                yield Skipped(item.name, p)
-                continue
-            j = slot[i]
-            rgb = p[0]
-            score = float(scores[j])  # type: ignore[index]
-            amap = maps[j].numpy().astype(np.float32)  # type: ignore[index]
-            if full_resolution:
-                amap = resize_map(amap, rgb.shape[:2])  # type: ignore[index]
-            yield Prediction(
-                score=score,
-                label=-1 if threshold is None else int(score > threshold),
-                anomaly_map=amap,
-                threshold=threshold,
-                path=item.name if item.is_path else None,
-                normalized=None if normalized is None else float(normalized[j]),
-                pixel_threshold=self.pixel_threshold,
-                image=rgb if keep_images else None,
-            )
+    def _score_uint8(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, S, S, 3) -> (maps (N, S, S), scores (N,)) as numpy: the engine step of streaming."""
+        maps, scores = self.score_tensor(torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0))
+        return maps.numpy(), scores.numpy()
 
 
 def load(run_dir: str | os.PathLike, device: str = "auto", backbone_weights: str | None = None) -> Detector:

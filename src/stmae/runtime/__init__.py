@@ -5,11 +5,9 @@ to run a model that is already one graph. This package needs numpy, Pillow and o
 (onnxruntime or openvino); ``import stmae.runtime`` never imports torch (a test runs it with
 torch made unimportable).
 
-It gives the same answers as the torch path because it shares the code around the graph:
-inputs are expanded and decoded by :mod:`stmae.inputs`, resized by
-:func:`stmae.data.resize_image` (PIL bilinear), labelled and normalised by
-:mod:`stmae.thresholds`, and returned as :class:`stmae.prediction.Prediction`; full-resolution
-maps use :func:`stmae.mapops.resize_map`, the torch path's own numpy resize.
+It gives the same answers as the torch path because it shares all the code around the graph:
+:func:`stmae.streaming.stream_predictions` expands, decodes, resizes, batches, labels and
+normalises exactly as :meth:`stmae.Detector.iter_predict` does; only the batch scoring differs.
 
 Usage::
 
@@ -24,17 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..data.io import DataError
-from ..data.transforms import resize_image
-from ..inputs import Item, expand, load_rgb
-from ..mapops import resize_map
 from ..prediction import Prediction, Skipped
+from ..streaming import stream_predictions
 from ..thresholds import Calibration
 from .engines import ENGINES, Engine, EngineError, available, create, read_onnx_metadata
 
@@ -158,76 +152,12 @@ class ExportedModel:
         The next batch is decoded and resized in worker threads while the engine scores the
         current one, so memory stays bounded by two batches.
         """
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        items = expand(images)
-        bs = batch_size or self.batch_size
-        size = self.image_size
-        t = self.threshold if threshold is None else float(threshold)
-
-        def prepare(item: Item) -> tuple[np.ndarray, np.ndarray] | str:
-            try:
-                rgb = load_rgb(item, max_pixels)
-                return rgb, resize_image(rgb, size)
-            except DataError as exc:
-                if on_error == "raise":
-                    raise
-                return str(exc)
-
-        chunks = [items[i : i + bs] for i in range(0, len(items), bs)]
-        bar = _progress(len(items), quiet)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stmae-decode") as pool:
-            def submit(chunk: Sequence[Item]) -> Future:
-                return pool.submit(lambda: list(pool.map(prepare, chunk)))
-
-            pending = submit(chunks[0]) if chunks else None
-            try:
-                for index, chunk in enumerate(chunks):
-                    assert pending is not None
-                    prepared = pending.result()
-                    pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else None
-                    yield from self._score_chunk(chunk, prepared, t, full_resolution, keep_images)
-                    if bar is not None:
-                        bar.update(len(chunk))
-            finally:
-                if bar is not None:
-                    bar.close()
-
-    def _score_chunk(
-        self,
-        chunk: Sequence[Item],
-        prepared: Sequence[tuple[np.ndarray, np.ndarray] | str],
-        threshold: float | None,
-        full_resolution: bool,
-        keep_images: bool,
-    ) -> Iterator[Prediction | Skipped]:
-        good = [i for i, p in enumerate(prepared) if not isinstance(p, str)]
-        maps = scores = normalized = None
-        if good:
-            maps, scores = self.score_batch([prepared[i][1] for i in good])  # type: ignore[index]
-            if self.calibration is not None and threshold is not None:
-                normalized = self.calibration.normalized(scores, threshold)
-        slot = {i: j for j, i in enumerate(good)}
-        for i, item in enumerate(chunk):
-            p = prepared[i]
-            if isinstance(p, str):
-                yield Skipped(item.name, p)
-                continue
-            j = slot[i]
-            rgb = p[0]
-            score = float(scores[j])  # type: ignore[index]
-            amap = maps[j]  # type: ignore[index]
-            amap = resize_map(amap, rgb.shape[:2]) if full_resolution else np.array(amap, dtype=np.float32)
-            yield Prediction(
-                score=score,
-                label=-1 if threshold is None else int(score > threshold),
-                anomaly_map=amap,
-                threshold=threshold,
-                path=item.name if item.is_path else None,
-                normalized=None if normalized is None else float(normalized[j]),
-                pixel_threshold=self.pixel_threshold,
-                **({"image": rgb} if keep_images else {}),
-            )
+        return stream_predictions(
+            images, self.score_batch, image_size=self.image_size, batch_size=batch_size or self.batch_size,
+            threshold=self.threshold if threshold is None else float(threshold),
+            pixel_threshold=self.pixel_threshold, calibration=self.calibration, full_resolution=full_resolution,
+            on_error=on_error, max_pixels=max_pixels, keep_images=keep_images, quiet=quiet,
+        )
 
 
 def open_model(path: str | os.PathLike, engine: str | None = None, *, threads: int | None = None) -> ExportedModel:
@@ -314,16 +244,6 @@ def _check_fresh(run_dir: Path, p: Path, meta: dict[str, Any]) -> None:
             f"{p} was exported from an earlier fit of {run_dir} (the run's model changed since); "
             f"export it again: stmae export {run_dir}"
         )
-
-
-def _progress(total: int, quiet: bool) -> Any:
-    if quiet:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional here
-        return None
-    return tqdm(total=total, desc="predict", unit="img", leave=False)
 
 
 __all__ = [
