@@ -63,15 +63,11 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_mvtec(tmp_path: Path) -> Path:
-    """An MVTec-style category: 8 good train images, 3 good + 3 defective test images with masks.
-
-    Images are noise textures of mixed sizes, some grayscale, to exercise conversion.
-    """
-    rng = np.random.default_rng(0)
-    root = tmp_path / "tiny"
-    for i in range(8):
+def make_tiny_category(root: Path, n_train: int = 8, seed: int = 0, masks: bool = True) -> Path:
+    """An MVTec-style category at ``root``: ``n_train`` good train images, 3 good + 3 defective
+    test images (a red square) with masks. Noise textures of mixed sizes, some grayscale."""
+    rng = np.random.default_rng(seed)
+    for i in range(n_train):
         shape = (48 + 4 * i, 64) if i % 2 else (64, 64, 3)
         write_png(root / "train" / "good" / f"{i:03d}.png", rng.integers(90, 160, shape, dtype=np.uint8))
     for i in range(3):
@@ -81,5 +77,12 @@ def tiny_mvtec(tmp_path: Path) -> Path:
         mask[20:34, 24:40] = 255
         img[mask > 0] = (250, 20, 20)
         write_png(root / "test" / "spot" / f"{i:03d}.png", img)
-        write_png(root / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
+        if masks:
+            write_png(root / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
     return root
+
+
+@pytest.fixture
+def tiny_mvtec(tmp_path: Path) -> Path:
+    """:func:`make_tiny_category` in a fresh folder: 8 train images, 3 + 3 test images with masks."""
+    return make_tiny_category(tmp_path / "tiny")

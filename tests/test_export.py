@@ -23,7 +23,7 @@ from stmae.thresholds import normalize
 from stmae.mapops import resize_map
 from stmae.runtime import ModelFileError, is_exported_model, open_model, sidecar_path
 
-from .conftest import tiny_config, write_png
+from .conftest import make_tiny_category, tiny_config
 
 VARIANTS = {
     "default": {},
@@ -36,18 +36,8 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
-    """conftest's tiny_root, built once for the module (fits dominate this file's time)."""
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("export") / "tiny"
-    for i in range(8):
-        shape = (48 + 4 * i, 64) if i % 2 else (64, 64, 3)
-        write_png(root / "train" / "good" / f"{i:03d}.png", rng.integers(90, 160, shape, dtype=np.uint8))
-    for i in range(3):
-        write_png(root / "test" / "good" / f"{i:03d}.png", rng.integers(90, 160, (64, 64, 3), dtype=np.uint8))
-        img = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
-        img[20:34, 24:40] = (250, 20, 20)
-        write_png(root / "test" / "spot" / f"{i:03d}.png", img)
-    return root
+    """conftest's tiny category, built once for the module (fits dominate this file's time)."""
+    return make_tiny_category(tmp_path_factory.mktemp("export") / "tiny", masks=False)
 
 
 @pytest.fixture(scope="module")
