@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import csv
 import resource
 import subprocess
@@ -250,3 +251,18 @@ def test_fit_accepts_what_predict_accepts(tiny_data, tmp_path):
     assert by_tensor.meta["losses"] == pytest.approx(by_batch.meta["losses"], rel=1e-6)
     with pytest.raises(DataError, match="<array 0\\[1\\]>|array"):
         stmae.fit(np.zeros((3, 8, 8, 3), dtype=np.int64), tmp_path / "d", cfg, quiet=True)
+
+
+def test_cli_fit_threshold_rule(tiny_data, tmp_path):
+    exe = Path(sys.executable).with_name("stmae")
+    cfg = tmp_path / "tiny.yaml"
+    tiny_config(**{"train.epochs": 1, "train.val_fraction": 0.3}).save(cfg)
+    r = subprocess.run([str(exe), "fit", str(tiny_data), "--out", str(tmp_path / "r"), "--config", str(cfg),
+                        "--threshold-rule", "fpr:0.5", "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert meta["calibration"]["rule"] == "fpr:0.5"
+    assert meta["threshold"] == pytest.approx(float(np.quantile(meta["calibration_scores"]["all"], 0.5)))
+    r = subprocess.run([str(exe), "fit", str(tiny_data), "--out", str(tmp_path / "s"), "--config", str(cfg),
+                        "--threshold-rule", "median", "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "threshold_rule" in r.stderr

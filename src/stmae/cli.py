@@ -155,6 +155,9 @@ def fit(
     memory: Optional[float] = typer.Option(
         None, help="Share of the nearest-good-patch distance in the map, 0-1 (accurate/fast: 0.8; 0 = the paper's residual alone)."
     ),
+    threshold_rule: Optional[str] = typer.Option(
+        None, "--threshold-rule", help="How held-out good images set the threshold: max (default), quantile:Q or fpr:F."
+    ),
     device: Optional[str] = DEVICE,
     val_dir: Optional[Path] = typer.Option(
         None, "--val-dir", help="Good images that set the threshold (default: hold out 10% of the training images)."
@@ -187,6 +190,7 @@ def fit(
         "train.seed": seed,
         "train.device": device,
         "infer.memory": memory,
+        "infer.threshold_rule": threshold_rule,
     }
     overrides.update(_parse_sets(set_))
     val = _open(val_dir, skip_unreadable, max_pixels) if val_dir is not None else None
