@@ -29,7 +29,7 @@ _LAZY = {
     "Evaluation": ".evaluate",
     "evaluate": ".evaluate",
     "Detector": ".infer",
-    "Prediction": ".infer",
+    "Prediction": ".prediction",
     "load": ".infer",
     "STMAE": ".model",
     "FitResult": ".train",
@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .demo import run_demo
     from .evaluate import Evaluation, evaluate
     from .export import export_model
-    from .infer import Detector, Prediction, load
+    from .infer import Detector, load
+    from .prediction import Prediction
     from .model import STMAE
     from .runtime import open_model
     from .train import FitResult, fit
