@@ -68,7 +68,7 @@ from stmae.evaluate import mask_at, per_type_breakdown
 from stmae.features import FeatureExtractor, FeatureStats, batched, extract_features
 from stmae.fileio import atomic_write_json
 from stmae.build import build_extractor
-from stmae.pipeline import postprocess
+from stmae.pipeline import MapPipeline, postprocess
 from stmae.metrics import PixelMetricAccumulator, compute_metrics
 # The coreset and the search are the package's memory bank (stmae.model.memory); the names
 # stay importable from here for the scripts and tests that use the yardstick.
@@ -149,12 +149,20 @@ class MemoryBank:
 
     @torch.no_grad()
     def score(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> (maps (n, S, S), scores (n,)) on CPU, S = ``cfg.features.image_size``."""
-        size, grid = self.cfg.features.image_size, self.cfg.features.grid_size
-        feats = extract_features(self.extractor, samples, size, device=self.device, desc="test features", quiet=True)
-        dist = nearest_distances(patch_rows(self.stats.apply(feats)).to(self.device), self.bank)
-        maps, scores = anomaly_maps(dist.view(len(samples), grid, grid), self.cfg)
-        return maps.cpu(), scores.cpu()
+        """Images -> (maps (n, S, S), scores (n,)) on CPU, S = ``cfg.features.image_size``.
+
+        Scored by ST-MAE's own pipeline with the memory share at 1 (:meth:`MapPipeline.knn`).
+        """
+        feats = extract_features(
+            self.extractor, samples, self.cfg.features.image_size, device=self.device, desc="test features", quiet=True
+        )
+        pipe = MapPipeline.knn(self.extractor, self.stats, self.bank, self.cfg).to(self.device)
+        maps, scores = [], []
+        for chunk in torch.split(feats, 64):
+            m, s = pipe.score_features(chunk.to(self.device))
+            maps.append(m.cpu())
+            scores.append(s.cpu())
+        return torch.cat(maps), torch.cat(scores)
 
 
 @torch.no_grad()

@@ -236,3 +236,18 @@ def test_streaming_2000_images_keeps_memory_flat(run_dir, tmp_path, monkeypatch)
     assert most_ahead <= 2 * bs  # at most the batch being yielded and the one decoded ahead
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_start) / 1024
     assert grown_mb < 50, f"peak memory grew by {grown_mb:.0f} MB while streaming"
+
+
+def test_fit_accepts_what_predict_accepts(tiny_data, tmp_path):
+    files = sorted((tiny_data / "train" / "good").glob("*.png"))
+    arrays = np.stack([np.array(Image.open(f).convert("RGB")) for f in files])
+    cfg = tiny_config(**{"train.epochs": 1})
+    by_paths = stmae.fit([str(f) for f in files], tmp_path / "a", cfg, quiet=True)
+    by_batch = stmae.fit(arrays, tmp_path / "b", cfg, quiet=True)
+    by_tensor = stmae.fit(torch.from_numpy(arrays).permute(0, 3, 1, 2), tmp_path / "c", cfg, quiet=True)
+    assert by_paths.meta["n_train"] + by_paths.meta["n_val"] == len(files)
+    # the same pixels train the same model, whichever way they came in
+    assert by_batch.meta["losses"] == pytest.approx(by_paths.meta["losses"], rel=1e-5)
+    assert by_tensor.meta["losses"] == pytest.approx(by_batch.meta["losses"], rel=1e-6)
+    with pytest.raises(DataError, match="<array 0\\[1\\]>|array"):
+        stmae.fit(np.zeros((3, 8, 8, 3), dtype=np.int64), tmp_path / "d", cfg, quiet=True)

@@ -81,7 +81,7 @@ class TrainConfig:
 class InferConfig:
     """How residuals become anomaly maps and image scores."""
 
-    num_pairs: int = 4  # K complementary split pairs averaged at test time
+    num_pairs: int = 1  # K complementary split pairs averaged at test time (validation: K = 1, 4, 16 score alike)
     residual: str = "mse_cos"  # mse | cos | mse_cos | mahalanobis (fitted on training residuals)
     shrinkage: float = 0.01  # covariance shrinkage of the mahalanobis residual, in [0, 1]
     sigma: float = 4.0  # Gaussian smoothing of the map, in input pixels (0 = off)
@@ -90,6 +90,7 @@ class InferConfig:
     memory: float = 0.8  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual)
     memory_coreset: float = 0.1  # fraction of training patches kept in the memory bank (greedy coreset)
     batch_size: int = 16
+    precision: str = "fp32"  # fp32 | bf16: autocast of backbone and transformer on the CPU (on CUDA the transformer always runs in bf16)
     threshold_rule: str = "max"  # max | quantile:Q | fpr:F over held-out good images (stmae.thresholds)
     min_calibration: int = 10  # fewer held-out good images than this: fit warns that the threshold is a guess
 
@@ -148,6 +149,7 @@ class Config:
         _check(0.0 <= i.memory <= 1.0, "infer.memory must be in [0, 1]")
         _check(0.0 < i.memory_coreset <= 1.0, "infer.memory_coreset must be in (0, 1]")
         _check(_rule_ok(i.threshold_rule), "infer.threshold_rule must be max, quantile:Q (0 < Q <= 1) or fpr:F (0 <= F < 1)")
+        _check(i.precision in ("fp32", "bf16"), "infer.precision must be fp32 or bf16")
         _check(i.min_calibration >= 1, "infer.min_calibration must be >= 1")
         return self
 
@@ -241,7 +243,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.decoder_depth": 1,
         "train.epochs": 100,
         "train.lr": 1e-3,
-        "infer.num_pairs": 4,
     },
     "demo": {
         "features.image_size": 128,
@@ -262,6 +263,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "infer.score": "topk",
         "infer.topk": 0.01,
         "infer.memory": 0.0,
+        "infer.min_calibration": 3,  # the built-in set holds out 3 images; its threshold is for show
     },
     "lowres": {
         "features.image_size": 64,

@@ -80,7 +80,7 @@ class MapPipeline(nn.Module):
     def __init__(
         self,
         extractor: FeatureExtractor,
-        model: STMAE,
+        model: STMAE | None,
         stats: FeatureStats,
         splits: torch.Tensor,
         infer: InferConfig,
@@ -94,13 +94,15 @@ class MapPipeline(nn.Module):
                 f"infer.memory is {infer.memory} but there is no memory bank; fit one on good training "
                 "features (stmae fit does this), or set infer.memory to 0"
             )
+        if model is None and infer.memory < 1:
+            raise ValueError("a pipeline without a transformer scores by the memory alone: set infer.memory to 1")
         if infer.residual == "mahalanobis" and residual_stats is None and infer.memory < 1:
             raise ValueError(
                 "infer.residual is 'mahalanobis' but there are no residual statistics; fit them on good "
                 "training features (stmae fit does this)"
             )
         self.extractor = extractor.eval()
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None
         self.image_size = int(image_size)
         self.infer = dataclasses.replace(infer)  # a private copy: the pipeline never changes under its owner
         self.residual_kind = infer.residual
@@ -139,10 +141,25 @@ class MapPipeline(nn.Module):
         )
         return cls(extractor, model, stats, splits, config.infer, config.features.image_size, memory, residual_stats)
 
+    @classmethod
+    def knn(cls, extractor: FeatureExtractor, stats: FeatureStats, bank: torch.Tensor, config: "Config") -> "MapPipeline":
+        """The kNN yardstick: the same recipe scored by the distance to ``bank`` alone (no transformer)."""
+        infer = dataclasses.replace(config.infer, memory=1.0)
+        memory = PatchMemory(bank, 1.0, 1.0)
+        return cls(extractor, None, stats, torch.zeros(0, 2, 1, dtype=torch.long), infer, config.features.image_size, memory)
+
     # ------------------------------------------------------------------ stages
+    def _autocast(self, x: torch.Tensor, on_cuda: bool) -> torch.autocast:
+        """bf16 autocast: on CUDA when ``on_cuda``, on the CPU when ``infer.precision`` is bf16."""
+        if x.is_cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.infer.precision == "bf16")
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, S, S) in [0, 1] -> standardised features (N, C, G, G)."""
-        return self.standardize(self.extractor(images))
+        with self._autocast(images, on_cuda=False):
+            feats = self.extractor(images)
+        return self.standardize(feats)
 
     def standardize(self, feats: torch.Tensor) -> torch.Tensor:
         """Raw cached features -> standardised (training statistics)."""
@@ -167,12 +184,12 @@ class MapPipeline(nn.Module):
         """Standardised features (N, C, G, G) -> (reconstructions, inputs), both (K * N, C, G, G).
 
         Pair k of image i is row k * N + i. Autocast (bf16 on CUDA) covers the transformer
-        only; the residual is computed in float32.
+        only (and on the CPU only with ``infer.precision`` bf16); the residual is computed in float32.
         """
         n, k = x.shape[0], self.num_pairs
         xs = x.repeat(k, 1, 1, 1)
         splits = self.splits.repeat_interleave(n, dim=0)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+        with self._autocast(x, on_cuda=True):
             recon = self.model(xs, splits)
         return recon.float(), xs
 

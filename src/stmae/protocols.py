@@ -27,7 +27,7 @@ from .device import resolve_device
 from .evaluate import evaluate
 from .features import extract_features
 from .fileio import atomic_write_json, atomic_write_text
-from .infer import build_extractor
+from .build import build_extractor
 from .metrics import compute_metrics
 from .report import markdown_table, write_evaluation
 from .train import fit, make_config
@@ -141,6 +141,30 @@ def oneclass(
     return _write_summary(out, rows, "class", extra)
 
 
+def split_real_defects(samples: Sequence[Any], seed: int = 0) -> dict[str, list[Any]]:
+    """A labelled test split cut into two seeded halves, ``mt_val`` and ``mt_test``.
+
+    Why: settings chosen on painted defects did not hold on real ones; choosing them on real
+    defects needs real defects the final figures never see. Each defect type (``good``
+    included) is shuffled with ``seed`` and its first ceil(n / 2) images go to ``mt_val``,
+    so both halves hold every type in the same proportions. Order within a half follows the
+    input order.
+    """
+    rng = np.random.default_rng(seed)
+    by_type: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_type.setdefault(s.defect_type, []).append(i)
+    val: set[int] = set()
+    for t in sorted(by_type):
+        idx = by_type[t]
+        order = rng.permutation(len(idx))
+        val.update(idx[j] for j in order[: (len(idx) + 1) // 2])
+    return {
+        "mt_val": [s for i, s in enumerate(samples) if i in val],
+        "mt_test": [s for i, s in enumerate(samples) if i not in val],
+    }
+
+
 def _test_features(cfg: Config, dataset: AnomalyDataset, quiet: bool) -> torch.Tensor:
     """Features of the (shared) test split, extracted once."""
     device = resolve_device(cfg.train.device)
@@ -182,4 +206,4 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-__all__ = ["benchmark", "oneclass", "categories_of"]
+__all__ = ["benchmark", "oneclass", "categories_of", "split_real_defects"]

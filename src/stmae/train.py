@@ -32,6 +32,7 @@ from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
 from .build import build_extractor, build_model
 from .fitting import calibrate_detector
+from .inputs import Item, expand, load_rgb
 from .infer import Detector
 from .model import STMAE, random_splits, reconstruction_loss
 from .resume import SAVE_EVERY_SECONDS, STATE_FILE, TrainState, fingerprint, starting_state
@@ -61,19 +62,41 @@ def make_config(config: Config | str | os.PathLike | None = None, overrides: Map
 
 
 def training_samples(
-    data: str | os.PathLike | AnomalyDataset | Sequence[Sample], minimum: int = 2
+    data: Any, minimum: int = 2
 ) -> tuple[list[Sample], str]:
-    """Normal training samples and a description of where they came from."""
+    """Normal training samples and a description of where they came from.
+
+    ``data``: a dataset folder or :class:`AnomalyDataset` (its ``train`` split), a list of
+    :class:`Sample`, or anything ``predict`` accepts (:mod:`stmae.inputs`).
+    """
     if isinstance(data, AnomalyDataset):
         samples, source = data.train, str(data.root or data.name)
     elif isinstance(data, (str, os.PathLike)):
         ds = open_dataset(data)
         samples, source = ds.train, str(data)
-    else:
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(s, Sample) for s in data):
         samples, source = list(data), "samples"
+    else:
+        samples, source = _samples_from_inputs(data), "in-memory images"
     if len(samples) < minimum:
         raise DataError(f"{source}: need at least {minimum} good images, found {len(samples)}")
     return samples, source
+
+
+def _samples_from_inputs(data: Any) -> list[Sample]:
+    """Good-image samples from anything ``predict`` accepts (:func:`stmae.inputs.expand`): paths,
+    folders, PIL images, arrays, batches, tensors. Arrays are converted now, so an unusable one
+    is named before training starts."""
+    from PIL import Image
+
+    samples = []
+    for item in expand(data):
+        if item.is_path:
+            samples.append(Sample(Path(item.source), 0, "good", name=item.name))
+        else:
+            source = np.asarray(item.source.convert("RGB")) if isinstance(item.source, Image.Image) else item.source
+            samples.append(Sample(None, 0, "good", array=load_rgb(Item(item.name, source, False)), name=item.name))
+    return samples
 
 
 def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

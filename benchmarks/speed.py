@@ -1,0 +1,282 @@
+"""Speed and memory of fit and predict, against the feature extractor alone and the kNN yardstick.
+
+Why: a production line scores images all day, often on a CPU. The targets (issue "One fast
+inference pipeline") are ratios measured in one run on one machine:
+
+- default preset at batch 1: <= 2.0x the feature extractor alone;
+- batch-32 throughput: >= 1.5x the batch-1 rate;
+- fit of 200 images at 256 px: <= 10 minutes on 2 CPU threads.
+
+What it times, per preset (``accurate`` = the default, ``fast``):
+
+- ``fit``: a real ``stmae.fit`` on ``--train`` good Magnetic Tile images with ``--fit-epochs``
+  epochs (default 2: the full schedule takes most of an hour on a CPU). The file records the
+  measured seconds and, clearly marked, the fit time for the preset's own epochs extrapolated
+  from the measured seconds per epoch (extraction, memory and calibration do not depend on
+  the epochs);
+- ``extractor``: the frozen backbone + feature grid alone on a (1, 3, S, S) tensor;
+- ``predict_b1``: ``Detector.predict`` on one decoded uint8 image (resize included), median
+  and p95 over ``--calls`` calls after warm-up;
+- ``predict_b32``: images per second of ``Detector.predict`` on 32 images at once;
+- the same two with ``infer.precision = bf16`` (CPU autocast), with their parity: the largest
+  map difference relative to the threshold and label agreement on the test images;
+- peak resident memory (``ru_maxrss``, the process's peak so far; on CUDA
+  ``max_memory_allocated``).
+
+The kNN yardstick (the same backbone and coreset, :meth:`stmae.pipeline.MapPipeline.knn`) is
+timed the same way in the same run. With the export helper's ``benchmarks/speed_runtime.py``
+present, onnxruntime and OpenVINO rows are added.
+
+Run: ``python benchmarks/speed.py [--data DIR] [--threads 2] [--device cpu]``; writes
+``benchmarks/results/speed-cpu.json`` (``speed-cuda.json`` on a GPU) with its provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import baseline_knn as knn  # noqa: E402
+
+from stmae import Detector, fit, provenance  # noqa: E402
+from stmae.config import preset as preset_config  # noqa: E402
+from stmae.data import load_mvtec, resize_image  # noqa: E402
+from stmae.data.base import Sample  # noqa: E402
+from stmae.pipeline import MapPipeline  # noqa: E402
+
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
+
+
+def timed(fn: Callable[[], Any], calls: int, warmup: int = 5) -> dict[str, float]:
+    """Median and p95 wall time (ms) of ``calls`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return {"median_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "calls": calls}
+
+
+def throughput(fn: Callable[[], Any], images: int, repeats: int = 3) -> dict[str, float]:
+    """Images per second of one call scoring ``images`` images (median of ``repeats`` after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"images_per_second": float(images / np.median(times)), "batch": images, "repeats": repeats}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_of(samples: Sequence[Sample], count: int) -> list[np.ndarray]:
+    return [samples[i % len(samples)].load_image() for i in range(count)]
+
+
+def time_detector(det: Detector, images: list[np.ndarray], calls: int, device: torch.device) -> dict[str, Any]:
+    """Batch-1 latency and batch-32 throughput of ``det.predict``."""
+    one = images[0]
+
+    def b1() -> None:
+        det.predict(one)
+        sync(device)
+
+    def b32() -> None:
+        det.predict(images[:32], batch_size=32)
+        sync(device)
+
+    row = {"predict_b1": timed(b1, calls), "predict_b32": throughput(b32, 32)}
+    row["b32_over_b1_rate"] = row["predict_b32"]["images_per_second"] / (1000.0 / row["predict_b1"]["median_ms"])
+    return row
+
+
+def parity(a: Detector, b: Detector, images: list[np.ndarray]) -> dict[str, float]:
+    """How far detector ``b`` is from ``a`` on ``images``: map difference / threshold, label agreement."""
+    pa, pb = a.predict(images), b.predict(images)
+    diff = max(float(np.abs(x.anomaly_map - y.anomaly_map).max()) for x, y in zip(pa, pb))
+    t = a.threshold or 1.0
+    return {
+        "max_map_diff_over_threshold": diff / t,
+        "max_score_diff_over_threshold": max(abs(x.score - y.score) for x, y in zip(pa, pb)) / t,
+        "label_agreement": float(np.mean([x.label == y.label for x, y in zip(pa, pb)])),
+        "images": len(images),
+    }
+
+
+def bench_preset(name: str, train: Sequence[Sample], test: Sequence[Sample], args: argparse.Namespace,
+                 device: torch.device, work: Path) -> dict[str, Any]:
+    cfg = preset_config(name)
+    full_epochs = cfg.train.epochs
+    started = time.perf_counter()
+    result = fit(list(train), work / name, cfg, train__epochs=args.fit_epochs, train__device=str(device), quiet=True)
+    fit_wall = time.perf_counter() - started
+    meta = result.meta
+    per_epoch = meta["train_seconds"] / args.fit_epochs
+    fixed = fit_wall - meta["train_seconds"]
+    det = Detector.load(result.run_dir, device=str(device))
+    images = images_of(test, 32)
+    size = det.config.features.image_size
+    x = det._batch([resize_image(images[0], size)]).to(device)
+    pipe = det.pipeline
+    with torch.inference_mode():
+        extractor = timed(lambda: (pipe.extractor(x), sync(device)), args.calls)
+    row: dict[str, Any] = {
+        "preset": name,
+        "fit": {
+            "images": len(train),
+            "epochs_run": args.fit_epochs,
+            "measured_seconds": round(fit_wall, 2),
+            "seconds_per_epoch": round(per_epoch, 3),
+            "seconds_outside_training": round(fixed, 2),
+            "preset_epochs": full_epochs,
+            "extrapolated_seconds_for_preset_epochs": round(fixed + per_epoch * full_epochs, 1),
+            "memory_bank_patches": (meta.get("memory") or {}).get("bank_patches"),
+        },
+        "extractor_b1": extractor,
+        "fp32": time_detector(det, images, args.calls, device),
+    }
+    row["fp32"]["b1_over_extractor"] = row["fp32"]["predict_b1"]["median_ms"] / extractor["median_ms"]
+    if device.type == "cpu":
+        bf = Detector.load(result.run_dir, device=str(device))
+        bf.config.infer.precision = "bf16"
+        row["bf16"] = time_detector(bf, images, args.calls, device)
+        row["bf16"]["b1_over_extractor"] = row["bf16"]["predict_b1"]["median_ms"] / extractor["median_ms"]
+        row["bf16"]["parity_vs_fp32"] = parity(det, bf, images)
+    row["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+    row["run_dir"] = str(result.run_dir)
+    return row
+
+
+def bench_knn(train: Sequence[Sample], test: Sequence[Sample], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The kNN yardstick (accurate preset's features and coreset ratio), timed like ST-MAE."""
+    cfg = preset_config("accurate")
+    started = time.perf_counter()
+    bank = knn.fit_bank(list(train), cfg, coreset_ratio=cfg.infer.memory_coreset, device=device)
+    fit_seconds = time.perf_counter() - started
+    pipe = MapPipeline.knn(bank.extractor, bank.stats, bank.bank, cfg).to(device)
+    images = images_of(test, 32)
+    size = cfg.features.image_size
+
+    def score(batch: list[np.ndarray]) -> None:
+        x = Detector._batch([resize_image(im, size) for im in batch]).to(device)
+        with torch.inference_mode():
+            pipe(x)
+        sync(device)
+
+    b1 = timed(lambda: score(images[:1]), args.calls)
+    b32 = throughput(lambda: score(images[:32]), 32)
+    return {
+        "fit_seconds": round(fit_seconds, 2),
+        "bank_patches": int(bank.bank.shape[0]),
+        "predict_b1": b1,
+        "predict_b32": b32,
+        "b32_over_b1_rate": b32["images_per_second"] / (1000.0 / b1["median_ms"]),
+    }
+
+
+def runtime_rows(run_dir: str, images: list[np.ndarray], threads: int) -> list[dict[str, Any]] | None:
+    """onnxruntime / OpenVINO rows from benchmarks/speed_runtime.py, when it is there."""
+    try:
+        import speed_runtime  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return speed_runtime.runtime_rows(run_dir, images, threads)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Magnetic Tile in the MVTec layout")
+    p.add_argument("--train", type=int, default=200, help="training images for the fits (default 200)")
+    p.add_argument("--fit-epochs", type=int, default=2, help="epochs actually run per fit (default 2)")
+    p.add_argument("--calls", type=int, default=200, help="timed batch-1 calls after warm-up (default 200)")
+    p.add_argument("--presets", default="accurate,fast")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/speed-<device type>.json")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = time.time()
+    if not args.data.is_dir():
+        raise SystemExit(f"{args.data}: Magnetic Tile not found; pass --data DIR (MVTec layout)")
+    ds = load_mvtec(args.data)
+    idx = knn.subsample_indices(len(ds.train), args.train, seed=0)
+    train = [ds.train[i] for i in idx]
+    test = ds.test[:32]
+    results: dict[str, Any] = {"benchmark": "speed", "threads": args.threads, "presets": {}}
+    with tempfile.TemporaryDirectory(prefix="stmae-speed-") as tmp:
+        for name in [p.strip() for p in args.presets.split(",") if p.strip()]:
+            print(f"[speed] {name} ...", flush=True)
+            results["presets"][name] = bench_preset(name, train, test, args, device, Path(tmp))
+        print("[speed] kNN yardstick ...", flush=True)
+        results["knn"] = bench_knn(train, test, args, device)
+        first = next(iter(results["presets"].values()))
+        rows = runtime_rows(first["run_dir"], images_of(test, 32), args.threads)
+        if rows is not None:
+            results["runtime"] = rows
+    for row in results["presets"].values():
+        row.pop("run_dir", None)
+    results["provenance"] = provenance.collect(str(device), started=started)
+    out = args.out or HERE / "results" / f"speed-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+    tmp_out.replace(out)
+    print(summary(results))
+    print(f"wrote {out}")
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    lines = []
+    for name, row in results["presets"].items():
+        for prec in ("fp32", "bf16"):
+            if prec not in row:
+                continue
+            r = row[prec]
+            lines.append(
+                f"{name:9s} {prec}: b1 {r['predict_b1']['median_ms']:.1f} ms (p95 {r['predict_b1']['p95_ms']:.1f}), "
+                f"{r['b1_over_extractor']:.2f}x extractor ({row['extractor_b1']['median_ms']:.1f} ms); "
+                f"b32 {r['predict_b32']['images_per_second']:.1f} img/s = {r['b32_over_b1_rate']:.2f}x b1 rate"
+            )
+        f = row["fit"]
+        lines.append(
+            f"{name:9s} fit: {f['measured_seconds']:.0f} s for {f['epochs_run']} epochs; "
+            f"{f['extrapolated_seconds_for_preset_epochs'] / 60:.1f} min extrapolated to {f['preset_epochs']} epochs"
+        )
+    k = results["knn"]
+    lines.append(f"kNN      : b1 {k['predict_b1']['median_ms']:.1f} ms, b32 {k['predict_b32']['images_per_second']:.1f} img/s, fit {k['fit_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""How should the residual and the memory be combined? Chosen on real defects (``mt_val``), reported on ``mt_test``.
+
+Why: painted validation defects rated the median-calibrated blend above the memory alone;
+Magnetic Tile's real defects say the opposite (issue "Detection quality, round 2"). This
+script splits the Magnetic Tile test set into two seeded halves, stratified by defect type
+with the good images included (:func:`stmae.protocols.split_real_defects`), trains ONE model,
+and scores it many ways from the same grid maps:
+
+- ``memory``: the distance to the nearest good patch alone (what a kNN would give);
+- ``residual``: the ST-MAE residual alone;
+- ``median s``: today's blend, each map divided by its median over held-out good images,
+  memory share s;
+- ``quantile s``: each map mapped to ``(m - q90) / (q995 - q90)`` with the 0.90 and 0.995
+  quantiles of held-out good images' grid cells (as EfficientAD combines its two maps), share s;
+- ``split``: the image score of one variant with the map of another.
+
+Every choice is made on ``mt_val`` only; ``mt_test`` and the full test split are reported
+next to it. The kNN yardstick runs on the same split in the same run.
+
+Run: ``python research/blend_val.py [--data DIR] [--preset fast] [--epochs 40] [--threads 2]``
+(about 15 min on 2 CPU threads); writes ``research/results/blend_val.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import baseline_knn as knn  # noqa: E402
+
+import stmae  # noqa: E402
+from stmae import provenance  # noqa: E402
+from stmae.config import preset as preset_config  # noqa: E402
+from stmae.data import load_mvtec  # noqa: E402
+from stmae.evaluate import mask_at  # noqa: E402
+from stmae.features import extract_features  # noqa: E402
+from stmae.metrics import compute_metrics  # noqa: E402
+from stmae.pipeline import MapPipeline, postprocess  # noqa: E402
+from stmae.protocols import split_real_defects  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
+MT_SUBSAMPLE_SEED = 42  # the 200-image protocol's training subset (benchmarks/quality.py)
+QUANTILES = (0.90, 0.995)
+
+
+def quantile_norm(maps: torch.Tensor, calib: torch.Tensor) -> torch.Tensor:
+    lo, hi = (float(torch.quantile(calib.flatten()[:: max(1, calib.numel() // 1_000_000)], q)) for q in QUANTILES)
+    return (maps - lo) / max(hi - lo, 1e-12)
+
+
+def metrics(grid: torch.Tensor, labels: np.ndarray, masks: np.ndarray, cfg: Any, score_grid: torch.Tensor | None = None) -> dict[str, float]:
+    maps, scores = postprocess(grid, cfg.infer, cfg.features.image_size)
+    if score_grid is not None:
+        _, scores = postprocess(score_grid, cfg.infer, cfg.features.image_size)
+    m = compute_metrics(labels, scores.numpy(), masks, maps.numpy())
+    return {k: round(float(m[k]), 4) for k in ("image_auroc", "pixel_auroc", "aupro")}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=REPO / ".devdata" / "blend_val")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "blend_val.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    ds = load_mvtec(args.data)
+    keep = knn.subsample_indices(len(ds.train), 200, MT_SUBSAMPLE_SEED)
+    train = [ds.train[i] for i in keep]
+    cfg = preset_config(args.preset).override({"train.epochs": args.epochs, "train.device": "cpu"})
+    run = args.work / "run"
+    if (run / "meta.json").is_file():
+        det = stmae.load(run, device="cpu")
+        fit_seconds = det.meta.get("fit_seconds")
+    else:
+        result = stmae.fit(train, run, cfg, quiet=False, resume=True)
+        det, fit_seconds = result.detector, result.meta["fit_seconds"]
+    cfg = det.config
+    val_names = set(det.meta["val_images"])
+    calib = [s for s in train if (s.name or str(s.path)) in val_names]
+    fit_train = [s for s in train if (s.name or str(s.path)) not in val_names]
+    parts = split_real_defects(ds.test, seed=0)
+    size = cfg.features.image_size
+
+    pipe: MapPipeline = det.pipeline
+    grids: dict[str, dict[str, torch.Tensor]] = {}
+    truth: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sets = {"calib": calib, "mt_val": parts["mt_val"], "mt_test": parts["mt_test"]}
+    with torch.inference_mode():
+        for name, samples in sets.items():
+            feats = extract_features(det.extractor, samples, size, quiet=True, desc=name)
+            x = pipe.standardize(feats)
+            grids[name] = {
+                "residual": torch.cat([pipe.residual(c) for c in torch.split(x, 16)]),
+                "distance": torch.cat([pipe.distances(c) for c in torch.split(x, 16)]),
+            }
+            if name != "calib":
+                truth[name] = (np.array([s.label for s in samples]), np.stack([mask_at(s, size) for s in samples]))
+
+    cal = grids["calib"]
+    med_r, med_d = det.memory.residual_median, det.memory.distance_median
+
+    def variants(g: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        r, d = g["residual"], g["distance"]
+        qr, qd = quantile_norm(r, cal["residual"]), quantile_norm(d, cal["distance"])
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {"memory": (d, None), "residual": (r, None)}
+        for s in (0.5, 0.8, 0.9):
+            out[f"median {s}"] = ((1 - s) * r / med_r + s * d / med_d, None)
+        for s in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
+            out[f"quantile {s}"] = ((1 - s) * qr + s * qd, None)
+        for s in (0.3, 0.5, 0.7):
+            out[f"split: map quantile {s}, score memory"] = ((1 - s) * qr + s * qd, d)
+            out[f"split: map quantile {s}, score quantile 0.9"] = ((1 - s) * qr + s * qd, 0.1 * qr + 0.9 * qd)
+        return out
+
+    rows: dict[str, dict[str, Any]] = {}
+    for split in ("mt_val", "mt_test"):
+        labels, masks = truth[split]
+        for name, (grid, score_grid) in variants(grids[split]).items():
+            rows.setdefault(name, {})[split] = metrics(grid, labels, masks, cfg, score_grid)
+            print(f"{split} {name:45s} {rows[name][split]}", flush=True)
+
+    bank = knn.fit_bank(fit_train, cfg, coreset_ratio=cfg.infer.memory_coreset)
+    kpipe = MapPipeline.knn(bank.extractor, bank.stats, bank.bank, cfg)
+    for split in ("mt_val", "mt_test"):
+        labels, masks = truth[split]
+        feats = extract_features(bank.extractor, sets[split], size, quiet=True)
+        with torch.inference_mode():
+            grid = torch.cat([kpipe.grid_maps(kpipe.standardize(c)) for c in torch.split(feats, 16)])
+        rows.setdefault("kNN yardstick", {})[split] = metrics(grid, labels, masks, cfg)
+        print(f"{split} kNN {rows['kNN yardstick'][split]}", flush=True)
+
+    def mean_val(name: str) -> float:
+        return float(np.mean(list(rows[name]["mt_val"].values())))
+
+    candidates = [n for n in rows if n not in ("kNN yardstick",)]
+    best = max(candidates, key=mean_val)
+    result = {
+        "script": "research/blend_val.py",
+        "protocol": {
+            "train": f"{len(train)} Magnetic Tile train/good images (seeded subsample, seed {MT_SUBSAMPLE_SEED}); "
+            f"{len(calib)} held out by fit for calibration",
+            "mt_val": f"{len(parts['mt_val'])} test images (seeded half, stratified by defect type, good included)",
+            "mt_test": f"{len(parts['mt_test'])} test images (the other half)",
+            "model": f"preset {args.preset}, {args.epochs} epochs, K = {cfg.infer.num_pairs}, coreset {cfg.infer.memory_coreset}",
+            "quantiles": QUANTILES,
+        },
+        "fit_seconds": fit_seconds,
+        "rows": rows,
+        "chosen_on_mt_val": {"variant": best, "mean_of_three_metrics": round(mean_val(best), 4)},
+        "provenance": provenance.collect("cpu", started=started),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"chosen on mt_val: {best}; wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
