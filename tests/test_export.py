@@ -272,13 +272,32 @@ def test_resize_map_equals_torch_interpolate(shape):
 
 
 def test_cli_export(default_run, tmp_path):
-    from .test_cli import run as cli
+    from typer.testing import CliRunner
 
-    r = cli("export", str(default_run), "--format", "openvino", "--out", str(tmp_path / "ov" / "m.xml"))
-    assert r.returncode == 0, r.stderr
+    from stmae.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(default_run), "--format", "openvino", "--out", str(tmp_path / "ov" / "m.xml")])
+    assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == ["m.bin", "m.xml", "m.xml.json"]
-    r = cli("export", str(default_run), "--format", "tflite")
-    assert r.returncode == 2 and r.stderr.startswith("error: unknown export format 'tflite'")
+    assert open_model(tmp_path / "ov" / "m.xml").engine == "openvino"
+    r = runner.invoke(app, ["export", str(default_run), "--format", "tflite"])
+    assert r.exit_code == 2 and "error: unknown export format 'tflite'" in r.output
+
+
+def test_export_of_a_bf16_detector_is_float32(tiny_root, default_run, tmp_path):
+    """infer.precision = bf16 is a torch speed option: the graph is traced in fp32, the detector keeps bf16."""
+    det = stmae.load(default_run, device="cpu")
+    det.config.infer.precision = "bf16"
+    path = export_model(det, tmp_path / "m.onnx")
+    assert det.pipeline.infer.precision == "bf16"
+    model = onnx.load(str(path))
+    assert not any(
+        a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for n in model.graph.node if n.op_type == "Cast" for a in n.attribute
+    )
+    images = sample_images(tiny_root)
+    ref = stmae.load(default_run, device="cpu").predict(images)
+    assert_same_predictions(ref, open_model(path).predict(images), ref[0].threshold)
 
 
 def test_cli_predict_writes_the_same_csv_on_every_engine(tiny_root, default_run, tmp_path):

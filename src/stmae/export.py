@@ -24,6 +24,7 @@ pipeline at a fixed image size and a symbolic batch axis and needs nothing else.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -224,11 +225,19 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _cpu_pipeline(detector: Any) -> nn.Module:
-    """The detector's map pipeline on the CPU in float32 (a copy when it lives elsewhere)."""
+    """The detector's map pipeline on the CPU in float32 (a copy when it lives elsewhere).
+
+    ``infer.precision = bf16`` (CPU autocast) is a speed option of the torch path; the graph is
+    traced in float32 so every engine and device can run it, and parity is measured in fp32.
+    """
     pipeline = detector.pipeline
     if any(t.device.type != "cpu" for t in list(pipeline.parameters()) + list(pipeline.buffers())):
         pipeline = copy.deepcopy(pipeline).cpu()
-    return pipeline.float().eval()
+    infer = getattr(pipeline, "infer", None)
+    if infer is not None and getattr(infer, "precision", "fp32") != "fp32":
+        pipeline = copy.copy(pipeline)  # shares the weights; only its settings differ
+        pipeline.infer = dataclasses.replace(infer, precision="fp32")
+    return pipeline.eval()
 
 
 def _to_onnx(graph: ExportGraph, meta: dict[str, Any], path: Path, opset: int) -> Any:
