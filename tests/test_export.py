@@ -330,6 +330,11 @@ def test_cli_predict_writes_the_same_csv_on_every_engine(tiny_root, default_run,
         for a, b in zip(ref, rows):
             assert float(b["score"]) == pytest.approx(float(a["score"]), abs=1e-4 * threshold)
             assert float(b["normalized"]) == pytest.approx(float(a["normalized"]), abs=1e-4)
+            # heat-map panels: the same picture (at most one colour level where a 1e-6 map
+            # difference straddles a rounding boundary)
+            pa = np.asarray(Image.open(tmp_path / "torch" / a["heatmap"]), dtype=np.int16)
+            pb = np.asarray(Image.open(tmp_path / name / b["heatmap"]), dtype=np.int16)
+            assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 1
     # --threshold overrides the stored one on an exported model too
     result = runner.invoke(app, ["predict", str(default_run / "model.onnx"), str(tiny_root / "test"), "--out", str(tmp_path / "t"), "-q", "--threshold", "1e9", "--no-heatmaps"])
     assert result.exit_code == 0 and "0 flagged anomalous (threshold 1e+09)" in result.output
