@@ -134,7 +134,7 @@ def export_model(
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give the {suffix} file to write")
 
-    meta = export_metadata(detector, run_dir, opset=opset, layout=input, fmt=format)
+    meta = _jsonable(export_metadata(detector, run_dir, opset=opset, layout=input, fmt=format))
     graph = ExportGraph(_cpu_pipeline(detector), input).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.stem}.export.", dir=out.parent) as tmp:
@@ -221,7 +221,10 @@ def _calibration(detector: Any) -> dict[str, Any] | None:
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+    """Plain JSON values (NaN -> null: strict parsers in C++/C# reject NaN tokens)."""
+    from .fileio import _nan_to_none
+
+    return json.loads(json.dumps(_nan_to_none(obj), default=str))
 
 
 def _cpu_pipeline(detector: Any) -> nn.Module:
@@ -300,7 +303,7 @@ def _add_defaults(model: Any, meta: dict[str, Any]) -> None:
 def _set_metadata(model: Any, meta: dict[str, Any]) -> None:
     """metadata_props: the whole metadata as JSON under ``stmae``, plus flat keys a C++ caller can read directly."""
     flat = {
-        "stmae": json.dumps(meta),
+        "stmae": json.dumps(meta, allow_nan=False),
         "stmae_version": meta["stmae_version"],
         "image_size": str(meta["image_size"]),
         "input_layout": meta["input_layout"],
@@ -350,7 +353,7 @@ def _save_openvino(onnx_path: Path, meta: dict[str, Any], out: Path, tmp: Path) 
     model = onnx.load(str(onnx_path))
     onnx.checker.check_model(model)
     ov_model = ov.convert_model(str(onnx_path))
-    ov_model.set_rt_info(json.dumps(meta), ["stmae", "meta"])
+    ov_model.set_rt_info(json.dumps(meta, allow_nan=False), ["stmae", "meta"])
     staged = tmp / out.name
     ov.save_model(ov_model, str(staged), compress_to_fp16=False)
     bin_staged = staged.with_suffix(".bin")
