@@ -30,7 +30,8 @@ VARIANTS = {
     "memory0": {"infer.memory": 0.0},
     "memory1": {"infer.memory": 1.0},
     "mahalanobis": {"infer.residual": "mahalanobis", "infer.memory": 0.0},
-    "k5": {"infer.num_pairs": 5, "infer.memory": 0.5},
+    # non-default K, plus reflect padding of the image and a top-k score (both trace differently)
+    "k5_pad_topk": {"infer.num_pairs": 5, "infer.memory": 0.5, "features.pad": 1, "infer.score": "topk", "infer.topk": 0.05},
 }
 
 
@@ -261,13 +262,32 @@ def test_resize_map_equals_torch_interpolate(shape):
 
 
 def test_cli_export(default_run, tmp_path):
-    from .test_cli import run as cli
+    from typer.testing import CliRunner
 
-    r = cli("export", str(default_run), "--format", "openvino", "--out", str(tmp_path / "ov" / "m.xml"))
-    assert r.returncode == 0, r.stderr
+    from stmae.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(default_run), "--format", "openvino", "--out", str(tmp_path / "ov" / "m.xml")])
+    assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == ["m.bin", "m.xml", "m.xml.json"]
-    r = cli("export", str(default_run), "--format", "tflite")
-    assert r.returncode == 2 and r.stderr.startswith("error: unknown export format 'tflite'")
+    assert open_model(tmp_path / "ov" / "m.xml").engine == "openvino"
+    r = runner.invoke(app, ["export", str(default_run), "--format", "tflite"])
+    assert r.exit_code == 2 and "error: unknown export format 'tflite'" in r.output
+
+
+def test_export_of_a_bf16_detector_is_float32(tiny_root, default_run, tmp_path):
+    """infer.precision = bf16 is a torch speed option: the graph is traced in fp32, the detector keeps bf16."""
+    det = stmae.load(default_run, device="cpu")
+    det.config.infer.precision = "bf16"
+    path = export_model(det, tmp_path / "m.onnx")
+    assert det.pipeline.infer.precision == "bf16"
+    model = onnx.load(str(path))
+    assert not any(
+        a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for n in model.graph.node if n.op_type == "Cast" for a in n.attribute
+    )
+    images = sample_images(tiny_root)
+    ref = stmae.load(default_run, device="cpu").predict(images)
+    assert_same_predictions(ref, open_model(path).predict(images), ref[0].threshold)
 
 
 def test_cli_predict_writes_the_same_csv_on_every_engine(tiny_root, default_run, tmp_path):
@@ -300,6 +320,11 @@ def test_cli_predict_writes_the_same_csv_on_every_engine(tiny_root, default_run,
         for a, b in zip(ref, rows):
             assert float(b["score"]) == pytest.approx(float(a["score"]), abs=1e-4 * threshold)
             assert float(b["normalized"]) == pytest.approx(float(a["normalized"]), abs=1e-4)
+            # heat-map panels: the same picture (at most one colour level where a 1e-6 map
+            # difference straddles a rounding boundary)
+            pa = np.asarray(Image.open(tmp_path / "torch" / a["heatmap"]), dtype=np.int16)
+            pb = np.asarray(Image.open(tmp_path / name / b["heatmap"]), dtype=np.int16)
+            assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 1
     # --threshold overrides the stored one on an exported model too
     result = runner.invoke(app, ["predict", str(default_run / "model.onnx"), str(tiny_root / "test"), "--out", str(tmp_path / "t"), "-q", "--threshold", "1e9", "--no-heatmaps"])
     assert result.exit_code == 0 and "0 flagged anomalous (threshold 1e+09)" in result.output

@@ -18,6 +18,8 @@ works where torch is not installed. ``stmae.fit`` and friends import it when tou
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -29,7 +31,7 @@ _LAZY = {
     "Evaluation": ".evaluate",
     "evaluate": ".evaluate",
     "Detector": ".infer",
-    "Prediction": ".infer",
+    "Prediction": ".prediction",
     "load": ".infer",
     "STMAE": ".model",
     "FitResult": ".train",
@@ -43,7 +45,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .demo import run_demo
     from .evaluate import Evaluation, evaluate
     from .export import export_model
-    from .infer import Detector, Prediction, load
+    from .infer import Detector, load
+    from .prediction import Prediction
     from .model import STMAE
     from .runtime import open_model
     from .train import FitResult, fit
@@ -68,6 +71,24 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``stmae.evaluate`` the function when the submodule of the same name is imported.
+
+    Importing ``stmae.evaluate`` (the module) binds it as an attribute of the package; the
+    eager imports this file used to make rebound the name to the function right after. Lazily,
+    this hook does the rebinding: a submodule that shadows a public name of its own is
+    replaced by that name, as before.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == f".{name}" and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

@@ -24,6 +24,7 @@ pipeline at a fixed image size and a symbolic batch axis and needs nothing else.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -133,7 +134,7 @@ def export_model(
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give the {suffix} file to write")
 
-    meta = export_metadata(detector, run_dir, opset=opset, layout=input, fmt=format)
+    meta = _jsonable(export_metadata(detector, run_dir, opset=opset, layout=input, fmt=format))
     graph = ExportGraph(_cpu_pipeline(detector), input).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.stem}.export.", dir=out.parent) as tmp:
@@ -220,15 +221,26 @@ def _calibration(detector: Any) -> dict[str, Any] | None:
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+    """Plain JSON values (NaN -> null: strict parsers in C++/C# reject NaN tokens)."""
+    from .fileio import _nan_to_none
+
+    return json.loads(json.dumps(_nan_to_none(obj), default=str))
 
 
 def _cpu_pipeline(detector: Any) -> nn.Module:
-    """The detector's map pipeline on the CPU in float32 (a copy when it lives elsewhere)."""
+    """The detector's map pipeline on the CPU in float32 (a copy when it lives elsewhere).
+
+    ``infer.precision = bf16`` (CPU autocast) is a speed option of the torch path; the graph is
+    traced in float32 so every engine and device can run it, and parity is measured in fp32.
+    """
     pipeline = detector.pipeline
     if any(t.device.type != "cpu" for t in list(pipeline.parameters()) + list(pipeline.buffers())):
         pipeline = copy.deepcopy(pipeline).cpu()
-    return pipeline.float().eval()
+    infer = getattr(pipeline, "infer", None)
+    if infer is not None and getattr(infer, "precision", "fp32") != "fp32":
+        pipeline = copy.copy(pipeline)  # shares the weights; only its settings differ
+        pipeline.infer = dataclasses.replace(infer, precision="fp32")
+    return pipeline.eval()
 
 
 def _to_onnx(graph: ExportGraph, meta: dict[str, Any], path: Path, opset: int) -> Any:
@@ -292,7 +304,7 @@ def _add_defaults(model: Any, meta: dict[str, Any]) -> None:
 def _set_metadata(model: Any, meta: dict[str, Any]) -> None:
     """metadata_props: the whole metadata as JSON under ``stmae``, plus flat keys a C++ caller can read directly."""
     flat = {
-        "stmae": json.dumps(meta),
+        "stmae": json.dumps(meta, allow_nan=False),
         "stmae_version": meta["stmae_version"],
         "image_size": str(meta["image_size"]),
         "input_layout": meta["input_layout"],
@@ -342,7 +354,7 @@ def _save_openvino(onnx_path: Path, meta: dict[str, Any], out: Path, tmp: Path) 
     model = onnx.load(str(onnx_path))
     onnx.checker.check_model(model)
     ov_model = ov.convert_model(str(onnx_path))
-    ov_model.set_rt_info(json.dumps(meta), ["stmae", "meta"])
+    ov_model.set_rt_info(json.dumps(meta, allow_nan=False), ["stmae", "meta"])
     staged = tmp / out.name
     ov.save_model(ov_model, str(staged), compress_to_fp16=False)
     bin_staged = staged.with_suffix(".bin")

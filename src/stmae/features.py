@@ -52,7 +52,8 @@ class FeatureExtractor(nn.Module):
         p = self.pad
         if p:
             # p cells of the grid are p * H / grid pixels; reflect needs fewer than H.
-            ph, pw = round(p * images.shape[-2] / self.grid_size), round(p * images.shape[-1] / self.grid_size)
+            # int(): under ONNX tracing a size is a tensor; the export's image size is fixed anyway
+            ph, pw = round(p * int(images.shape[-2]) / self.grid_size), round(p * int(images.shape[-1]) / self.grid_size)
             images = F.pad(images, (pw, pw, ph, ph), mode="reflect")
         outputs = self.backbone(images)
         size = (self.grid_size + 2 * p, self.grid_size + 2 * p)
