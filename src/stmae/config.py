@@ -88,8 +88,8 @@ class InferConfig:
     sigma: float = 4.0  # Gaussian smoothing of the map, in input pixels (0 = off)
     score: str = "max"  # max | topk
     topk: float = 0.01  # fraction of map pixels averaged when score == "topk"
-    memory: float = 0.8  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual)
-    blend: str = "median"  # median | quantile: how residual and distance are put on one scale (stmae.pipeline.blend_scales)
+    memory: float = 0.9  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual); chosen on mt_val
+    blend: str = "quantile"  # median | quantile: how residual and distance are put on one scale (stmae.pipeline.blend_scales)
     memory_coreset: float = 0.1  # fraction of training patches kept in the memory bank (greedy coreset)
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16: autocast of backbone and transformer on the CPU (on CUDA the transformer always runs in bf16)
@@ -229,8 +229,10 @@ class Config:
 #: Named starting points; a preset is a set of overrides of the defaults above.
 #: accurate: the defaults (the best recipe of the pre-repository prototype, docs/research.md; kept because the Magnetic
 #:           Tile validation ablation found nothing better; meant for a GPU), scored as the
-#:           residual blended with a memory of good patches (infer.memory 0.8: better than
-#:           either alone on every Magnetic Tile validation set, docs/research.md "Choosing the defaults").
+#:           residual blended with a memory of good patches: each map put on the scale of
+#:           held-out good images by its 0.90 and 0.995 quantiles, memory share 0.9 (chosen on
+#:           real Magnetic Tile defects, mt_val: research/results/blend_val.json; the median-scaled
+#:           share 0.8 used before lost to the memory alone there).
 #: fast:     a smaller transformer and fewer epochs, for CPUs and quick looks; same scoring.
 #: demo:     128 px crops of the built-in texture set, minutes on two CPU cores; pure residual
 #:           (the memory was not validated there).
