@@ -92,7 +92,7 @@ def test_memory_tensors_round_trip():
 
 
 def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, tmp_path):
-    cfg = tiny_config(**{"infer.memory": 0.8, "infer.memory_coreset": 0.5})
+    cfg = tiny_config(**{"infer.memory": 0.8, "infer.memory_coreset": 0.5, "infer.blend": "median"})
     fitted = stmae.fit(tiny_mvtec, tmp_path / "run", cfg, quiet=True)
     det = fitted.detector
     meta = json.loads((fitted.run_dir / "meta.json").read_text())
@@ -156,5 +156,6 @@ def test_memory_settings_are_validated_and_chosen_per_preset():
         Config().override({"infer.memory": 1.5}).validate()
     with pytest.raises(ConfigError, match="memory_coreset"):
         Config().override({"infer.memory_coreset": 0.0}).validate()
-    assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.8
+    assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.9
+    assert Config().infer.blend == preset("fast").infer.blend == "quantile"
     assert preset("demo").infer.memory == preset("lowres").infer.memory == 0.0

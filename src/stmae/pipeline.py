@@ -173,7 +173,7 @@ class MapPipeline(nn.Module):
     @classmethod
     def knn(cls, extractor: FeatureExtractor, stats: FeatureStats, bank: torch.Tensor, config: "Config") -> "MapPipeline":
         """The kNN yardstick: the same recipe scored by the distance to ``bank`` alone (no transformer)."""
-        infer = dataclasses.replace(config.infer, memory=1.0)
+        infer = dataclasses.replace(config.infer, memory=1.0, blend="median")  # raw distances: scale 1
         memory = PatchMemory(bank, 1.0, 1.0)
         return cls(extractor, None, stats, torch.zeros(0, 2, 1, dtype=torch.long), infer, config.features.image_size, memory)
 
