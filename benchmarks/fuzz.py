@@ -95,6 +95,7 @@ class Context:
 
     detector: Any
     scratch: Path
+    client: Any = None  # the HTTP service, started on first use (a FastAPI TestClient)
 
 
 @dataclass
@@ -129,11 +130,33 @@ def _as_rgb(case: Case, ctx: Context) -> np.ndarray:
     return as_rgb(case.payload)  # type: ignore[arg-type]
 
 
+class ServiceRefusal(Exception):
+    """The service answered 4xx: a documented outcome (a 5xx is a crash)."""
+
+
+def _serve_upload(case: Case, ctx: Context) -> None:
+    """POST the bytes to ``/predict`` of the HTTP service (stmae.serve) as an upload."""
+    if ctx.client is None:
+        from fastapi.testclient import TestClient
+
+        from stmae.serve import create_app
+
+        ctx.client = TestClient(create_app(ctx.detector))
+        ctx.client.__enter__()  # starts the service's worker pool
+    r = ctx.client.post("/predict", files=[("files", (case.name, case.payload, "image/png"))])
+    if r.status_code >= 500:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+    if r.status_code >= 400:
+        raise ServiceRefusal(r.json().get("detail", r.text)[:200])
+    return None
+
+
 #: The entry points every case goes through (those whose ``takes`` matches its payload).
 TARGETS: list[Target] = [
     Target("decode_image_bytes", bytes, _decode_bytes),
     Target("read_image", bytes, _read_file),
     Target("as_rgb", (Image.Image, np.ndarray), _as_rgb),
+    Target("serve /predict", bytes, _serve_upload, (ServiceRefusal,)),
 ]
 
 
@@ -475,7 +498,7 @@ def run(cases: int, seed: int, max_seconds: float, only: int | None = None) -> d
             if done % 500 == 0:
                 print(f"{done} cases, {len(crashes)} crashes, {time.time() - started:.0f} s", flush=True)
     return {
-        "what": "fuzzing of image decoding + Detector.predict (benchmarks/fuzz.py)",
+        "what": "fuzzing of image decoding + Detector.predict and the service's /predict upload (benchmarks/fuzz.py)",
         "seed": seed,
         "cases_requested": cases,
         "cases_run": done,
@@ -484,7 +507,8 @@ def run(cases: int, seed: int, max_seconds: float, only: int | None = None) -> d
         "crashes": len(crashes),
         "crash_examples": crashes[:50],
         "crash_definition": "any exception other than stmae.data.DataError (incl. its subclass "
-                            "UnreadableImageError) from decoding or predicting, or a DecompressionBombWarning escaping",
+                            "UnreadableImageError) from decoding or predicting, a DecompressionBombWarning escaping, "
+                            "or a 5xx answer from the HTTP service's /predict (a 4xx is a documented refusal)",
         "per_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
         "per_target": {k: dict(v) for k, v in sorted(by_target.items())},
         "top_refusal_reasons": dict(reasons.most_common(15)),
