@@ -80,7 +80,7 @@ def predict_to_folder(
     """Score ``images`` (paths, folders, arrays ... see :mod:`stmae.inputs`) into folder ``out``.
 
     Writes ``predictions.csv`` (columns path, score, normalized, label, threshold and, with
-    heat maps, heatmap), ``skipped.csv`` (item, reason) and ``heatmaps/<name>.png``.
+    heat maps, heatmap), ``skipped.csv`` (path, reason) and ``heatmaps/<name>.png``.
     ``strict`` makes the first bad input raise DataError instead of being skipped.
     """
     out = Path(out)
@@ -125,7 +125,7 @@ def _write_skipped(path: Path, skipped: list[Skipped]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["item", "reason"])
+            writer.writerow(["path", "reason"])
             for s in skipped:
                 writer.writerow([s.item, s.reason])
 
