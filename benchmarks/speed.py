@@ -53,7 +53,7 @@ import baseline_knn as knn  # noqa: E402
 
 from stmae import Detector, fit, provenance  # noqa: E402
 from stmae.config import preset as preset_config  # noqa: E402
-from stmae.data import load_mvtec, resize_image  # noqa: E402
+from stmae.data import load_mvtec, resize_image, to_tensor_batch  # noqa: E402
 from stmae.data.base import Sample  # noqa: E402
 from stmae.pipeline import MapPipeline  # noqa: E402
 
@@ -141,7 +141,7 @@ def bench_preset(name: str, train: Sequence[Sample], test: Sequence[Sample], arg
     det = Detector.load(result.run_dir, device=str(device))
     images = images_of(test, 32)
     size = det.config.features.image_size
-    x = det._batch([resize_image(images[0], size)]).to(device)
+    x = to_tensor_batch([resize_image(images[0], size)]).to(device)
     pipe = det.pipeline
     with torch.inference_mode():
         extractor = timed(lambda: (pipe.extractor(x), sync(device)), args.calls)
@@ -183,7 +183,7 @@ def bench_knn(train: Sequence[Sample], test: Sequence[Sample], args: argparse.Na
     size = cfg.features.image_size
 
     def score(batch: list[np.ndarray]) -> None:
-        x = Detector._batch([resize_image(im, size) for im in batch]).to(device)
+        x = to_tensor_batch([resize_image(im, size) for im in batch]).to(device)
         with torch.inference_mode():
             pipe(x)
         sync(device)

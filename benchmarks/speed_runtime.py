@@ -92,7 +92,7 @@ def runtime_rows(
     import torch
 
     import stmae
-    from stmae.data import resize_image
+    from stmae.data import resize_image, to_tensor_batch
     from stmae.export import export_model
     from stmae.runtime import open_model
 
@@ -107,7 +107,7 @@ def runtime_rows(
             rows["torch"] = {"engine": "torch", "load_s": round(time.perf_counter() - t, 3), "export_s": None}
 
             def torch_score(batch: list[np.ndarray], det: Any = det) -> tuple[np.ndarray, np.ndarray]:
-                maps, scores = det.score_tensor(det._batch(batch))
+                maps, scores = det.score_tensor(to_tensor_batch(batch))
                 return maps.numpy(), scores.numpy()
 
             scorers["torch"] = torch_score

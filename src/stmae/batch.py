@@ -57,14 +57,6 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-def _heatmap_size_map(pred: Prediction, shape: tuple[int, int]) -> np.ndarray:
-    """The prediction's map at the image's size (bilinear), for the panel."""
-    amap = pred.anomaly_map
-    if amap.shape == shape:
-        return amap
-    return resize_map(amap, shape)
-
-
 def predict_to_folder(
     model: Scorer,
     images: Any,
@@ -105,10 +97,9 @@ def predict_to_folder(
                 row["path"] = f"<input {summary.scored + len(summary.skipped)}>"
             if heatmaps:
                 name = _unique_name(row["path"], seen)
-                image = pred.image if pred.image is not None else None
-                if image is not None:
-                    shown = _heatmap_size_map(pred, image.shape[:2])
-                    save_png(out / "heatmaps" / f"{name}.png", panel(image, shown, pred.pixel_threshold or pred.threshold))
+                if pred.image is not None:  # kept by iter_predict(keep_images=True)
+                    shown = resize_map(pred.anomaly_map, pred.image.shape[:2])
+                    save_png(out / "heatmaps" / f"{name}.png", panel(pred.image, shown, pred.pixel_threshold or pred.threshold))
                     row["heatmap"] = f"heatmaps/{name}.png"
             writer.writerow([_fmt(row.get(c)) for c in columns])
             handle.flush()

@@ -19,7 +19,7 @@ import yaml
 from .fileio import atomic_write_text
 from .model.decoupling import check_block
 from .model.residual import RESIDUALS
-from .thresholds import parse_rule
+from .thresholds import MIN_CALIBRATION_IMAGES, parse_rule
 
 
 class ConfigError(ValueError):
@@ -94,7 +94,7 @@ class InferConfig:
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16: autocast of backbone and transformer on the CPU (on CUDA the transformer always runs in bf16)
     threshold_rule: str = "max"  # max | quantile:Q | fpr:F over held-out good images (stmae.thresholds)
-    min_calibration: int = 10  # fewer held-out good images than this: fit warns that the threshold is a guess
+    min_calibration: int = MIN_CALIBRATION_IMAGES  # fewer held-out good images than this: fit warns that the threshold is a guess
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from .build import build_extractor, build_model
 from .checkpoint import load_run
 from .config import Config
-from .data import resize_image
+from .data import resize_image, to_tensor_batch
 from .device import resolve_device
 from .features import FeatureExtractor, FeatureStats
 from .model import STMAE, PatchMemory, ResidualStats
@@ -157,12 +157,7 @@ class Detector:
 
     def score_arrays(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 RGB arrays of any size -> maps at the model input size and scores (CPU)."""
-        return self.score_tensor(self._batch([resize_image(im, self.config.features.image_size) for im in images]))
-
-    @staticmethod
-    def _batch(resized: Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 (S, S, 3) arrays -> float (N, 3, S, S) in [0, 1] (one copy, no per-image tensors)."""
-        return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div_(255.0)
+        return self.score_tensor(to_tensor_batch([resize_image(im, self.config.features.image_size) for im in images]))
 
     # ------------------------------------------------------------------ fitting helpers
     def fit_residual_stats(self, feats: torch.Tensor, quiet: bool = True) -> ResidualStats:
@@ -234,7 +229,7 @@ class Detector:
 
     def _score_uint8(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S, 3) -> (maps (N, S, S), scores (N,)) as numpy: the engine step of streaming."""
-        maps, scores = self.score_tensor(torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0))
+        maps, scores = self.score_tensor(to_tensor_batch(list(batch)))
         return maps.numpy(), scores.numpy()
 
 

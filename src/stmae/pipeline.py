@@ -135,17 +135,13 @@ class MapPipeline(nn.Module):
         self.model = model.eval() if model is not None else None
         self.image_size = int(image_size)
         self.infer = dataclasses.replace(infer)  # a private copy: the pipeline never changes under its owner
-        self.residual_kind = infer.residual
-        self.share = float(infer.memory)
         self.num_pairs = int(splits.shape[0])
         self.register_buffer("feat_mean", stats.mean.float().view(1, -1, 1, 1).clone())
         self.register_buffer("feat_std", stats.std.float().view(1, -1, 1, 1).clone())
         self.register_buffer("splits", splits.long().clone())
-        self.residual_stats = residual_stats
         if residual_stats is not None:
             self.register_buffer("res_mean", residual_stats.mean.float().view(1, -1, 1, 1).clone())
             self.register_buffer("res_precision", residual_stats.precision.float().clone())
-        self.memory = memory
         if memory is not None:
             bank = memory.bank.float()
             self.register_buffer("bank", bank.clone())
@@ -201,12 +197,12 @@ class MapPipeline(nn.Module):
         """
         n, k = x.shape[0], self.num_pairs
         recon, xs = self.reconstructions(x)
-        if self.residual_kind == "mahalanobis":
+        if self.infer.residual == "mahalanobis":
             d = (recon - xs) - self.res_mean
             pd = torch.einsum("cd,ndhw->nchw", self.res_precision, d)
             res = (d * pd).sum(dim=1).clamp_min(0.0)
         else:
-            res = feature_residual(recon, xs, self.residual_kind)
+            res = feature_residual(recon, xs, self.infer.residual)
         return res.view(k, n, *res.shape[1:]).mean(dim=0)
 
     def reconstructions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,12 +226,13 @@ class MapPipeline(nn.Module):
 
     def grid_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised features -> anomaly maps on the grid (N, G, G): residual, distance or their blend."""
-        if self.share >= 1.0:
+        share = self.infer.memory
+        if share >= 1.0:
             return blend(None, self.distances(x), 1.0, self.scales)
         residual = self.residual(x)
-        if self.share <= 0.0:
+        if share <= 0.0:
             return residual
-        return blend(residual, self.distances(x), self.share, self.scales)
+        return blend(residual, self.distances(x), share, self.scales)
 
     def postprocess(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,)) (:func:`postprocess`)."""

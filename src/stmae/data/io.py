@@ -193,6 +193,17 @@ def _identify(fp: IO[bytes], name: str) -> Image.Image:
     )
 
 
+def _open_header(fp: IO[bytes], name: str) -> Image.Image:
+    """:func:`_identify`, with any exception PIL raises while parsing the header (see
+    :func:`_decode_stream`) turned into one :class:`UnreadableImageError` naming the file."""
+    try:
+        return _identify(fp, name)
+    except UnreadableImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any header failure means "not a usable image"
+        raise UnreadableImageError(name, _describe("unreadable image header", exc)) from exc
+
+
 def _decode_stream(fp: IO[bytes], name: str, max_pixels: int | None) -> np.ndarray:
     """Decode the first frame of an open binary stream (see :func:`_pil_to_array`).
 
@@ -202,13 +213,7 @@ def _decode_stream(fp: IO[bytes], name: str, max_pixels: int | None) -> np.ndarr
     DecompressionBombError, MemoryError, ...), so all of them become one
     :class:`UnreadableImageError` naming the file.
     """
-    try:
-        img = _identify(fp, name)
-    except UnreadableImageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - see docstring
-        raise UnreadableImageError(name, _describe("unreadable image header", exc)) from exc
-    with img:
+    with _open_header(fp, name) as img:
         _check_size(name, *img.size, max_pixels)
         try:
             img.load()  # a full decode now, so truncated files fail here, not later
@@ -383,13 +388,7 @@ def image_size(path: PathLike) -> tuple[int, int]:
     name = str(p)
     try:
         with open(p, "rb") as fh:
-            try:
-                img = _identify(fh, name)
-            except UnreadableImageError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - see _decode_stream
-                raise UnreadableImageError(name, _describe("unreadable image header", exc)) from exc
-            with img:
+            with _open_header(fh, name) as img:
                 width, height = img.size
                 try:
                     orientation = _orientation(img)
