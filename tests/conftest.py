@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import stmae
 from stmae.config import Config
 
 #: Real data sets for the few tests that need them (skipped without): $STMAE_DATA, else the
@@ -80,6 +81,16 @@ def make_tiny_category(root: Path, n_train: int = 8, seed: int = 0, masks: bool 
         if masks:
             write_png(root / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
     return root
+
+
+def fit_noise_run(root: Path) -> tuple[Path, np.random.Generator]:
+    """A tiny run fitted on 10 noise textures (4 held out) under ``root``; returns the run folder
+    and the generator, which goes on to draw test images from the same noise."""
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        write_png(root / "data" / "train" / "good" / f"{i:03d}.png", rng.integers(90, 160, (64, 64, 3), dtype=np.uint8))
+    run = stmae.fit(root / "data", root / "run", tiny_config(**{"train.val_fraction": 0.4}), quiet=True).run_dir
+    return run, rng
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from PIL import Image
 
 import stmae
 from stmae.batch import predict_to_folder
-from stmae.data import DataError
+from stmae.data import DataError, to_tensor_batch
 from stmae.model import feature_residual
 from stmae.prediction import Prediction, Skipped
 from stmae.thresholds import Calibration, ThresholdWarning, calibrate, normalize, parse_rule, threshold_from
@@ -71,7 +71,7 @@ def test_fast_path_equals_reference_path(run_dir, tiny_data, memory, pairs, resi
         from stmae.data import open_dataset
 
         det.fit_residual_stats(extract_features(det.extractor, open_dataset(tiny_data).train, 64, quiet=True))
-    images = det._batch([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_data / "test").rglob("*.png"))])
+    images = to_tensor_batch([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_data / "test").rglob("*.png"))])
     feats = det.extractor(images)
     fast = det.grid_maps(det.stats.apply(feats))
     torch.testing.assert_close(fast, reference_grid_maps(det, feats), rtol=0, atol=1e-5)
@@ -227,8 +227,8 @@ def test_streaming_2000_images_keeps_memory_flat(run_dir, tmp_path, monkeypatch)
     yielded, most_ahead = 0, 0
     rss_start = None
     for pred in det.iter_predict(folder, batch_size=bs):
-        assert isinstance(pred, Prediction)
         yielded += 1
+        assert pred.path == str(folder / f"{(yielded - 1) // 100:02d}" / f"{yielded - 1:04d}.png")  # in input order
         most_ahead = max(most_ahead, decoded["n"] - yielded)
         if yielded == 200:
             rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

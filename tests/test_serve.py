@@ -20,7 +20,7 @@ import stmae
 from stmae.prediction import Skipped
 from stmae.report import overlay
 
-from .conftest import tiny_config, write_png
+from .conftest import fit_noise_run, write_png
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -48,10 +48,7 @@ def _jpeg(array: np.ndarray) -> bytes:
 def served(tmp_path_factory):
     """(run folder, good image, defect image): a tiny fit on noise textures, 4 held-out images."""
     root = tmp_path_factory.mktemp("serve")
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        write_png(root / "data" / "train" / "good" / f"{i:03d}.png", rng.integers(90, 160, (64, 64, 3), dtype=np.uint8))
-    run = stmae.fit(root / "data", root / "run", tiny_config(**{"train.val_fraction": 0.4}), quiet=True).run_dir
+    run, rng = fit_noise_run(root)
     good = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
     defect = good.copy()
     defect[20:34, 24:40] = (250, 20, 20)

@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import stmae
-
-from .conftest import load_benchmark, tiny_config, write_png
+from .conftest import fit_noise_run, load_benchmark, write_png
 
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -44,10 +42,7 @@ def launch(playwright):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        write_png(root / "data" / "train" / "good" / f"{i:03d}.png", rng.integers(90, 160, (64, 64, 3), dtype=np.uint8))
-    run = stmae.fit(root / "data", root / "run", tiny_config(**{"train.val_fraction": 0.4}), quiet=True).run_dir
+    run, rng = fit_noise_run(root)
     defect = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
     defect[20:34, 24:40] = (250, 20, 20)
     path = write_png(root / "upload" / "defect.png", defect)
