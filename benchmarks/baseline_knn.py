@@ -56,7 +56,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -211,6 +211,7 @@ def knn_baseline(
     quiet: bool = True,
     *,
     device: str | torch.device = "cpu",
+    subsets: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Fit a coreset memory bank on ``train_samples`` and evaluate it on ``test_samples``.
 
@@ -226,6 +227,8 @@ def knn_baseline(
         seed: seeds the coreset's start point and random projection.
         quiet: no progress bars.
         device: where extraction, coreset selection and search run.
+        subsets: name -> indices into ``test_samples``; the result's ``subsets`` holds the
+            same metrics over each (as :func:`stmae.evaluate`'s ``subsets``).
 
     Returns:
         The :func:`stmae.metrics.compute_metrics` keys (image_auroc, image_ap, image_f1max,
@@ -245,6 +248,8 @@ def knn_baseline(
     size = cfg.features.image_size
     scores = np.zeros(len(test_samples), dtype=np.float64)
     pixel = PixelMetricAccumulator()
+    members = {name: set(int(i) for i in idx) for name, idx in (subsets or {}).items()}
+    parts = {name: PixelMetricAccumulator() for name in members}
     predict_seconds = metric_seconds = 0.0
     with tqdm(total=len(test_samples), desc="test", unit="img", disable=quiet, leave=False) as bar:
         for chunk in batched(list(range(len(test_samples))), TEST_CHUNK):
@@ -253,7 +258,11 @@ def knn_baseline(
             t1 = time.perf_counter()
             for j, i in enumerate(chunk):
                 scores[i] = float(chunk_scores[j])
-                pixel.update(mask_at(test_samples[i], size), maps[j].numpy())
+                mask, amap = mask_at(test_samples[i], size), maps[j].numpy()
+                pixel.update(mask, amap)
+                for name, acc in parts.items():
+                    if i in members[name]:
+                        acc.update(mask, amap)
             predict_seconds += t1 - t0
             metric_seconds += time.perf_counter() - t1
             bar.update(len(chunk))
@@ -262,6 +271,13 @@ def knn_baseline(
     labels = np.array([s.label for s in test_samples])
     metrics: dict[str, Any] = compute_metrics(labels, scores)
     metrics.update(pixel.result())
+    subset_metrics = {}
+    for name, member in members.items():
+        sel = np.array(sorted(member))
+        m = compute_metrics(labels[sel], scores[sel])
+        m.update(parts[name].result())
+        m.update(n_images=len(sel), n_anomalous=int(labels[sel].sum()), n_good=int((labels[sel] == 0).sum()))
+        subset_metrics[name] = m
     metric_seconds += time.perf_counter() - t0
     metrics.update(
         n_images=len(test_samples),
@@ -277,6 +293,7 @@ def knn_baseline(
         metric_seconds=round(metric_seconds, 2),
         per_type=per_type_breakdown(test_samples, scores, None),
         scores=scores.tolist(),
+        subsets=subset_metrics,
     )
     return metrics
 

@@ -170,6 +170,9 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mse_cos/max/memory0.8": ("mse_cos", "max", 4, False, {"memory": 0.8}),
     "mahalanobis/topk/memory0.5": ("mahalanobis", "topk", 4, False, {"memory": 0.5}),
     "mahalanobis/topk/memory0.8": ("mahalanobis", "topk", 4, False, {"memory": 0.8}),
+    "mahalanobis/topk/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9}),
+    "mahalanobis/topk/memory0.95": ("mahalanobis", "topk", 4, False, {"memory": 0.95}),
+    "memory alone/topk": ("mahalanobis", "topk", 4, False, {"memory": 1.0}),
 }
 
 

@@ -554,3 +554,26 @@ def test_real_fashion_mnist():
     ds = load_oneclass("fashion-mnist", SHARED_DATA / "fashion_mnist", 0, train_limit=100)
     assert len(ds.train) == 100 and len(ds.test) == 10000
     assert sum(s.label == 0 for s in ds.test) == 1000
+
+
+def test_large_jpeg_decodes_at_a_reduced_scale_never_below_the_model_size(tmp_path):
+    """JPEG draft decoding: a 1024 x 768 frame for a 256-px model decodes at 1/2 scale (both
+    sides still >= 256) and, once resized, matches the full decode; small JPEGs and PNGs are untouched."""
+    from stmae.data import decode_image_bytes, read_image, resize_image
+
+    yy, xx = np.mgrid[0:768, 0:1024]
+    img = np.stack([(xx / 4) % 256, (yy / 3) % 256, ((xx + yy) / 7) % 256], axis=2).astype(np.uint8)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(img).save(big, quality=95)
+    full = read_image(big)
+    reduced = read_image(big, reduce_to=256)
+    assert full.shape == (768, 1024, 3)
+    assert reduced.shape == (384, 512, 3)  # scale 2: 768 // 256 = 3 rounds down to the DCT scale 2
+    assert read_image(big, reduce_to=96).shape == (96, 128, 3)  # scale 8 at most
+    diff = np.abs(resize_image(full, 256).astype(int) - resize_image(reduced, 256).astype(int))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) < 12
+    assert decode_image_bytes(big.read_bytes(), "big.jpg", reduce_to=256).shape == (384, 512, 3)
+    assert read_image(big, reduce_to=400).shape == (768, 1024, 3)  # 768 < 2 x 400: full decode
+    png = tmp_path / "big.png"
+    Image.fromarray(img).save(png)
+    assert read_image(png, reduce_to=256).shape == (768, 1024, 3)

@@ -248,3 +248,16 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640  # 0666 less the umask, not mkstemp's 0600
     assert (tmp_path / "a.txt").read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_large_jpeg_predicts_from_a_reduced_decode_and_full_resolution_keeps_its_size(fitted, tiny_mvtec, tmp_path):
+    """A 64-px model scores a 512 x 384 JPEG from a 1/2-scale decode: the score equals that of
+    the same picture decoded in full within JPEG rounding, and full-resolution maps keep 384 x 512."""
+    det = stmae.load(fitted.run_dir, device="cpu")
+    src = Image.open(sorted((tiny_mvtec / "test" / "spot").glob("*.png"))[0]).convert("RGB")
+    big = tmp_path / "big.jpg"
+    src.resize((512, 384), Image.BILINEAR).save(big, quality=95)
+    fast, full = det.predict(big)[0], det.predict(np.asarray(Image.open(big).convert("RGB")))[0]
+    assert fast.anomaly_map.shape == (64, 64)
+    assert fast.score == pytest.approx(full.score, rel=0.05) and fast.label == full.label == 1
+    assert det.predict(big, full_resolution=True)[0].anomaly_map.shape == (384, 512)

@@ -53,3 +53,22 @@ def test_oneclass_folder_protocol_rows_per_class(tmp_path):
 def test_markdown_table():
     md = markdown_table([{"a": "x", "b": 0.12345, "c": None}], ["a", "b", "c"])
     assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | 0.123 | n/a |"]
+
+
+def test_evaluate_subsets_equal_evaluating_each_subset_alone(tiny_mvtec, tmp_path):
+    """``evaluate(..., subsets=...)`` gives each half the metrics a separate evaluation of that half gives."""
+    import dataclasses
+
+    import stmae
+    from stmae.data import load_mvtec
+    from stmae.protocols import real_defect_indices
+
+    det = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(), quiet=True).detector
+    ds = load_mvtec(tiny_mvtec)
+    halves = real_defect_indices(ds.test, seed=0)
+    assert sorted(halves["mt_val"] + halves["mt_test"]) == list(range(len(ds.test)))
+    both = stmae.evaluate(det, ds, quiet=True, subsets=halves)
+    for name, idx in halves.items():
+        alone = stmae.evaluate(det, dataclasses.replace(ds, test=[ds.test[i] for i in idx]), quiet=True)
+        for key in ("image_auroc", "pixel_auroc", "aupro", "n_images", "n_good"):
+            assert both.subsets[name][key] == pytest.approx(alone.metrics[key], abs=1e-9), (name, key)

@@ -32,9 +32,14 @@ def _row(key: str, dataset: str, name: str, method: str, image: float, pixel: fl
     }  # fmt: skip
 
 
+def _half(image: float, pixel: float, aupro: float) -> dict[str, float]:
+    return {"image_auroc": image, "pixel_auroc": pixel, "aupro": aupro}
+
+
 def fake_results() -> dict[str, Any]:
     """MT 200: ST-MAE beats PatchCore on image/pixel AUROC, misses AUPRO (0.700 < 0.703) and
-    the kNN's AUPRO; Fashion-MNIST mean 0.91 (< 0.93); MNIST skipped; demo run."""
+    the kNN's AUPRO; on mt_test it misses the memory's pixel AUROC and the kNN's AUPRO;
+    Fashion-MNIST mean 0.91 (< 0.93); MNIST skipped; demo run."""
     mt = "Magnetic Tile, 200-image protocol"
     fm = "Fashion-MNIST one-class, mean"
     per_class = [{"class": "T-shirt_top", "image_auroc": 0.90, "image_f1max": 0.5, "n_train": 180, "fit_seconds": 3.0},
@@ -56,8 +61,12 @@ def fake_results() -> dict[str, Any]:
             "magnetic_tile": {
                 "status": "ok", "data": "/data/mt", "seconds": 300.0, "settings": {"preset": "accurate"},
                 "rows": [
-                    _row("mt200", "magnetic_tile", mt, quality.STMAE, 0.950, 0.850, 0.700, 0.900),
-                    _row("mt200", "magnetic_tile", mt, quality.KNN, 0.800, 0.790, 0.760, 0.850),
+                    _row("mt200", "magnetic_tile", mt, quality.STMAE, 0.950, 0.850, 0.700, 0.900,
+                         subsets={"mt_test": _half(0.92, 0.81, 0.73)}),
+                    _row("mt200", "magnetic_tile", mt, quality.STMAE_MEMORY, 0.930, 0.860, 0.690, 0.880,
+                         subsets={"mt_test": _half(0.91, 0.815, 0.72)}),
+                    _row("mt200", "magnetic_tile", mt, quality.KNN, 0.800, 0.790, 0.760, 0.850,
+                         subsets={"mt_test": _half(0.90, 0.80, 0.74)}),
                 ],
             },
             "fashion_mnist": {
@@ -88,12 +97,20 @@ def test_targets_met_missed_and_not_run() -> None:
         "Magnetic Tile 200: ST-MAE image AUROC >= same-run kNN": "met",
         "Magnetic Tile 200: ST-MAE pixel AUROC >= same-run kNN": "met",
         "Magnetic Tile 200: ST-MAE AUPRO >= same-run kNN": "missed",
+        "Magnetic Tile 200, mt_test: ST-MAE image AUROC >= memory only, same model": "met",
+        "Magnetic Tile 200, mt_test: ST-MAE pixel AUROC >= memory only, same model": "missed",
+        "Magnetic Tile 200, mt_test: ST-MAE AUPRO >= memory only, same model": "met",
+        "Magnetic Tile 200, mt_test: ST-MAE image AUROC >= kNN baseline, same run": "met",
+        "Magnetic Tile 200, mt_test: ST-MAE pixel AUROC >= kNN baseline, same run": "met",
+        "Magnetic Tile 200, mt_test: ST-MAE AUPRO >= kNN baseline, same run": "missed",
         "Fashion-MNIST: ST-MAE mean image AUROC >= 0.93": "missed",
         "MNIST: ST-MAE mean image AUROC >= 0.98": "not run",
     }
     # The kNN targets compare against the same run's kNN figures.
     assert t["Magnetic Tile 200: ST-MAE AUPRO >= same-run kNN"]["required"] == 0.760
     assert t["Magnetic Tile 200: ST-MAE AUPRO >= PatchCore"]["required"] == 0.703
+    assert t["Magnetic Tile 200, mt_test: ST-MAE pixel AUROC >= memory only, same model"]["required"] == 0.815
+    assert t["Magnetic Tile 200, mt_test: ST-MAE pixel AUROC >= memory only, same model"]["measured"] == 0.81
     # Only the dataset run with reduced settings is flagged as indicative.
     assert t["Fashion-MNIST: ST-MAE mean image AUROC >= 0.93"]["indicative_only"] is True
     assert t["Magnetic Tile 200: ST-MAE AUPRO >= PatchCore"]["indicative_only"] is False
@@ -120,12 +137,14 @@ def test_results_table_rows_and_flags() -> None:
         "dataset / row", "method", "image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "fit s", "device",
     ]  # fmt: skip
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert len(cells) == 5  # 2 MT rows, 2 Fashion-MNIST rows, 1 skipped MNIST row
-    st_mt, knn_mt, st_fm, knn_fm, mnist = cells
+    assert len(cells) == 6  # 3 MT rows, 2 Fashion-MNIST rows, 1 skipped MNIST row
+    st_mt, mem_mt, knn_mt, st_fm, knn_fm, mnist = cells
     assert st_mt[:8] == ["Magnetic Tile, 200-image protocol", "ST-MAE", "0.950", "0.850", "0.700", "0.900", "12",
                          "cpu (1 thread)"]  # fmt: skip
     assert st_mt[8] == "settings of ST-MAE"
-    assert st_mt[9] == "PatchCore: missed (AUPRO); kNN: missed (AUPRO)"
+    assert st_mt[9] == ("PatchCore: missed (AUPRO); kNN: missed (AUPRO); mt_test vs memory: missed (pixel AUROC); "
+                        "mt_test vs kNN: missed (AUPRO)")
+    assert mem_mt[1] == "ST-MAE, memory only" and mem_mt[9] == ""
     assert knn_mt[1] == "kNN baseline" and knn_mt[9] == ""
     assert st_fm[:5] == ["Fashion-MNIST one-class, mean", "ST-MAE", "0.910", "n/a", "n/a"]
     assert st_fm[9] == ">= 0.93: missed (image AUROC) [reduced settings: indicative]"
@@ -143,9 +162,11 @@ def test_provenance_marks_uncommitted_changes() -> None:
 
 def test_target_cell_met() -> None:
     results = fake_results()
-    results["datasets"]["magnetic_tile"]["rows"][0]["aupro"] = 0.80
+    st = results["datasets"]["magnetic_tile"]["rows"][0]
+    st["aupro"] = 0.80
+    st["subsets"]["mt_test"] = _half(0.92, 0.82, 0.75)
     row = next(r for r in quality.table_rows(results) if r["method"] == quality.STMAE)
-    assert row["target"] == "PatchCore: met; kNN: met"
+    assert row["target"] == "PatchCore: met; kNN: met; mt_test vs memory: met; mt_test vs kNN: met"
 
 
 def test_render_markdown_sections() -> None:
@@ -158,6 +179,8 @@ def test_render_markdown_sections() -> None:
     assert "| MNIST: ST-MAE mean image AUROC >= 0.98 | 0.980 | n/a | not run |" in md
     assert "## Fashion-MNIST one-class: per class" in md
     assert "| Bag | 0.920 | 0.970 |" in md
+    assert "## Magnetic Tile: the real-defect halves" in md
+    assert "| Magnetic Tile, 200-image protocol | ST-MAE, memory only | n/a | n/a | n/a | 0.910 | 0.815 | 0.720 |" in md
     assert "\n\n\n" not in md
 
 
@@ -173,7 +196,8 @@ def test_docs_page_block_replaced(tmp_path: Path) -> None:
     assert inside.startswith("\nGenerated by `benchmarks/quality.py` from `benchmarks/results/quality_quick.json`")
     # every row names its run, and the run its command and commit
     assert "| Magnetic Tile, 200-image protocol | ST-MAE | 0.950 | 0.850 | 0.700 | 0.900 | 12 | cpu (1 thread) |" in inside
-    assert "| settings of ST-MAE | 1 | PatchCore: missed (AUPRO); kNN: missed (AUPRO) |" in inside
+    assert "| settings of ST-MAE | 1 | PatchCore: missed (AUPRO); kNN: missed (AUPRO); mt_test vs memory" in inside
+    assert "| Magnetic Tile, 200-image protocol | kNN baseline | n/a | n/a | n/a | 0.900 | 0.800 | 0.740 |" in inside
     assert "1. `python benchmarks/quality.py --quick` at commit abc1234, 2025-01-02, cpu (1 thread)" in inside
     assert "**Reduced settings** (not the full protocol): " + results["reduced_settings"]["fashion_mnist"] + "." in inside
     assert "| Magnetic Tile 200: ST-MAE AUPRO >= PatchCore | 0.703 | 0.700 | missed |" in inside
@@ -191,7 +215,8 @@ def test_docs_page_withholds_figures_no_single_commit_made() -> None:
     results["datasets"]["fashion_mnist"]["provenance"] = {**quality.entry_provenance(results), "modified": ["src/x.py"]}
     block = quality.page_block(results)
     rows = [line for line in block.splitlines() if line.startswith(("| Magnetic Tile, 200", "| Fashion-MNIST one"))]
-    assert len(rows) == 4 and all("| withheld | withheld | withheld | withheld | withheld |" in r for r in rows)
+    assert len(rows) == 5 and all("| withheld | withheld | withheld | withheld | withheld |" in r for r in rows)
+    assert "mt_test AUPRO" not in block  # nor the halves of withheld rows
     assert "at commit 9e3c660, 2026-11-30, cpu (2 threads) (figures withheld: a fit resumed across calls" in block
     assert "(figures withheld: made with uncommitted changes)" in block
     assert "| Fashion-MNIST: ST-MAE mean image AUROC >= 0.93 | 0.930 | withheld | withheld |" in block
@@ -319,10 +344,10 @@ def test_merge_fills_provenance_and_keeps_other_mt_protocol_rows() -> None:
                        _row("mt_full", "magnetic_tile", full, quality.KNN, 0.9, 0.8, 0.7, 0.8)],
               "provenance": quality.entry_provenance(results)}
     merged = quality.merge_protocol_rows(new_mt, mt_prev, previous)
-    assert [r["key"] for r in merged["rows"]] == ["mt200", "mt200", "mt_full", "mt_full"]  # table order
+    assert [r["key"] for r in merged["rows"]] == ["mt200", "mt200", "mt200", "mt_full", "mt_full"]  # table order
     assert merged["settings"]["protocols"] == ["200", "full"]
     assert merged["protocol"]["train"] == {"200": "seeded 200", "full": "all of train/good"}
-    assert merged["rows"][0]["provenance"]["commit"] == "abc1234" and "provenance" not in merged["rows"][2]
+    assert merged["rows"][0]["provenance"]["commit"] == "abc1234" and "provenance" not in merged["rows"][3]
     assert quality.describe_reductions({"magnetic_tile": merged["settings"]}, ["magnetic_tile"]) == {}
 
     results["datasets"] = quality.in_run_order({**results["datasets"], "magnetic_tile": merged})
@@ -374,7 +399,8 @@ def test_main_merge_of_one_mt_protocol_keeps_the_other(tmp_path: Path, monkeypat
     merged = json.loads(out.read_text())
     mt = merged["datasets"]["magnetic_tile"]
     assert [(r["row"], r["method"]) for r in mt["rows"]] == [
-        (mt_200, quality.STMAE), (mt_200, quality.KNN), (full, quality.STMAE), (full, quality.KNN)]
+        (mt_200, quality.STMAE), (mt_200, quality.STMAE_MEMORY), (mt_200, quality.KNN), (full, quality.STMAE),
+        (full, quality.KNN)]
     assert mt["settings"]["protocols"] == ["200", "full"] and merged["reduced_settings"] == {}
     assert mt["rows"][0]["provenance"]["command"] == previous["command"]
     assert f"): a ({full})" in out.with_suffix(".md").read_text()
@@ -394,25 +420,34 @@ def test_help_runs() -> None:
         assert flag in proc.stdout
 
 
-def test_mvtec_pair_with_memory_adds_the_residual_only_row_of_the_same_model(tiny_mvtec, tmp_path: Path) -> None:
+def test_mvtec_pair_with_memory_adds_residual_and_memory_rows_of_the_same_model_and_halves(tiny_mvtec, tmp_path: Path) -> None:
     import torch
 
     from stmae.data import load_mvtec
+    from stmae.protocols import real_defect_indices
 
     from .conftest import tiny_config
 
     ctx = quality.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, lambda m: None)
     cfg = tiny_config(**{"infer.memory": 0.8})
-    rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", load_mvtec(tiny_mvtec), tmp_path / "run", cfg,
-                               "accurate", 0.1, ctx, "")
-    assert [r["method"] for r in rows] == [quality.STMAE, quality.STMAE_RESIDUAL, quality.KNN]
-    st, residual, _ = rows
+    ds = load_mvtec(tiny_mvtec)
+    halves = real_defect_indices(ds.test, seed=0)
+    rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", ds, tmp_path / "run", cfg,
+                               "accurate", 0.1, ctx, "", subsets=halves)
+    assert [r["method"] for r in rows] == [quality.STMAE, quality.STMAE_RESIDUAL, quality.STMAE_MEMORY, quality.KNN]
+    st, residual, memory, knn = rows
     assert "memory 0.8 (greedy coreset 10 %" in st["settings"]
     assert st["config"]["infer"]["memory"] == 0.8
-    assert residual["fit_seconds"] <= st["fit_seconds"]
-    assert residual["per_type"]["good"]["mean_score"] != pytest.approx(st["per_type"]["good"]["mean_score"])
-    # Without the memory there is no extra row.
-    rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", load_mvtec(tiny_mvtec), tmp_path / "run0",
+    assert residual["fit_seconds"] <= st["fit_seconds"] == memory["fit_seconds"]
+    scores = {r["method"]: r["per_type"]["good"]["mean_score"] for r in rows[:3]}
+    assert len({round(v, 6) for v in scores.values()}) == 3  # three different maps of one model
+    for row in rows:  # every row has both halves, with the halves' image counts
+        assert row["subsets"]["mt_val"]["n_images"] == len(halves["mt_val"])
+        assert row["subsets"]["mt_test"]["n_images"] == len(halves["mt_test"])
+    table = quality.halves_table({"datasets": {"magnetic_tile": {"status": "ok", "rows": rows}}})
+    assert table.count("| tiny |") == 4 and "mt_test AUPRO" in table
+    # Without the memory there are no extra rows.
+    rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", ds, tmp_path / "run0",
                                tiny_config(**{"infer.memory": 0.0}), "accurate", 0.1, ctx, "")
     assert [r["method"] for r in rows] == [quality.STMAE, quality.KNN]
 

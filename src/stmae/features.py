@@ -134,7 +134,7 @@ def extract_features(
     with tqdm(total=len(samples), desc=desc, unit="img", disable=quiet, leave=False) as bar:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            images = to_tensor_batch([resize_image(s.load_image(), image_size) for s in chunk])
+            images = to_tensor_batch([resize_image(s.load_image(reduce_to=image_size), image_size) for s in chunk])
             out[start : start + len(chunk)] = extractor(images.to(device)).cpu()
             bar.update(len(chunk))
     return out

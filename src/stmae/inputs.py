@@ -110,13 +110,16 @@ def _expand_one(obj: Any, index: int) -> Iterator[Item]:
         )
 
 
-def load_rgb(item: Item, max_pixels: int | None = None) -> np.ndarray:
-    """Decode ``item`` as uint8 (H, W, 3) RGB. DataError (naming the item) for anything unusable."""
+def load_rgb(item: Item, max_pixels: int | None = None, reduce_to: int | None = None) -> np.ndarray:
+    """Decode ``item`` as uint8 (H, W, 3) RGB. DataError (naming the item) for anything unusable.
+
+    ``reduce_to``: see :func:`stmae.data.io.read_image` (large JPEG files decode at a reduced scale).
+    """
     try:
         if max_pixels is None:
-            arr = as_rgb(item.source)
+            arr = as_rgb(item.source, reduce_to=reduce_to)
         else:
-            arr = as_rgb(item.source, max_pixels=max_pixels)
+            arr = as_rgb(item.source, max_pixels=max_pixels, reduce_to=reduce_to)
     except DataError as exc:
         msg = str(exc)
         raise DataError(msg if item.name in msg else f"{item.name}: {msg}") from None

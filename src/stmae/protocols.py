@@ -141,15 +141,8 @@ def oneclass(
     return _write_summary(out, rows, "class", extra)
 
 
-def split_real_defects(samples: Sequence[Any], seed: int = 0) -> dict[str, list[Any]]:
-    """A labelled test split cut into two seeded halves, ``mt_val`` and ``mt_test``.
-
-    Why: settings chosen on painted defects did not hold on real ones; choosing them on real
-    defects needs real defects the final figures never see. Each defect type (``good``
-    included) is shuffled with ``seed`` and its first ceil(n / 2) images go to ``mt_val``,
-    so both halves hold every type in the same proportions. Order within a half follows the
-    input order.
-    """
+def real_defect_indices(samples: Sequence[Any], seed: int = 0) -> dict[str, list[int]]:
+    """Indices of the two halves of :func:`split_real_defects` (``mt_val``, ``mt_test``), in input order."""
     rng = np.random.default_rng(seed)
     by_type: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
@@ -160,9 +153,21 @@ def split_real_defects(samples: Sequence[Any], seed: int = 0) -> dict[str, list[
         order = rng.permutation(len(idx))
         val.update(idx[j] for j in order[: (len(idx) + 1) // 2])
     return {
-        "mt_val": [s for i, s in enumerate(samples) if i in val],
-        "mt_test": [s for i, s in enumerate(samples) if i not in val],
+        "mt_val": [i for i in range(len(samples)) if i in val],
+        "mt_test": [i for i in range(len(samples)) if i not in val],
     }
+
+
+def split_real_defects(samples: Sequence[Any], seed: int = 0) -> dict[str, list[Any]]:
+    """A labelled test split cut into two seeded halves, ``mt_val`` and ``mt_test``.
+
+    Why: settings chosen on painted defects did not hold on real ones; choosing them on real
+    defects needs real defects the final figures never see. Each defect type (``good``
+    included) is shuffled with ``seed`` and its first ceil(n / 2) images go to ``mt_val``,
+    so both halves hold every type in the same proportions. Order within a half follows the
+    input order.
+    """
+    return {name: [samples[i] for i in idx] for name, idx in real_defect_indices(samples, seed).items()}
 
 
 def _test_features(cfg: Config, dataset: AnomalyDataset, quiet: bool) -> torch.Tensor:
@@ -206,4 +211,4 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-__all__ = ["benchmark", "oneclass", "categories_of", "split_real_defects"]
+__all__ = ["benchmark", "oneclass", "categories_of", "real_defect_indices", "split_real_defects"]

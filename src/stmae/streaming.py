@@ -53,7 +53,9 @@ def stream_predictions(
 
     def prepare(item: Item) -> tuple[np.ndarray, np.ndarray] | str:
         try:
-            rgb = load_rgb(item, max_pixels)
+            # Full-resolution maps need the image's own size; otherwise a large JPEG may
+            # decode at a reduced scale (never below the model size).
+            rgb = load_rgb(item, max_pixels, None if full_resolution else image_size)
             return rgb, resize_image(rgb, image_size)
         except DataError as exc:
             if on_error == "raise":

@@ -52,11 +52,15 @@ class Sample:
         """``name`` if set, else the file name; for messages and reports."""
         return self.name or (self.path.name if self.path is not None else "<in-memory>")
 
-    def load_image(self) -> np.ndarray:
-        """Return the image as uint8 ``(H, W, 3)`` RGB (a fresh array the caller may modify)."""
+    def load_image(self, reduce_to: int | None = None) -> np.ndarray:
+        """Return the image as uint8 ``(H, W, 3)`` RGB (a fresh array the caller may modify).
+
+        ``reduce_to``: the size the caller will resize to; a large JPEG file may then come
+        back decoded at a reduced scale, never below it (:func:`~stmae.data.io.read_image`).
+        """
         if self.array is None:
             assert self.path is not None  # guaranteed by __post_init__
-            return read_image(self.path, max_pixels=self.max_pixels)
+            return read_image(self.path, max_pixels=self.max_pixels, reduce_to=reduce_to)
         img = as_rgb(self.array, max_pixels=self.max_pixels)
         # In-memory arrays are shared between samples and calls; never hand them out.
         return img.copy() if np.may_share_memory(img, self.array) else img

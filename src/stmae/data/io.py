@@ -204,8 +204,13 @@ def _open_header(fp: IO[bytes], name: str) -> Image.Image:
         raise UnreadableImageError(name, _describe("unreadable image header", exc)) from exc
 
 
-def _decode_stream(fp: IO[bytes], name: str, max_pixels: int | None) -> np.ndarray:
+def _decode_stream(fp: IO[bytes], name: str, max_pixels: int | None, reduce_to: int | None = None) -> np.ndarray:
     """Decode the first frame of an open binary stream (see :func:`_pil_to_array`).
+
+    ``reduce_to``: a JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or
+    1/8 scale (libjpeg's DCT scaling, ``Image.draft``), the smallest that keeps both sides
+    >= ``reduce_to``. A model that resizes to 256 px needs no more, and a 5-megapixel
+    camera frame then decodes several times faster. Other formats ignore it.
 
     Any exception PIL raises here means "this file is not a usable image": its decoders
     raise at least ten types on malformed input (OSError, SyntaxError, ValueError,
@@ -215,6 +220,11 @@ def _decode_stream(fp: IO[bytes], name: str, max_pixels: int | None) -> np.ndarr
     """
     with _open_header(fp, name) as img:
         _check_size(name, *img.size, max_pixels)
+        if reduce_to and img.format == "JPEG" and min(img.size) >= 2 * reduce_to:
+            try:
+                img.draft(img.mode, (reduce_to, reduce_to))
+            except Exception as exc:  # noqa: BLE001 - see above
+                raise UnreadableImageError(name, _describe("corrupt JPEG header", exc)) from exc
         try:
             img.load()  # a full decode now, so truncated files fail here, not later
         except Exception as exc:  # noqa: BLE001 - see docstring
@@ -239,7 +249,7 @@ def _describe(what: str, exc: BaseException) -> str:
     return f"{what} ({type(exc).__name__}: {detail[:300]})"
 
 
-def _decode(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def _decode(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> np.ndarray:
     """Decode the image file ``path``; every problem is an UnreadableImageError naming it."""
     p = Path(path)
     name = str(p)
@@ -260,7 +270,7 @@ def _decode(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.n
     except OSError as exc:
         raise UnreadableImageError(name, _describe("cannot open the file", exc)) from exc
     with fh:
-        return _decode_stream(fh, name, max_pixels)
+        return _decode_stream(fh, name, max_pixels, reduce_to)
 
 
 def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
@@ -285,23 +295,27 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def read_image(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> np.ndarray:
     """Read any supported image as uint8 ``(H, W, 3)`` RGB.
 
     Grayscale is repeated to three channels because every backbone in the project is
     RGB; 16-bit and float images are scaled with the full 16-bit range (``/257``).
     Images over ``max_pixels`` pixels (:data:`DEFAULT_MAX_PIXELS`) are refused from their
-    header, before any pixel is decoded.
+    header, before any pixel is decoded. ``reduce_to`` (the model's input size) lets a
+    large JPEG decode at a reduced scale that is still at least that size (see
+    :func:`_decode_stream`); the caller resizes anyway.
 
     Raises:
         UnreadableImageError: (a :class:`DataError`) the file is missing, empty, not an
             image, truncated, corrupt, too large or of an unsupported pixel mode; the
             message names the file and the problem.
     """
-    return _to_rgb_uint8(_decode(path, max_pixels))
+    return _to_rgb_uint8(_decode(path, max_pixels, reduce_to))
 
 
-def decode_image_bytes(data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image_bytes(
+    data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None
+) -> np.ndarray:
     """Decode an encoded image held in memory (an HTTP upload) as uint8 ``(H, W, 3)`` RGB.
 
     Exactly :func:`read_image`'s checks and conversions; ``name`` (the upload's file name)
@@ -314,10 +328,12 @@ def decode_image_bytes(data: bytes, name: str, *, max_pixels: int | None = DEFAU
         raise UnreadableImageError(name, f"expected the encoded bytes of an image, got {type(data).__name__}")
     if len(data) == 0:
         raise UnreadableImageError(name, "empty file (0 bytes)")
-    return _to_rgb_uint8(_decode_stream(io.BytesIO(bytes(data)), name, max_pixels))
+    return _to_rgb_uint8(_decode_stream(io.BytesIO(bytes(data)), name, max_pixels, reduce_to))
 
 
-def as_rgb(image: PathLike | Image.Image | np.ndarray, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def as_rgb(
+    image: PathLike | Image.Image | np.ndarray, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None
+) -> np.ndarray:
     """Any user-supplied image (path, PIL image or numpy array) as uint8 ``(H, W, 3)`` RGB.
 
     This is the one entry point inference uses, so a PNG on disk and the same picture
@@ -346,7 +362,7 @@ def as_rgb(image: PathLike | Image.Image | np.ndarray, *, max_pixels: int | None
             raise UnreadableImageError(
                 f"<{type(image).__name__}>", "not an image: pass a path, a PIL image or a numpy array"
             )
-        return read_image(image, max_pixels=max_pixels)
+        return read_image(image, max_pixels=max_pixels, reduce_to=reduce_to)
     shape_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
     dtype_ok = np.issubdtype(image.dtype, np.floating) or image.dtype in (np.uint8, np.uint16)
     if not shape_ok or not dtype_ok:
