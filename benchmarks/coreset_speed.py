@@ -12,7 +12,7 @@ patches.
 Data: synthetic clustered features (``--sizes`` rows, 176 channels like Lite0's stride
 4/8/16 stack, 50 Gaussian clusters, fixed seed); real patch rows: ``--mvtec DIR`` builds the
 kNN yardstick's bank input from an MVTec-layout category (``--train-limit`` seeded training
-images, default 200 as in the 200-image protocol of docs/results.md; the ``accurate`` preset's features,
+images, default 200 as in the 200-image protocol of docs/results.md; the default preset's features,
 standardised), ``--features file.pt`` loads an (M, C) tensor saved with ``torch.save``.
 Real inputs are timed after the synthetic sizes. Each input is timed ``--repeats`` times
 per method (median reported) in one process; the textbook loop is skipped above
@@ -93,7 +93,7 @@ def mvtec_rows(root: Path, train_limit: int | None, seed: int = 42) -> tuple[tor
 
     dataset = load_mvtec(root)
     train = [dataset.train[i] for i in baseline_knn.subsample_indices(len(dataset.train), train_limit, seed)]
-    _, feats, stats = baseline_knn.training_features(train, make_config("accurate", {}))
+    _, feats, stats = baseline_knn.training_features(train, make_config("default", {}))
     return patch_rows(stats.apply(feats).float()), len(train)
 
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.mvtec is not None:
         rows, images = mvtec_rows(args.mvtec, args.train_limit)
         inputs.append((f"kNN bank rows of {args.mvtec.name}: {images} seeded training images (seed 42), "
-                       "'accurate' preset features, standardised", rows))
+                       "default preset features, standardised", rows))
     if args.features is not None:
         feats = torch.load(args.features, map_location="cpu", weights_only=True)
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2:

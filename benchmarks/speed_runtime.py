@@ -20,7 +20,7 @@ What it times, per engine (torch = ``Detector`` on the CPU, the pipeline of ``pr
 
 ``runtime_rows(run_dir, images, threads)`` is importable (``benchmarks/speed.py`` can add these
 rows to its own table). Run: ``python benchmarks/speed_runtime.py [--run RUN_DIR] [--threads 2,1]``.
-Without ``--run`` it fits the ``accurate`` preset on ``--train`` images of Magnetic Tile's
+Without ``--run`` it fits the default preset on ``--train`` images of Magnetic Tile's
 train/good (``--epochs``, default 1: the weights' values do not change the time, the bank size
 does, and it follows the number of images) into ``--work-dir`` and reuses that run next time.
 Writes ``benchmarks/results/speed_runtime-cpu.json`` with provenance.
@@ -143,7 +143,7 @@ def runtime_rows(
 
 
 def _fit_run(data: Path, work_dir: Path, n_train: int, epochs: int, threads: int) -> Path:
-    """A run of the accurate preset on the first ``n_train`` images of ``data/train/good`` (reused)."""
+    """A run of the default preset on the first ``n_train`` images of ``data/train/good`` (reused)."""
     import json
 
     import torch
@@ -151,12 +151,12 @@ def _fit_run(data: Path, work_dir: Path, n_train: int, epochs: int, threads: int
     import stmae
     from stmae.data import open_dataset
 
-    run = work_dir / f"accurate_{n_train}_e{epochs}"
+    run = work_dir / f"default_{n_train}_e{epochs}"
     if (run / "meta.json").is_file() and json.loads((run / "meta.json").read_text()).get("epochs") == epochs:
         return run
     torch.set_num_threads(threads)
     samples = open_dataset(data).train[:n_train]
-    stmae.fit(samples, run, "accurate", epochs=epochs, quiet=True, train__device="cpu")
+    stmae.fit(samples, run, "default", epochs=epochs, quiet=True, train__device="cpu")
     return run
 
 
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "what": "exported model (onnxruntime, OpenVINO) vs torch on the CPU; model call on pre-resized uint8 images",
         "run": {
             "path": str(run),
-            "preset": "accurate" if args.run is None else None,
+            "preset": "default" if args.run is None else None,
             "image_size": meta.get("image_size"),
             "n_train": meta.get("n_train"),
             "bank_patches": (meta.get("memory") or {}).get("bank_patches"),

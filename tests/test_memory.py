@@ -157,5 +157,6 @@ def test_memory_settings_are_validated_and_chosen_per_preset():
     with pytest.raises(ConfigError, match="memory_coreset"):
         Config().override({"infer.memory_coreset": 0.0}).validate()
     assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.9
+    assert preset("default").to_dict() == Config().to_dict()
     assert Config().infer.blend == preset("fast").infer.blend == "quantile"
-    assert preset("demo").infer.memory == preset("lowres").infer.memory == 0.0
+    assert preset("demo").infer.memory == 0.0 and preset("lowres").infer.memory == 0.9

@@ -176,8 +176,9 @@ def test_presets_are_valid_and_distinct():
     from stmae.config import PRESETS, preset
 
     configs = {name: preset(name).to_dict() for name in PRESETS}
-    assert configs["accurate"] == Config().to_dict()
-    assert configs["fast"]["model"]["embed_dim"] < configs["accurate"]["model"]["embed_dim"]
+    assert configs["default"] == Config().to_dict()
+    assert configs["default"]["model"]["embed_dim"] < configs["accurate"]["model"]["embed_dim"]
+    assert configs["fast"]["train"]["epochs"] < configs["default"]["train"]["epochs"] < configs["accurate"]["train"]["epochs"]
     assert configs["demo"]["features"]["image_size"] == 128
     assert configs["lowres"]["features"]["image_size"] == 64
     with pytest.raises(ConfigError, match="unknown preset"):

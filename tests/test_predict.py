@@ -218,9 +218,9 @@ def test_streaming_2000_images_keeps_memory_flat(run_dir, tmp_path, monkeypatch)
     decoded = {"n": 0}
     real = streaming.load_rgb
 
-    def counting(item, max_pixels=None):
+    def counting(item, max_pixels=None, reduce_to=None):
         decoded["n"] += 1
-        return real(item, max_pixels)
+        return real(item, max_pixels, reduce_to)
 
     monkeypatch.setattr(streaming, "load_rgb", counting)
     bs = 16

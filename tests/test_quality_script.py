@@ -326,11 +326,11 @@ def test_merge_fills_provenance_and_keeps_other_mt_protocol_rows() -> None:
     Tile call that runs only the full-train protocol keeps the 200-image rows of the file."""
     previous = fake_results()  # its entries carry no provenance of their own
     mt_prev = previous["datasets"]["magnetic_tile"]
-    mt_prev["settings"] = {"protocols": ["200"], "preset": "accurate", "epochs": None, "coreset": 0.1}
+    mt_prev["settings"] = {"protocols": ["200"], "preset": "default", "epochs": None, "coreset": 0.1}
     mt_prev["protocol"] = {"train": {"200": "seeded 200"}, "test": "full test split (582 images)"}
     cmd = "python benchmarks/quality.py --quick --only a --mt-protocols full --merge"
     results = {"mode": "quick", "command": cmd, "commit": "abc1234", "device_label": "cuda:0 (H100)",
-               "settings": {"magnetic_tile": {"protocols": ["full"], "preset": "accurate", "epochs": None,
+               "settings": {"magnetic_tile": {"protocols": ["full"], "preset": "default", "epochs": None,
                                               "coreset": 0.1}},
                "reduced_settings": {}, "datasets": {}}
     quality.merge_previous(results, previous, ["magnetic_tile"], Path("q.json"))
@@ -489,3 +489,27 @@ def test_resume_reuses_a_finished_fit_and_needs_a_work_dir(tiny_mvtec, tmp_path:
     meta_path.write_text(meta_path.read_text().replace(json.loads(meta_path.read_text())["code_revision"], "0" * 16))
     with pytest.raises(ProvenanceError, match=str(tmp_path / "run") + ": a finished fit made by other code"):
         quality._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate", 0.1, ctx, "")
+
+
+def test_combine_joins_disjoint_runs_of_one_commit_and_refuses_others(tmp_path: Path) -> None:
+    """Two calls that ran different datasets at one commit become one file; each dataset keeps
+    its own command; overlapping datasets, another commit or uncommitted changes are refused."""
+    a, b = fake_results(), fake_results()
+    a["command"], b["command"] = "python benchmarks/quality.py --only a", "python benchmarks/quality.py --only b,c"
+    a["modified"] = b["modified"] = []
+    del a["datasets"]["fashion_mnist"], a["datasets"]["mnist"], b["datasets"]["magnetic_tile"]
+    fa, fb = tmp_path / "a.json", tmp_path / "b.json"
+    fa.write_text(json.dumps(a))
+    fb.write_text(json.dumps(b))
+    out = tmp_path / "quality.json"
+    assert quality.main(["--combine", str(fa), str(fb), "--out", str(out), "--no-docs"]) == 0
+    combined = json.loads(out.read_text())
+    assert list(combined["datasets"]) == ["magnetic_tile", "fashion_mnist", "mnist"]
+    assert combined["datasets"]["magnetic_tile"]["provenance"]["command"] == a["command"]
+    assert combined["datasets"]["fashion_mnist"]["provenance"]["command"] == b["command"]
+    assert combined["reduced_settings"] == b["reduced_settings"]
+    assert {t["target"] for t in combined["targets"]} >= {"Magnetic Tile 200: ST-MAE AUPRO >= PatchCore"}
+    assert quality.main(["--combine", str(fa), str(fa), "--out", str(out), "--no-docs"]) == 2  # overlap
+    b["commit"] = "def5678"
+    fb.write_text(json.dumps(b))
+    assert quality.main(["--combine", str(fa), str(fb), "--out", str(out), "--no-docs"]) == 2  # other commit

@@ -95,7 +95,7 @@ WEIGHTS = typer.Option(
 
 
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config; options override it.")
-PRESET = typer.Option(None, "--preset", help="Start from a preset: accurate (default), fast, demo, lowres.")
+PRESET = typer.Option(None, "--preset", help="Start from a preset: default, accurate (larger transformer, for a GPU), fast (40 epochs), demo, lowres.")
 EPOCHS = typer.Option(None, "--epochs", help="Training epochs.")
 SETS = typer.Option([], "--set", help="Any setting as KEY=VALUE, e.g. --set model.depth=6 (repeatable).")
 
@@ -153,7 +153,7 @@ def fit(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the run)."),
     memory: Optional[float] = typer.Option(
-        None, help="Share of the nearest-good-patch distance in the map, 0-1 (accurate/fast: 0.8; 0 = the paper's residual alone)."
+        None, help="Share of the nearest-good-patch distance in the map, 0-1 (default: 0.9; 0 = the paper's residual alone, 1 = the memory alone)."
     ),
     threshold_rule: Optional[str] = typer.Option(
         None, "--threshold-rule", help="How held-out good images set the threshold: max (default), quantile:Q or fpr:F."
@@ -366,7 +366,7 @@ def oneclass(
     out: Path = typer.Option(Path("oneclass_out"), "--out", "-o", help="Output folder."),
     config: Optional[Path] = CONFIG,
     preset: Optional[str] = typer.Option(
-        None, "--preset", help="Preset (default: lowres for fashion-mnist/mnist/cifar10, accurate for folder)."
+        None, "--preset", help="Preset (default: lowres for fashion-mnist/mnist/cifar10, default for folder)."
     ),
     epochs: Optional[int] = EPOCHS,
     device: Optional[str] = DEVICE,

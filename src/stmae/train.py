@@ -252,8 +252,8 @@ def fit(
             images, an :class:`AnomalyDataset`, or a list of :class:`Sample`.
         out_dir: the run folder to write, replaced as a whole and atomically (other files in it
             are kept; see :func:`stmae.checkpoint.save_run`).
-        config: a :class:`Config`, a preset name (``fast``, ``accurate``, ``demo``, ``lowres``),
-            a YAML file, or None for the defaults (= ``accurate``).
+        config: a :class:`Config`, a preset name (``default``, ``accurate``, ``fast``, ``demo``,
+            ``lowres``), a YAML file, or None for the defaults (= ``default``).
         val_data: good images to calibrate the threshold on (same forms as ``data``). Default:
             hold out ``train.val_fraction`` of ``data``. Give them when training images are
             near-duplicates of each other (overlapping crops, video frames): held-out
