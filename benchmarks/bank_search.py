@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from stmae import provenance
+from stmae.fileio import atomic_write_json
 from stmae.model.memory import nearest_distances
 
 HERE = Path(__file__).resolve().parent
@@ -116,10 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "provenance": provenance.collect("cpu", started=started),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 
