@@ -20,6 +20,10 @@ data the quality benchmark never scores:
     (:func:`long_crack_defect`) or a short faint crack from an image edge
     (:func:`edge_crack_defect`): probes for the real cracks, on which ST-MAE trails the kNN
     while ``mt``'s painted defects do not show it.
+``mt_real``
+    The same training subset, validated on Magnetic Tile's *real* defects: ``mt_val``, the
+    seeded half of the test split that every setting is chosen on
+    (:func:`stmae.protocols.split_real_defects`). ``mt_test``, the other half, is never read.
 
 Rows. A *training* variant (a set of config overrides, :data:`TRAIN_VARIANTS`) trains a
 model; every trained model is then scored with every *scoring* variant
@@ -63,8 +67,10 @@ from stmae import provenance
 from stmae.fileio import atomic_write_json, atomic_write_text
 from stmae.provenance import ProvenanceError, require_same_code
 from stmae.infer import Detector, build_extractor, build_model
+from stmae.evaluate import mask_at
 from stmae.metrics import auroc
 from stmae.model import PatchMemory
+from stmae.protocols import split_real_defects
 from stmae.train import make_config, train_model
 
 HERE = Path(__file__).resolve().parent
@@ -105,6 +111,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "mt_extended": {**_MT, "defect": "one long thin faint crack"},
     # The same again with short faint cracks that start at an image edge (:func:`edge_crack_defect`).
     "mt_edge": {**_MT, "defect": "one thin faint crack from an image edge"},
+    # Real defects: the mt_val half of the test split (stmae.protocols.split_real_defects,
+    # seed 0), the half every setting is chosen on; its other half (mt_test) is never read.
+    "mt_real": {**_MT, "defect": "the real defects of mt_val"},
 }
 
 #: The `accurate` preset's transformer, for variants on a `fast` base (which keeps its learning rate).
@@ -149,6 +158,8 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "cos/max": ("cos", "max", 4, False),
     "cos/topk": ("cos", "topk", 4, False),
     "mse_cos/max": ("mse_cos", "max", 4, False),
+    "mse_cos/max/K1": ("mse_cos", "max", 1, False),
+    "mse_cos/max/K16": ("mse_cos", "max", 16, False),
     "mse_cos/topk": ("mse_cos", "topk", 4, False),
     "mahalanobis/max": ("mahalanobis", "max", 4, False),
     "mahalanobis/topk": ("mahalanobis", "topk", 4, False),
@@ -168,6 +179,8 @@ SCORING_VARIANTS: dict[str, tuple] = {
     # The residual blended with the memory of good patches (``infer.memory``, docs/design.md, "Design
     # notes"); chosen on Magnetic Tile by probe_memory.py, checked on one-class data with these.
     "mse_cos/max/memory0.8": ("mse_cos", "max", 4, False, {"memory": 0.8}),
+    "mse_cos/max/K1/memory0.9": ("mse_cos", "max", 1, False, {"memory": 0.9}),
+    "memory alone/max": ("mse_cos", "max", 1, False, {"memory": 1.0}),
     "mahalanobis/topk/memory0.5": ("mahalanobis", "topk", 4, False, {"memory": 0.5}),
     "mahalanobis/topk/memory0.8": ("mahalanobis", "topk", 4, False, {"memory": 0.8}),
     "mahalanobis/topk/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9}),
@@ -315,6 +328,24 @@ def oneclass_tasks(name: str, classes: Sequence[int], train_limit: int, val: int
         ds = load_oneclass(spec["kind"], data_path(spec), c, train_limit=train_limit, validation=val, seed=0)
         tasks.append((str(c), Task(ds.train, ds.test)))
     return tasks
+
+
+def mt_training_subset(ds: Any) -> list[Sample]:
+    """The 200-image protocol's training subset of ``train/good`` (seed 42, the quality benchmark's)."""
+    chosen = sorted(np.random.default_rng(42).choice(len(ds.train), 200, replace=False))
+    return [ds.train[int(i)] for i in chosen]
+
+
+def mt_real_task(image_size: int) -> list[tuple[str, Any]]:
+    """The 200-image training subset; validation on ``mt_val``, the real-defect half of the test split.
+
+    Unlike the painted protocols this validates on Magnetic Tile's own defects (with their
+    masks); ``mt_test``, the other half, is left for reporting and never read here.
+    """
+    ds = load_mvtec(data_path(PROTOCOLS["mt_real"]))
+    val = split_real_defects(ds.test, seed=0)["mt_val"]
+    masks = np.stack([mask_at(s, image_size) for s in val])
+    return [("magnetic_tile", Task(mt_training_subset(ds), val, masks))]
 
 
 def mt_task(image_size: int, n_val: int, painter: Callable[..., Any] = synthetic_defect) -> list[tuple[str, Any]]:
@@ -555,7 +586,7 @@ def per_type_lines(results: dict[str, Any], common: Sequence[str]) -> list[str]:
     if not rows:
         return []
     kinds = sorted({k for *_, v in rows for k in v})
-    lines = ["", "Image AUROC per synthetic defect kind (each kind against all good validation images):", "",
+    lines = ["", "Image AUROC per defect kind, painted or real (each kind against all good validation images):", "",
              "| training variant | scoring | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
     for name, scoring, values in rows:
         lines.append(f"| {name} | {scoring} | " + " | ".join(
@@ -694,7 +725,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = protocol_config(spec, args.epochs)
     args.val = args.val or spec["val"]
     setup: dict[str, Any] = {"val": args.val, "epochs": base.train.epochs}
-    if args.protocol in PAINTERS:
+    if args.protocol == "mt_real":
+        tasks = mt_real_task(base.features.image_size)
+        setup["val"] = len(tasks[0][1].test)
+        description = (f"Magnetic Tile: train on the 200-image protocol's subset (seed 42); validate on mt_val, "
+                       f"the real-defect half of the test split ({setup['val']} images, "
+                       "stmae.protocols.split_real_defects, seed 0; mt_test is not read). "
+                       f"Base: `{spec['preset']}` preset, {base.train.epochs} epochs, CPU 1 thread (reduced).")
+    elif args.protocol in PAINTERS:
         tasks = mt_task(base.features.image_size, args.val, PAINTERS[args.protocol])
         description = (f"Magnetic Tile: train on the 200-image protocol's subset (seed 42); validate on "
                        f"{args.val // 2} other train/good images + {args.val // 2} with {spec['defect']} each. "

@@ -153,3 +153,26 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
     expected = ablation.validation_row(labels, None, None, *det.score_features(val))
     assert rows["mse_cos/max/memory0.8"]["image_auroc"] == pytest.approx(expected["image_auroc"])
     assert rows["mse_cos/max/memory0.8"]["image_auroc"] == 1.0  # the shifted corner is far from every banked patch
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "magnetic_tile" / "magnetic_tile").is_dir(),
+                    reason="needs ../shared/data/magnetic_tile")
+def test_mt_real_validates_on_mt_val_only():
+    from stmae.data import load_mvtec
+    from stmae.protocols import split_real_defects
+
+    ablation.set_data_root(SHARED_DATA)
+    [(name, task)] = ablation.mt_real_task(64)
+    ds = load_mvtec(SHARED_DATA / "magnetic_tile" / "magnetic_tile")
+    halves = split_real_defects(ds.test, seed=0)
+    val = {str(s.path) for s in halves["mt_val"]}
+    test = {str(s.path) for s in halves["mt_test"]}
+    seen = {str(s.path) for s in task.test}
+    assert seen == val and not seen & test  # validation is mt_val, and nothing of mt_test
+    assert len(task.train) == 200 and not {str(s.path) for s in task.train} & (val | test)
+    assert task.masks.shape == (len(task.test), 64, 64)
+    labels = np.array([s.label for s in task.test])
+    # defect images carry their masks (one 'uneven' mask in the data set is empty), good ones none
+    masked = task.masks[labels == 1].reshape(int(labels.sum()), -1).any(axis=1)
+    assert masked.sum() >= len(masked) - 1 and labels.sum() > 100
+    assert not task.masks[labels == 0].any()
