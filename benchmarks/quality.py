@@ -1283,9 +1283,15 @@ def combine(files: Sequence[Path]) -> dict[str, Any]:
         prov = entry_provenance(part)
         check_same_code(prov, first, f"{source}")
         for key, entry in part.get("datasets", {}).items():
+            entry = {"provenance": entry.get("provenance") or prov, **entry}
             if key in results["datasets"]:
-                raise ValueError(f"{source}: dataset {key!r} is also in another file; combine disjoint runs")
-            results["datasets"][key] = {"provenance": entry.get("provenance") or prov, **entry}
+                entry = _join_mt_protocols(key, entry, results["datasets"][key], source)
+                results["datasets"][key] = entry
+                results["settings"][key] = entry["settings"]
+                results["reduced_settings"].pop(key, None)
+                results["reduced_settings"].update(describe_reductions(results["settings"], [key]))
+                continue
+            results["datasets"][key] = entry
             results["settings"][key] = (part.get("settings") or {}).get(key)
             if key in (part.get("reduced_settings") or {}):
                 results["reduced_settings"][key] = part["reduced_settings"][key]
@@ -1294,6 +1300,20 @@ def combine(files: Sequence[Path]) -> dict[str, Any]:
     results["datasets"] = in_run_order(results["datasets"])
     results["command"] = shlex.join(["python", "benchmarks/quality.py", "--combine", *map(str, files)])
     return results
+
+
+def _join_mt_protocols(key: str, entry: dict[str, Any], earlier: dict[str, Any], source: Path) -> dict[str, Any]:
+    """A dataset in two files: allowed only for Magnetic Tile rows of different protocols
+    (the 200-image protocol in one call, the full train split in another), joined as
+    ``--merge`` joins them; every row keeps the provenance of the call that made it."""
+    ran = set((entry.get("settings") or {}).get("protocols", []))
+    before = set((earlier.get("settings") or {}).get("protocols", []))
+    ok = entry.get("status") == "ok" and earlier.get("status") == "ok"
+    if key != "magnetic_tile" or not ok or not ran or not before or ran & before:
+        raise ValueError(f"{source}: dataset {key!r} is also in another file; combine disjoint runs")
+    joined = merge_protocol_rows(entry, earlier, {})
+    joined["seconds"] = round(float(entry.get("seconds") or 0.0) + float(earlier.get("seconds") or 0.0), 1)
+    return joined
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:

@@ -17,6 +17,8 @@ and of the speed issue that cannot be answered by timing alone:
    std 0.5 or 1.0 on the standardised features, the target stays clean); a hard-mined loss
    (Dinomaly: the gradients of the easiest 90 % of grid cells scaled by 0.1); a cosine-only
    loss per layer group (Dinomaly), scored by the per-group cosine distance.
+   Also: the held-out calibration images added to the bank after calibration (the kNN
+   yardstick banks every training image; ST-MAE only those it trains on).
 4. **Separate shares for the map and the image score**: the memory share of the pixel map
    and of the image score chosen apart (map by pixel AUROC + AUPRO, score by image AUROC).
 5. **Per defect type**, which types the residual finds better than the memory (image AUROC
@@ -28,7 +30,7 @@ patching the loss or the model's input for the duration of one fit: they are res
 rows, and only what wins moves into the package.
 
 Run: ``python research/residual_val.py [--data DIR] [--threads 2]`` (about 45 min on 2 CPU
-threads); writes ``research/results/residual_val.json`` after every model, so a stopped run
+threads); writes ``research/results/residual_val.json`` (or ``--out``) after every model, so a stopped run
 shows what it has (and ``--work`` keeps the fitted models for the next call).
 """
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import sys
 import time
@@ -171,6 +174,19 @@ def mean3(m: dict[str, float]) -> float:
 
 
 # ---------------------------------------------------------------------- main
+def fixed_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold fixed at 1 MiB (``mallopt(M_MMAP_THRESHOLD)``).
+
+    Why: glibc raises the threshold after large blocks are freed; the distance search's
+    16 MB product blocks then come from the heap, interleaved with the small per-block
+    results, and the heap fragments. This script's memory-size step grew past 21 GB that
+    way, and ran in 1.4 GB with the threshold fixed (the same as ``MALLOC_MMAP_THRESHOLD_``).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -180,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--work", type=Path, default=REPO / ".devdata" / "residual_val")
     p.add_argument("--out", type=Path, default=HERE / "results" / "residual_val.json")
     args = p.parse_args(argv)
+    fixed_mmap_threshold()
     torch.set_num_threads(args.threads)
     started = time.time()
     ds = load_mvtec(args.data)
@@ -265,6 +282,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with torch.inference_mode():
             dist[ratio] = {k: nearest_distances(patch_rows(x), bank, sq).view(x.shape[0], *x.shape[2:]) for k, x in xs.items()}
         record(f"memory alone, coreset {ratio:g} ({bank.shape[0]} patches)", dist[ratio])
+    # 1b. the held-out calibration images join the bank once calibration is done: the kNN
+    # yardstick banks all 200 images, ST-MAE only the 180 it trains on. The quantile ranges
+    # stay those of the 180-image bank (the calibration images were unseen when scored).
+    rows_all = torch.cat([rows_train, patch_rows(xs["calib"])])
+    bank = rows_all[greedy_coreset(rows_all, int(CORESETS[0] * rows_all.shape[0]), seed=base.train.seed)]
+    sq = (bank * bank).sum(dim=1)
+    with torch.inference_mode():
+        dist_all = {k: nearest_distances(patch_rows(xs[k]), bank, sq).view(xs[k].shape[0], *xs[k].shape[2:])
+                    for k in ("mt_val", "mt_test")}
+    dist_all["calib"] = dist[CORESETS[0]]["calib"]
+    record(f"memory alone, calibration images added to the bank ({bank.shape[0]} patches)", dist_all)
     save()
 
     def blended(res: dict[str, torch.Tensor], d: dict[str, torch.Tensor], share: float) -> dict[str, torch.Tensor]:
@@ -285,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             residuals[f"{name} / {lname}"] = res
             record(f"residual alone: {name}, layers {lname}", res)
             record(f"blend {SHARE}: {name}, layers {lname}, coreset 0.1", blended(res, dist[0.1], SHARE))
+            if name == names[0] and lname == "all":
+                record(f"blend {SHARE}: {name}, layers all, calibration images added to the bank",
+                       blended(res, dist_all, SHARE))
         save()
         del recon
 

@@ -510,6 +510,29 @@ def test_combine_joins_disjoint_runs_of_one_commit_and_refuses_others(tmp_path: 
     assert combined["reduced_settings"] == b["reduced_settings"]
     assert {t["target"] for t in combined["targets"]} >= {"Magnetic Tile 200: ST-MAE AUPRO >= PatchCore"}
     assert quality.main(["--combine", str(fa), str(fa), "--out", str(out), "--no-docs"]) == 2  # overlap
+    # Magnetic Tile's full-train rows from a third call join the 200-image rows of the first.
+    c = fake_results()
+    c["command"], c["modified"] = "python benchmarks/quality.py --only a --mt-protocols full", []
+    del c["datasets"]["fashion_mnist"], c["datasets"]["mnist"]
+    a["datasets"]["magnetic_tile"]["settings"] = {**quality.MODES["full"]["magnetic_tile"], "protocols": ["200"]}
+    a["datasets"]["magnetic_tile"]["protocol"] = {"train": {"200": "200 seeded train/good images"}}
+    a["reduced_settings"] = {"magnetic_tile": "200-image protocol only"}
+    full = c["datasets"]["magnetic_tile"]
+    full["settings"] = {**quality.MODES["full"]["magnetic_tile"], "protocols": ["full"]}
+    full["protocol"] = {"train": {"full": "all train/good images"}}
+    full["rows"] = [{**r, "key": "mt_full", "row": "Magnetic Tile, full train", "image_auroc": 0.97} for r in full["rows"]]
+    fa.write_text(json.dumps(a))
+    fc = tmp_path / "c.json"
+    fc.write_text(json.dumps(c))
+    assert quality.main(["--combine", str(fa), str(fb), str(fc), "--out", str(out), "--no-docs"]) == 0
+    joined = json.loads(out.read_text())["datasets"]["magnetic_tile"]
+    assert [r["key"] for r in joined["rows"]] == ["mt200"] * 3 + ["mt_full"] * 3
+    assert joined["settings"]["protocols"] == ["200", "full"]
+    assert list(joined["protocol"]["train"]) == ["200", "full"]
+    assert {r["provenance"]["command"] for r in joined["rows"] if r["key"] == "mt200"} == {a["command"]}
+    assert joined["provenance"]["command"] == c["command"]
+    assert "magnetic_tile" not in json.loads(out.read_text())["reduced_settings"]
+    assert quality.main(["--combine", str(fa), str(fc), str(fc), "--out", str(out), "--no-docs"]) == 2  # full twice
     b["commit"] = "def5678"
     fb.write_text(json.dumps(b))
     assert quality.main(["--combine", str(fa), str(fb), "--out", str(out), "--no-docs"]) == 2  # other commit
