@@ -180,7 +180,8 @@ def fixed_mmap_threshold() -> None:
     Why: glibc raises the threshold after large blocks are freed; the distance search's
     16 MB product blocks then come from the heap, interleaved with the small per-block
     results, and the heap fragments. This script's memory-size step grew past 21 GB that
-    way, and ran in 1.4 GB with the threshold fixed (the same as ``MALLOC_MMAP_THRESHOLD_``).
+    way (and hit a 14 GB ``ulimit -v`` twice); with the threshold fixed (as by the
+    environment variable ``MALLOC_MMAP_THRESHOLD_``) the same step passed under that limit.
     """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
