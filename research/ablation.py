@@ -332,10 +332,10 @@ def oneclass_tasks(name: str, classes: Sequence[int], train_limit: int, val: int
     return tasks
 
 
-def mt_training_subset(ds: Any) -> list[Sample]:
-    """The 200-image protocol's training subset of ``train/good`` (seed 42, the quality benchmark's)."""
-    chosen = sorted(np.random.default_rng(42).choice(len(ds.train), 200, replace=False))
-    return [ds.train[int(i)] for i in chosen]
+def mt_training_indices(n: int) -> list[int]:
+    """The 200-image protocol's training subset of ``train/good`` (seed 42): the quality
+    benchmark's own subsampling (``baseline_knn.subsample_indices``), so the two never drift."""
+    return _knn_module().subsample_indices(n, 200, 42)
 
 
 def mt_real_task(image_size: int) -> list[tuple[str, Any]]:
@@ -347,7 +347,8 @@ def mt_real_task(image_size: int) -> list[tuple[str, Any]]:
     ds = load_mvtec(data_path(PROTOCOLS["mt_real"]))
     val = split_real_defects(ds.test, seed=0)["mt_val"]
     masks = np.stack([mask_at(s, image_size) for s in val])
-    return [("magnetic_tile", Task(mt_training_subset(ds), val, masks))]
+    train = [ds.train[i] for i in mt_training_indices(len(ds.train))]
+    return [("magnetic_tile", Task(train, val, masks))]
 
 
 def mt_task(image_size: int, n_val: int, painter: Callable[..., Any] = synthetic_defect) -> list[tuple[str, Any]]:
@@ -358,7 +359,7 @@ def mt_task(image_size: int, n_val: int, painter: Callable[..., Any] = synthetic
     """
     ds = load_mvtec(data_path(PROTOCOLS["mt"]))
     train = ds.train
-    chosen = sorted(np.random.default_rng(42).choice(len(train), 200, replace=False))
+    chosen = mt_training_indices(len(train))
     unused = np.setdiff1d(np.arange(len(train)), chosen)
     rng = np.random.default_rng(7)
     picked = rng.choice(unused, 2 * (n_val // 2), replace=False)
