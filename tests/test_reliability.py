@@ -290,19 +290,29 @@ def _stmae(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("stmae")), *args]
 
 
-def _wait_for_new_state(state: Path, previous: int | None, proc: subprocess.Popen, timeout: float = 60.0) -> int:
-    """Wait until ``state`` exists with another inode than ``previous`` (a new atomic save)."""
-    deadline = time.monotonic() + timeout
+def _wait_for_saved_epoch(state: Path, epoch: int, proc: subprocess.Popen, timeout: float = 60.0) -> float:
+    """Wait until ``state`` holds epoch ``epoch`` or later; return the save's mtime.
+
+    The times come from the file (written by the fit itself), not from when this poller
+    happened to look: on a loaded 2-core box the poller can be starved for whole epochs,
+    and a wall-clock measure taken here then overshoots the end of the fit.
+    """
+    deadline, seen = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         try:
-            inode = state.stat().st_ino
+            st = state.stat()
         except FileNotFoundError:
-            inode = None
-        if inode is not None and inode != previous:
-            return inode
+            st = None
+        if st is not None and (st.st_ino, st.st_mtime_ns) != seen:
+            seen = (st.st_ino, st.st_mtime_ns)
+            try:
+                if torch.load(state, weights_only=True)["epoch"] >= epoch:
+                    return st.st_mtime
+            except (FileNotFoundError, RuntimeError, EOFError):
+                seen = None  # replaced while read: look again
         assert proc.poll() is None, "the fit ended before it could be killed"
         time.sleep(0.002)
-    raise AssertionError("no training state was saved")
+    raise AssertionError(f"no training state for epoch {epoch} was saved")
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
@@ -321,10 +331,9 @@ def test_fit_killed_mid_epoch_resumes_to_the_uninterrupted_scores(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(fit(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        first = _wait_for_new_state(run / STATE_FILE, None, proc)
-        saved = time.monotonic()
-        _wait_for_new_state(run / STATE_FILE, first, proc)  # epoch 2 saved: the epoch's length is known
-        time.sleep((time.monotonic() - saved) / 2)  # half-way through epoch 3
+        one = _wait_for_saved_epoch(run / STATE_FILE, 1, proc)
+        two = _wait_for_saved_epoch(run / STATE_FILE, 2, proc)  # the epoch's length is known
+        time.sleep(max(0.0, two + (two - one) / 2 - time.time()))  # half-way through epoch 3
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
