@@ -97,7 +97,7 @@ def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, 
     det = fitted.detector
     meta = json.loads((fitted.run_dir / "meta.json").read_text())
     assert meta["memory"]["bank_patches"] == int(0.5 * 7 * 8 * 8)  # 7 fit images (1 held out), grid 8
-    assert meta["memory"]["train_patches"] == 7 * 8 * 8
+    assert meta["memory"]["train_patches"] == 7 * 8 * 8 and meta["memory"]["held_out_images_banked"] == 0
     assert meta["memory"]["residual_median"] == det.memory.residual_median > 0
 
     loaded = stmae.load(fitted.run_dir, device="cpu")
@@ -118,18 +118,30 @@ def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, 
         det.grid_maps(x)
 
 
-def test_calibration_medians_come_from_the_held_out_images(tiny_mvtec, tmp_path):
-    cfg = tiny_config(**{"infer.memory": 0.5, "train.val_fraction": 0.25})
+def test_calibration_medians_come_from_the_held_out_images_which_can_then_join_the_bank(tiny_mvtec, tmp_path):
+    cfg = tiny_config(**{"infer.memory": 0.5, "train.val_fraction": 0.25, "infer.memory_coreset": 1.0,
+                         "infer.memory_held_out": True})
     det = stmae.fit(tiny_mvtec, tmp_path / "run", cfg, quiet=True).detector
     from stmae.data import open_dataset
     from stmae.features import extract_features
+    from stmae.model.memory import patch_rows
 
     samples = open_dataset(tiny_mvtec).train
     held_out = [s for s in samples if (s.name or str(s.path)) in det.meta["val_images"]]
-    assert len(held_out) == 2
+    trained = [s for s in samples if (s.name or str(s.path)) not in det.meta["val_images"]]
+    assert len(held_out) == 2 and len(trained) == 6
     feats = det.stats.apply(extract_features(det.extractor, held_out, 64, device="cpu", quiet=True))
+    train_x = det.stats.apply(extract_features(det.extractor, trained, 64, device="cpu", quiet=True))
+    # The medians were measured while the held-out images were unseen: against the training images' bank.
+    unseen = PatchMemory(patch_rows(train_x))
     assert det.memory.residual_median == pytest.approx(float(det.residual_maps(feats).median()), rel=1e-5)
-    assert det.memory.distance_median == pytest.approx(float(det.memory.distances(feats).median()), rel=1e-5)
+    assert det.memory.distance_median == pytest.approx(float(unseen.distances(feats).median()), rel=1e-5)
+    # Then they joined the bank (coreset 1.0 keeps every patch): each of their patches is in it.
+    memory = det.meta["memory"]
+    assert det.memory.bank.shape[0] == memory["train_patches"] == 8 * 8 * 8 and memory["held_out_images_banked"] == 2
+    assert memory["bank_patches_at_calibration"] == 6 * 8 * 8
+    assert float(det.memory.distances(feats).max()) < 0.05 * det.memory.distance_median
+    assert float(unseen.distances(feats).min()) > 0.05 * det.memory.distance_median
 
 
 def test_no_bank_without_memory_and_old_runs_load_as_pure_residual(tiny_mvtec, tmp_path):

@@ -73,6 +73,8 @@ def test_fast_path_equals_reference_path(run_dir, tiny_data, memory, pairs, resi
         det.fit_residual_stats(extract_features(det.extractor, open_dataset(tiny_data).train, 64, quiet=True))
     images = to_tensor_batch([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_data / "test").rglob("*.png"))])
     feats = det.extractor(images)
+    assert images.shape[0] > stmae.features.BACKBONE_CHUNK  # the backbone ran in chunks...
+    torch.testing.assert_close(feats, det.extractor._features(images), rtol=0, atol=1e-5)  # ...as one call would
     fast = det.grid_maps(det.stats.apply(feats))
     torch.testing.assert_close(fast, reference_grid_maps(det, feats), rtol=0, atol=1e-5)
     assert det.splits.shape[0] == pairs  # the pipeline follows a changed setting

@@ -204,9 +204,11 @@ def fit(
     )
     if m.get("memory"):
         mem = m["memory"]
+        banked = mem.get("held_out_images_banked") or 0
         typer.echo(
             f"memory: {mem['bank_patches']:,} of {mem['train_patches']:,} training patches kept "
-            f"({mem['seconds']:.1f} s), blended with the residual at share {result.detector.config.infer.memory:g}"
+            + (f"(with the {banked} held-out images, banked after calibration) " if banked else "")
+            + f"({mem['seconds']:.1f} s), blended with the residual at share {result.detector.config.infer.memory:g}"
         )
     typer.echo(f"run folder: {result.run_dir}")
 

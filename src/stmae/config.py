@@ -91,6 +91,7 @@ class InferConfig:
     memory: float = 0.9  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual); chosen on mt_val
     blend: str = "quantile"  # median | quantile: how residual and distance are put on one scale (stmae.pipeline.blend_scales)
     memory_coreset: float = 0.1  # fraction of training patches kept in the memory bank (greedy coreset)
+    memory_held_out: bool = False  # after calibration, rebuild the bank over the held-out good images too (stmae.fitting.bank_held_out_images)
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16: autocast of backbone and transformer on the CPU (on CUDA the transformer always runs in bf16)
     threshold_rule: str = "max"  # max | quantile:Q | fpr:F over held-out good images (stmae.thresholds)

@@ -25,6 +25,13 @@ from .backbones import Backbone
 from .data import Sample, resize_image, to_tensor_batch
 
 
+#: Images per backbone call. On a CPU a large batch is slower per image than a small one:
+#: the early, high-resolution activations of 32 images (tens of MB each) no longer fit in
+#: cache. Measured on 2 threads at 256 px (Lite0): 20-23 ms per image in chunks of 1-4,
+#: 42 ms in one batch of 32 (``benchmarks/speed.py`` times the result).
+BACKBONE_CHUNK = 4
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone -> (N, C, grid, grid) feature grid.
 
@@ -48,7 +55,18 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W) RGB in [0, 1] -> features (N, C, grid, grid) float32."""
+        """images (N, 3, H, W) RGB in [0, 1] -> features (N, C, grid, grid) float32.
+
+        Runs the backbone on at most :data:`BACKBONE_CHUNK` images at a time (one call under
+        tracing, where the batch size is symbolic). Every image is processed on its own, so
+        the chunking changes no value beyond float rounding of the convolution kernels.
+        """
+        n = images.shape[0]
+        if n > BACKBONE_CHUNK and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return torch.cat([self._features(chunk) for chunk in images.split(BACKBONE_CHUNK)])
+        return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         p = self.pad
         if p:
             # p cells of the grid are p * H / grid pixels; reflect needs fewer than H.

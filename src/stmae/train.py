@@ -32,7 +32,7 @@ from .data import AnomalyDataset, DataError, Sample, open_dataset
 from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
 from .build import build_extractor, build_model
-from .fitting import calibrate_detector
+from .fitting import bank_held_out_images, calibrate_detector
 from .inputs import Item, expand, load_rgb
 from .infer import Detector
 from .model import STMAE, random_splits, reconstruction_loss
@@ -314,6 +314,13 @@ def fit(
     calibration, calib_scores = calibrate_detector(
         detector, feats[torch.from_numpy(calib_idx)], cfg.infer.threshold_rule, min_images=cfg.infer.min_calibration
     )
+    calibrated_bank = None if detector.memory is None else int(detector.memory.bank.shape[0])
+    banked = detector.memory is not None and cfg.infer.memory_held_out and len(val_idx) > 0
+    if banked:
+        # Scored while unseen above; now the held-out good images join the bank like any other.
+        memory_started = time.perf_counter()
+        bank_held_out_images(detector, train_feats, feats[torch.from_numpy(val_idx)], seed=cfg.train.seed, quiet=quiet)
+        memory_seconds = round((memory_seconds or 0.0) + time.perf_counter() - memory_started, 3)
     meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, torch.from_numpy(calib_scores), losses, device)
     meta["threshold"] = calibration.image_threshold
     meta["calibration"] = calibration.to_dict()
@@ -322,7 +329,12 @@ def fit(
     if detector.memory is not None:
         meta["memory"] = {
             "bank_patches": int(detector.memory.bank.shape[0]),
-            "train_patches": int(train_feats.shape[0] * train_feats.shape[2] * train_feats.shape[3]),
+            # the patches the bank was chosen from (with infer.memory_held_out, the held-out images' too)
+            "train_patches": int(
+                (len(train_idx) + (len(val_idx) if banked else 0)) * train_feats.shape[2] * train_feats.shape[3]
+            ),
+            "held_out_images_banked": int(len(val_idx)) if banked else 0,
+            "bank_patches_at_calibration": calibrated_bank,
             "residual_median": detector.memory.residual_median,
             "distance_median": detector.memory.distance_median,
             "seconds": memory_seconds,
