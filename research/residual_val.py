@@ -29,6 +29,10 @@ held-out good images of the fit. The variants that change training are set up he
 patching the loss or the model's input for the duration of one fit: they are research
 rows, and only what wins moves into the package.
 
+Also, with ``--kinds``, other residual kinds of each model's reconstructions (plain
+squared error, cosine, Mahalanobis; alone, the first and the last localised better than the
+default on ``mt_val`` in ``research/ablation.py --protocol mt_real``), each alone and blended; ``--steps core`` leaves out steps 1's smaller banks, 2 and 4.
+
 Run: ``python research/residual_val.py [--data DIR] [--threads 2]`` (about 45 min on 2 CPU
 threads); writes ``research/results/residual_val.json`` (or ``--out``) after every model, so a stopped run
 shows what it has (and ``--work`` keeps the fitted models for the next call).
@@ -61,6 +65,7 @@ from stmae import provenance  # noqa: E402
 from stmae.config import preset as preset_config  # noqa: E402
 from stmae.data import load_mvtec  # noqa: E402
 from stmae.evaluate import mask_at  # noqa: E402
+from stmae.fitting import fit_residual_stats  # noqa: E402
 from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
 from stmae.model import STMAE, feature_residual  # noqa: E402
@@ -134,11 +139,15 @@ def quantile_range(calib: torch.Tensor) -> tuple[float, float]:
     return lo, max(hi - lo, 1e-12)
 
 
-def residual_grid(recon: torch.Tensor, x: torch.Tensor, layers: Sequence[str], kind: str) -> torch.Tensor:
+def residual_grid(recon: torch.Tensor, x: torch.Tensor, layers: Sequence[str], kind: str,
+                  stats: Any = None) -> torch.Tensor:
     if kind == "group_cos":
         return torch.stack([
             1.0 - F.cosine_similarity(recon[:, LAYER_SLICES[n]], x[:, LAYER_SLICES[n]], dim=1, eps=1e-6) for n in layers
         ]).mean(dim=0)
+    if kind == "mahalanobis":  # statistics fitted on all channels
+        assert tuple(layers) == LAYER_SETS["all"], "the Mahalanobis residual reads all layers"
+        return torch.cat([feature_residual(r, f, kind, stats) for r, f in zip(torch.split(recon, 64), torch.split(x, 64))])
     idx = torch.cat([torch.arange(176)[LAYER_SLICES[n]] for n in layers])
     return feature_residual(recon[:, idx], x[:, idx], kind)
 
@@ -194,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the training variants")
+    p.add_argument("--kinds", default="mse_cos",
+                   help="comma-separated residual kinds scored for the first model (mse, cos, mse_cos, mahalanobis)")
+    p.add_argument("--steps", choices=("all", "core"), default="all",
+                   help="core: skip the smaller coresets, the layer sets and the share sweep")
     p.add_argument("--work", type=Path, default=REPO / ".devdata" / "residual_val")
     p.add_argument("--out", type=Path, default=HERE / "results" / "residual_val.json")
     args = p.parse_args(argv)
@@ -277,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     order = greedy_coreset(rows_train, int(CORESETS[0] * rows_train.shape[0]), seed=base.train.seed)
     result["coreset_seconds_10pct"] = round(time.perf_counter() - t0, 1)
     dist: dict[float, dict[str, torch.Tensor]] = {}
-    for ratio in CORESETS:
+    for ratio in CORESETS if args.steps == "all" else CORESETS[:1]:
         bank = rows_train[order[: int(ratio * rows_train.shape[0])]]
         sq = (bank * bank).sum(dim=1)
         with torch.inference_mode():
@@ -308,25 +321,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         pipe = det.pipeline
         with torch.inference_mode():
             recon = {k: torch.cat([pipe.reconstructions(c)[0] for c in torch.split(x, 16)]) for k, x in xs.items()}
-        layer_sets = LAYER_SETS if name == names[0] else {"all": LAYER_SETS["all"]}
+        layer_sets = LAYER_SETS if name == names[0] and args.steps == "all" else {"all": LAYER_SETS["all"]}
         for lname, layers in layer_sets.items():
             res = {k: residual_grid(recon[k], xs[k], layers, kind) for k in xs}
             residuals[f"{name} / {lname}"] = res
             record(f"residual alone: {name}, layers {lname}", res)
             record(f"blend {SHARE}: {name}, layers {lname}, coreset 0.1", blended(res, dist[0.1], SHARE))
-            if name == names[0] and lname == "all":
+            if lname == "all":
                 record(f"blend {SHARE}: {name}, layers all, calibration images added to the bank",
+                       blended(res, dist_all, SHARE))
+        if kind == "mse_cos":
+            # other residual kinds of the same reconstructions, alone and blended (all layers)
+            for other in [k.strip() for k in args.kinds.split(",") if k.strip() and k.strip() != kind]:
+                stats = fit_residual_stats(det, raw_train) if other == "mahalanobis" else None
+                res = {k: residual_grid(recon[k], xs[k], LAYER_SETS["all"], other, stats) for k in xs}
+                residuals[f"{name} / residual {other}"] = res
+                record(f"residual alone: {name}, residual {other}", res)
+                record(f"blend {SHARE}: {name}, residual {other}, coreset 0.1", blended(res, dist[0.1], SHARE))
+                record(f"blend {SHARE}: {name}, residual {other}, calibration images added to the bank",
                        blended(res, dist_all, SHARE))
         save()
         del recon
 
     # 4. separate shares for map and score (first model, best layer set on mt_val)
-    first_sets = [k for k in residuals if k.startswith(names[0] + " / ")]
+    first_sets = [k for k in residuals if k.startswith(names[0] + " / ") and " / residual " not in k]
     best = max(first_sets, key=lambda k: mean3(rows[f"blend {SHARE}: {names[0]}, layers {k.split(' / ')[1]}, coreset 0.1"]["mt_val"]))
     res = residuals[best]
-    for share in (0.5, 0.7, 0.8, 0.95):
+    for share in (0.5, 0.7, 0.8, 0.95) if args.steps == "all" else ():
         record(f"blend {share}: {best}, coreset 0.1", blended(res, dist[0.1], share))
-    for score_share in (0.5, 0.7, 0.8):
+    for score_share in (0.5, 0.7, 0.8) if args.steps == "all" else ():
         g_map, g_score = blended(res, dist[0.1], SHARE), blended(res, dist[0.1], score_share)
         record(f"map share {SHARE}, score share {score_share}: {best}", g_map, g_score)
     save()
