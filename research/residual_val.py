@@ -68,7 +68,7 @@ from stmae.evaluate import mask_at  # noqa: E402
 from stmae.fitting import fit_residual_stats  # noqa: E402
 from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
-from stmae.model import STMAE, feature_residual  # noqa: E402
+from stmae.model import STMAE, feature_residual, reconstruction_loss  # noqa: E402
 from stmae.model.memory import BLEND_QUANTILES, greedy_coreset, nearest_distances, patch_rows  # noqa: E402
 from stmae.pipeline import blend, postprocess  # noqa: E402
 from stmae.protocols import split_real_defects  # noqa: E402
@@ -89,14 +89,12 @@ SHARE = 0.9  # the default memory share
 
 
 # ---------------------------------------------------------------------- training variants
-def _hard_mined_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0) -> torch.Tensor:
-    per_cell = (recon - feats).pow(2).mean(dim=1) + cos_weight * (1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6))
-    cut = torch.quantile(per_cell.detach().flatten(), 0.9)
-    weight = torch.where(per_cell.detach() < cut, 0.1, 1.0)
-    return (per_cell * weight).mean()
+def _hard_mined_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0) -> torch.Tensor:
+    """Dinomaly's hard mining at 0.9, as the package now offers it (``train.hard_mining``)."""
+    return reconstruction_loss(recon, feats, cos_weight, hard_mining=0.9)
 
 
-def _group_cosine_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0) -> torch.Tensor:
+def _group_cosine_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0) -> torch.Tensor:
     return torch.stack([
         (1.0 - F.cosine_similarity(recon[:, s], feats[:, s], dim=1, eps=1e-6)).mean() for s in LAYER_SLICES.values()
     ]).mean()

@@ -120,6 +120,14 @@ def test_loss_and_residuals():
     f = torch.randn(2, 6, 4, 4)
     assert reconstruction_loss(f, f).item() == pytest.approx(0.0, abs=1e-6)
     assert reconstruction_loss(-f, f, cos_weight=1.0).item() == pytest.approx((4 * f.pow(2)).mean().item() + 2.0, rel=1e-4)
+    # Hard mining: 24 easy cells (squared error 0.01) and 8 hard ones (4.0); the easiest 75 %
+    # count at 0.1, so the loss is (24 * 0.1 * 0.01 + 8 * 4) / 32, not the plain mean.
+    hard = torch.zeros(2, 1, 4, 4)
+    hard[0, :, :2] = 1.0
+    recon = f + torch.where(hard > 0, 2.0, 0.1)
+    assert reconstruction_loss(recon, f, cos_weight=0.0).item() == pytest.approx((24 * 0.01 + 8 * 4) / 32, rel=1e-5)
+    assert reconstruction_loss(recon, f, 0.0, hard_mining=0.75).item() == pytest.approx((24 * 0.1 * 0.01 + 8 * 4) / 32, rel=1e-5)
+    assert reconstruction_loss(-f, f, 1.0, hard_mining=0.0).item() == reconstruction_loss(-f, f).item()
     r = f + 1.0
     mse = feature_residual(r, f, "mse")
     assert mse.shape == (2, 4, 4) and torch.allclose(mse, torch.ones(2, 4, 4))

@@ -71,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: int = 5
     cos_weight: float = 1.0  # loss = MSE + cos_weight * (1 - cosine)
+    hard_mining: float = 0.0  # share of the easiest grid cells per batch whose loss counts at 0.1 (Dinomaly; 0 = off)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     val_fraction: float = 0.1  # share of good images held out to calibrate the threshold
     seed: int = 0
@@ -142,6 +143,7 @@ class Config:
         _check(t.epochs >= 1, "train.epochs must be >= 1")
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
         _check(0.0 <= t.ema < 1.0, "train.ema must be in [0, 1)")
+        _check(0.0 <= t.hard_mining < 1.0, "train.hard_mining must be in [0, 1)")
         _check(0.0 <= t.val_fraction < 1.0, "train.val_fraction must be in [0, 1)")
         _check(t.checkpoint_seconds >= 0, "train.checkpoint_seconds must be >= 0")
         _check(i.num_pairs >= 1, "infer.num_pairs must be >= 1")

@@ -189,7 +189,7 @@ def train_model(
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, total, warmup, cfg.lr)
             with autocast(device):
-                loss = reconstruction_loss(model(batch, split).float(), batch, cfg.cos_weight)
+                loss = reconstruction_loss(model(batch, split).float(), batch, cfg.cos_weight, cfg.hard_mining)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -153,12 +153,28 @@ def _expand(index: torch.Tensor, dim: int) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, dim)
 
 
-def reconstruction_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0) -> torch.Tensor:
+#: Loss weight of the cells below the hard-mining cut (Dinomaly's down-weighting of easy points).
+EASY_CELL_WEIGHT = 0.1
+
+
+def reconstruction_loss(
+    recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0
+) -> torch.Tensor:
     """Training loss on the feature grid: mean squared error + cos_weight * (1 - cosine).
 
     The MSE term matches magnitudes; the cosine term matches the direction of each position's
     feature vector, which is what separates semantic content.
+
+    ``hard_mining`` > 0 (Dinomaly, Guo et al. 2024): the easiest ``hard_mining`` share of
+    grid cells in the batch (lowest loss) count at :data:`EASY_CELL_WEIGHT`, so training
+    spends itself on the cells it still reconstructs badly, not on refining flat background.
+    With 0 every cell counts fully (the same value as the plain means above).
     """
-    mse = (recon - feats).pow(2).mean()
-    cos = 1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6).mean()
-    return mse + cos_weight * cos
+    if hard_mining <= 0.0:
+        mse = (recon - feats).pow(2).mean()
+        cos = 1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6).mean()
+        return mse + cos_weight * cos
+    per_cell = (recon - feats).pow(2).mean(dim=1) + cos_weight * (1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6))
+    cut = torch.quantile(per_cell.detach().flatten().float(), hard_mining)
+    weight = torch.where(per_cell.detach() < cut, EASY_CELL_WEIGHT, 1.0)
+    return (per_cell * weight).mean()
