@@ -142,6 +142,8 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "accurate_model": _ACCURATE_MODEL,
     "accurate_model_x2": {**_ACCURATE_MODEL, "train.epochs": "x2"},
     "mse_loss_only": {"train.cos_weight": 0.0},
+    "hard_mining": {"train.hard_mining": 0.9},
+    "aggregate_3_hard_mining": {"features.aggregate": 3, "train.hard_mining": 0.9},
     "ema_0.99": {"train.ema": 0.99},
     "patch_2": {"model.patch_size": 2},
     "split_block_2": {"model.split_block": 2},
