@@ -22,7 +22,8 @@ def test_cli_fit_predict_test(tiny_mvtec, tmp_path):
     r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "run"), "--config", str(cfg), "--epochs", "3", "-q")
     assert r.returncode == 0, r.stderr
     assert "trained on 7 images (1 held out)" in r.stdout
-    assert "memory: 44 of 448 training patches kept" in r.stdout  # 10 % of 7 images x 8 x 8 cells
+    # 10 % of 8 images x 8 x 8 cells: the held-out image joins the bank after calibration
+    assert "memory: 51 of 512 training patches kept (with the 1 held-out images, banked after calibration)" in r.stdout
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["epochs"] == 3
 
     r = run("predict", str(tmp_path / "run"), str(tiny_mvtec / "test"), "--out", str(tmp_path / "preds"), "-q")

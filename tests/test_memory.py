@@ -96,8 +96,10 @@ def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, 
     fitted = stmae.fit(tiny_mvtec, tmp_path / "run", cfg, quiet=True)
     det = fitted.detector
     meta = json.loads((fitted.run_dir / "meta.json").read_text())
-    assert meta["memory"]["bank_patches"] == int(0.5 * 7 * 8 * 8)  # 7 fit images (1 held out), grid 8
-    assert meta["memory"]["train_patches"] == 7 * 8 * 8 and meta["memory"]["held_out_images_banked"] == 0
+    # 7 fit images and 1 held out, grid 8: by default the bank is chosen from all 8 after calibration
+    assert meta["memory"]["bank_patches"] == int(0.5 * 8 * 8 * 8)
+    assert meta["memory"]["bank_patches_at_calibration"] == int(0.5 * 7 * 8 * 8)
+    assert meta["memory"]["train_patches"] == 8 * 8 * 8 and meta["memory"]["held_out_images_banked"] == 1
     assert meta["memory"]["residual_median"] == det.memory.residual_median > 0
 
     loaded = stmae.load(fitted.run_dir, device="cpu")

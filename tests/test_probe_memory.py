@@ -85,7 +85,7 @@ def test_package_variant_scores_the_fitted_model_with_and_without_its_memory(tin
     tasks = {"p": SimpleNamespace(test=ds.test, masks=masks)}
     row = probe.package_variant(cfg, ds.train, tasks, {"p": feats}, lambda m: None)
     assert set(row["scores"]["p"]) == {"package_memory", "package_residual"}
-    assert row["memory"]["bank_patches"] == int(0.1 * 7 * 64)  # 8 training images, 1 held out, grid 8
+    assert row["memory"]["bank_patches"] == int(0.1 * 8 * 64)  # 8 training images (1 held out, banked after calibration), grid 8
     cells = row["scores"]["p"]
     # the red squares of tiny_mvtec are found by the fitted model with and without its memory
     assert cells["package_memory"]["image_auroc"] == 1.0 and cells["package_residual"]["image_auroc"] == 1.0
