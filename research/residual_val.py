@@ -25,13 +25,15 @@ and of the speed issue that cannot be answered by timing alone:
    of each type against the good images of ``mt_val``).
 
 All blends are the package's quantile blend (``stmae.pipeline.blend``) with ranges from the
-held-out good images of the fit. The variants that change training are set up here, by
-patching the loss or the model's input for the duration of one fit: they are research
-rows, and only what wins moves into the package.
+held-out good images of the fit. Training variants the package offers (hard mining:
+``train.hard_mining``) are config overrides; the others are set up here, by patching the
+loss or the model's input for the duration of one fit: they are research rows, and only
+what wins moves into the package.
 
 Also, with ``--kinds``, other residual kinds of each model's reconstructions (plain
 squared error, cosine, Mahalanobis; alone, the first and the last localised better than the
-default on ``mt_val`` in ``research/ablation.py --protocol mt_real``), each alone and blended; ``--steps core`` leaves out steps 1's smaller banks, 2 and 4.
+default on ``mt_val`` in ``research/ablation.py --protocol mt_real``), each alone and
+blended. ``--steps core`` leaves out the smaller banks of step 1, and steps 2 and 4.
 
 Run: ``python research/residual_val.py [--data DIR] [--threads 2]`` (about 45 min on 2 CPU
 threads); writes ``research/results/residual_val.json`` (or ``--out``) after every model, so a stopped run
@@ -68,7 +70,7 @@ from stmae.evaluate import mask_at  # noqa: E402
 from stmae.fitting import fit_residual_stats  # noqa: E402
 from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
-from stmae.model import STMAE, feature_residual, reconstruction_loss  # noqa: E402
+from stmae.model import STMAE, feature_residual  # noqa: E402
 from stmae.model.memory import BLEND_QUANTILES, greedy_coreset, nearest_distances, patch_rows  # noqa: E402
 from stmae.pipeline import blend, postprocess  # noqa: E402
 from stmae.protocols import split_real_defects  # noqa: E402
@@ -89,12 +91,8 @@ SHARE = 0.9  # the default memory share
 
 
 # ---------------------------------------------------------------------- training variants
-def _hard_mined_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0) -> torch.Tensor:
-    """Dinomaly's hard mining at 0.9, as the package now offers it (``train.hard_mining``)."""
-    return reconstruction_loss(recon, feats, cos_weight, hard_mining=0.9)
-
-
 def _group_cosine_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0) -> torch.Tensor:
+    """Dinomaly's cosine per layer group (``hard_mining``: the training loop's argument, unused here)."""
     return torch.stack([
         (1.0 - F.cosine_similarity(recon[:, s], feats[:, s], dim=1, eps=1e-6)).mean() for s in LAYER_SLICES.values()
     ]).mean()
@@ -119,14 +117,16 @@ def patched(loss: Callable[..., torch.Tensor] | None = None, jitter: float = 0.0
         STMAE.forward = old_forward  # type: ignore[method-assign]
 
 
-#: name -> (preset, loss, jitter, residual kind); all 40 epochs, memory off in the fit (banks are built here).
-MODELS: dict[str, tuple[str, Callable[..., torch.Tensor] | None, float, str]] = {
-    "fast": ("fast", None, 0.0, "mse_cos"),
-    "accurate size": ("accurate", None, 0.0, "mse_cos"),
-    "hard-mined loss": ("fast", _hard_mined_loss, 0.0, "mse_cos"),
-    "jitter 0.5": ("fast", None, 0.5, "mse_cos"),
-    "group cosine loss": ("fast", _group_cosine_loss, 0.0, "group_cos"),
-    "jitter 1.0": ("fast", None, 1.0, "mse_cos"),
+#: name -> (preset, config overrides, patched loss, jitter, residual kind); all 40 epochs,
+#: memory off in the fit (banks are built here). Variants the package offers are overrides;
+#: the others are patched in for one fit (:func:`patched`).
+MODELS: dict[str, tuple[str, dict[str, Any], Callable[..., torch.Tensor] | None, float, str]] = {
+    "fast": ("fast", {}, None, 0.0, "mse_cos"),
+    "accurate size": ("accurate", {}, None, 0.0, "mse_cos"),
+    "hard-mined loss": ("fast", {"train.hard_mining": 0.9}, None, 0.0, "mse_cos"),
+    "jitter 0.5": ("fast", {}, None, 0.5, "mse_cos"),
+    "group cosine loss": ("fast", {}, _group_cosine_loss, 0.0, "group_cos"),
+    "jitter 1.0": ("fast", {}, None, 1.0, "mse_cos"),
 }
 
 
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the training variants")
     p.add_argument("--kinds", default="mse_cos",
-                   help="comma-separated residual kinds scored for the first model (mse, cos, mse_cos, mahalanobis)")
+                   help="comma-separated residual kinds scored for each mse_cos model (mse, cos, mse_cos, mahalanobis)")
     p.add_argument("--steps", choices=("all", "core"), default="all",
                    help="core: skip the smaller coresets, the layer sets and the share sweep")
     p.add_argument("--work", type=Path, default=REPO / ".devdata" / "residual_val")
@@ -252,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fitted: dict[str, Any] = {}
 
     def fit_model(name: str) -> Any:
-        preset_name, loss, jitter, _ = MODELS[name]
+        preset_name, overrides, loss, jitter, _ = MODELS[name]
         cfg = preset_config(preset_name).override(
-            {"train.epochs": args.epochs, "train.device": "cpu", "infer.memory": 0.0})
+            {**overrides, "train.epochs": args.epochs, "train.device": "cpu", "infer.memory": 0.0})
         run = args.work / name.replace(" ", "_")
         if (run / "meta.json").is_file():
             det = stmae.load(run, device="cpu")
@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     residuals: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
         det = fitted.get(name) or fit_model(name)
-        kind = MODELS[name][3]
+        kind = MODELS[name][4]
         pipe = det.pipeline
         with torch.inference_mode():
             recon = {k: torch.cat([pipe.reconstructions(c)[0] for c in torch.split(x, 16)]) for k, x in xs.items()}
