@@ -1168,11 +1168,17 @@ def merge_previous(results: dict[str, Any], previous: dict[str, Any], rerun: Seq
                 check_same_code(row.get("provenance", fallback), results,
                                 f"{source}: dataset 'magnetic_tile', row {row['row']!r}")
     for key in kept:
-        results["settings"].setdefault(key, previous.get("settings", {}).get(key))
-        if key in (previous.get("reduced_settings") or {}):
-            results["reduced_settings"][key] = previous["reduced_settings"][key]
+        _carry_settings(results, previous, key)
     results["datasets"] = in_run_order({**kept, **results["datasets"]})
     results["merged_runs"] = [*previous.get("merged_runs", [previous.get("command")]), results["command"]]
+
+
+def _carry_settings(results: dict[str, Any], source: dict[str, Any], key: str) -> None:
+    """Dataset ``key``'s settings and reduction note from ``source`` (another results file),
+    kept where ``results`` has its own settings for it (``--merge`` and ``--combine`` share this)."""
+    results["settings"].setdefault(key, (source.get("settings") or {}).get(key))
+    if key in (source.get("reduced_settings") or {}):
+        results["reduced_settings"][key] = source["reduced_settings"][key]
 
 
 def merge_protocol_rows(
@@ -1292,9 +1298,7 @@ def combine(files: Sequence[Path]) -> dict[str, Any]:
                 results["reduced_settings"].update(describe_reductions(results["settings"], [key]))
                 continue
             results["datasets"][key] = entry
-            results["settings"][key] = (part.get("settings") or {}).get(key)
-            if key in (part.get("reduced_settings") or {}):
-                results["reduced_settings"][key] = part["reduced_settings"][key]
+            _carry_settings(results, part, key)
         results["merged_runs"] += part.get("merged_runs") or [part.get("command")]
         results["total_seconds"] += float(part.get("total_seconds") or 0.0)
     results["datasets"] = in_run_order(results["datasets"])
