@@ -19,8 +19,9 @@ ST-MAE uses the library calls (:func:`stmae.fit` + :func:`stmae.evaluate`;
 bank on exactly ST-MAE's features and map recipe), run on the same samples with the ST-MAE
 run's configuration. One-class rows are means over the classes run; per-class figures are
 in the JSON and in the Markdown's per-class tables. Note that ST-MAE holds out
-``train.val_fraction`` (10 %) of the training images to calibrate its threshold, while the
-baseline banks all of them.
+``train.val_fraction`` (10 %) of the training images to calibrate its threshold (they join
+its memory afterwards under ``infer.memory_held_out``, the default); the baseline banks all
+of them.
 
 Targets (from the project's issue) are printed and written next to the figures with a
 met/missed flag: Magnetic Tile 200-protocol ST-MAE >= anomalib PatchCore 0.900 / 0.800 /
@@ -817,7 +818,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "ST-MAE calibrates its decision threshold on good images it does not train on (10 % held out of the "
         "training images, or separate validation images where the settings say so); the threshold does not "
         "enter these threshold-free metrics. The kNN baseline banks all training images; ST-MAE's memory "
-        "(where the settings name one) banks the images it trains on. One-class rows are means over the classes "
+        "(where the settings name one) banks the images it trains on and, after calibration, the held-out ones "
+        "(`infer.memory_held_out`, the default; the patch counts in the settings say which). One-class rows are means over the classes "
         "run (per class below). `fit s` = feature extraction + training (ST-MAE; + the memory's coreset where "
         "used, not in the residual-only row) or + coreset selection (kNN)."
     )
