@@ -133,10 +133,13 @@ def test_graph_inputs_outputs_metadata_and_threshold_override(tiny_root, default
     t, c = float(inits["threshold"][0]), float(inits["center"][0])
     assert t == pytest.approx(det.threshold) and c == pytest.approx(det.calibration.center)
     np.testing.assert_allclose(normalized, normalize(scores, t, c), atol=1e-5)
-    t2 = float(np.median(scores))
-    _, _, norm2 = session.run(None, {"images": batch, "threshold": np.array([t2], np.float32), "center": np.array([0.0], np.float32)})
-    np.testing.assert_allclose(norm2, normalize(scores, t2, 0.0), atol=1e-5)
-    assert norm2.min() < 0.5 < norm2.max()  # the override moved scores across 0.5
+    # Override both: the median score as threshold, a center below every score (a good image
+    # may score below 0, since the held-out images join the bank after calibration), so that
+    # no normalised score is clipped at 0 and the override must move them across 0.5.
+    t2, c2 = float(np.median(scores)), float(scores.min()) - 1.0
+    _, _, norm2 = session.run(None, {"images": batch, "threshold": np.array([t2], np.float32), "center": np.array([c2], np.float32)})
+    np.testing.assert_allclose(norm2, normalize(scores, t2, c2), atol=1e-5)
+    assert 0.0 < norm2.min() < 0.5 < norm2.max()  # the override moved scores across 0.5
 
     # the runtime's override: labels follow the given threshold, the stored one is untouched
     rt = open_model(path)
