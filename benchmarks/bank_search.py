@@ -8,6 +8,9 @@ patches of 176 channels) and per query count (one 32 x 32 grid = 1,024 queries, 
 32 grids = 32,768 queries, batch 32):
 
 - ``torch``: :func:`stmae.model.memory.nearest_distances` (exact, float32);
+- ``bf16``: :class:`stmae.model.memory.BankSearch`, what predict runs on a CPU with AMX: a
+  bf16 product rules bank rows out, the rest are measured in float32 (exact; its largest
+  difference from a float64 search is reported, and whether this CPU has AMX);
 - ``faiss flat``: ``IndexFlatL2`` (exact, the same brute force in faiss's BLAS kernels);
 - ``faiss hnsw``: ``IndexHNSWFlat`` (M 32, efSearch 64): approximate, reported with its
   recall (share of queries whose nearest patch it finds) and largest distance error.
@@ -33,7 +36,7 @@ import torch
 
 from stmae import provenance
 from stmae.fileio import atomic_write_json
-from stmae.model.memory import nearest_distances
+from stmae.model.memory import BankSearch, bf16_matmul_is_fast, nearest_distances
 
 HERE = Path(__file__).resolve().parent
 CHANNELS = 176
@@ -95,6 +98,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "bank": bank_rows, "queries": q_rows,
                     "torch_ms": median_ms(lambda: nearest_distances(tq, tb, tsq), args.repeats),
                 }
+                t0 = time.perf_counter()
+                search = BankSearch(tb)
+                row["bf16_build_s"] = round(time.perf_counter() - t0, 4)
+                row["bf16_ms"] = median_ms(lambda: search(tq), args.repeats)
+                truth = np.concatenate([
+                    torch.cdist(tq[i : i + 4096].double(), tb.double()).amin(dim=1).numpy()
+                    for i in range(0, q_rows, 4096)
+                ])
+                row["bf16_max_abs_diff_vs_float64"] = float(np.abs(search(tq).numpy() - truth).max())
+                row["torch_max_abs_diff_vs_float64"] = float(np.abs(exact - truth).max())
+                row["bf16_over_torch"] = row["bf16_ms"] / row["torch_ms"]
             if flat is not None and hnsw is not None:
                 row["faiss_flat_ms"] = median_ms(lambda: flat.search(q, 1), args.repeats)
                 d_flat = np.sqrt(np.maximum(flat.search(q, 1)[0][:, 0], 0))
@@ -113,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "channels": CHANNELS,
         "threads": args.threads,
         "faiss": None if faiss is None else faiss.__version__,
+        "amx": bf16_matmul_is_fast(),
         "note": None if faiss is not None else "faiss-cpu is not installed: torch rows only",
         "rows": rows,
         "provenance": provenance.collect("cpu", started=started),

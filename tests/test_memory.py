@@ -42,6 +42,47 @@ def test_bank_is_a_coreset_of_the_training_patches_and_banked_patches_are_at_dis
         PatchMemory.fit(feats, 0.0)
 
 
+def _exact_nearest(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(queries.double(), bank.double()).amin(dim=1).float()
+
+
+def test_bf16_bank_search_returns_the_exact_nearest_distance():
+    """BankSearch rules rows out in bf16 and measures the rest in float32: its answer is the
+    float64 nearest distance to float32 rounding, on clustered data full of near-ties (rows a
+    bf16 product cannot tell apart), duplicates, queries on bank rows and far-away queries."""
+    gen = torch.Generator().manual_seed(0)
+    centres = 3.0 * torch.randn(20, 48, generator=gen)
+    bank = centres[torch.randint(20, (3000,), generator=gen)] + 0.3 * torch.randn(3000, 48, generator=gen)
+    bank[1500:1600] = bank[:100]  # duplicates in other chunks
+    bank[1600:1700] = bank[100:200] + 1e-3 * torch.randn(100, 48, generator=gen)  # near-ties below bf16 resolution
+    queries = torch.cat([
+        centres[torch.randint(20, (900,), generator=gen)] + 0.3 * torch.randn(900, 48, generator=gen),
+        bank[:50],  # at distance 0
+        100.0 + torch.randn(50, 48, generator=gen),  # far from everything
+    ])
+    search = memory_module.BankSearch(bank, chunk=64)
+    got = search(queries)
+    expected = _exact_nearest(queries, bank)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert float(got[900:950].max()) < 1e-3 and float(got[950:].min()) > 500.0
+    # Blocks of queries (a small SEARCH_BLOCK) and a bank that is not a multiple of the chunk.
+    odd = memory_module.BankSearch(bank[:2999], chunk=100)
+    torch.testing.assert_close(odd(queries), _exact_nearest(queries, bank[:2999]), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_bank_search_falls_back_for_non_finite_queries_and_is_used_only_where_it_pays(monkeypatch):
+    bank = torch.randn(300, 8)
+    queries = torch.randn(10, 8)
+    queries[3, 2] = float("nan")
+    got = memory_module.BankSearch(bank)(queries)
+    assert torch.isnan(got[3]) and torch.allclose(got[:3], _exact_nearest(queries[:3], bank), atol=1e-4)
+    monkeypatch.setattr(memory_module, "bf16_matmul_is_fast", lambda: True)
+    assert memory_module.bank_search(torch.randn(100, 8)) is None  # below SEARCH_MIN_BANK
+    assert isinstance(memory_module.bank_search(torch.randn(memory_module.SEARCH_MIN_BANK, 8)), memory_module.BankSearch)
+    monkeypatch.setattr(memory_module, "bf16_matmul_is_fast", lambda: False)
+    assert memory_module.bank_search(torch.randn(memory_module.SEARCH_MIN_BANK, 8)) is None
+
+
 coreset_speed = load_benchmark("coreset_speed")
 
 

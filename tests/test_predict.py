@@ -58,11 +58,18 @@ def reference_grid_maps(det: stmae.Detector, feats: torch.Tensor) -> torch.Tenso
 
 
 @pytest.mark.parametrize(
-    "memory,pairs,residual,blend",
-    [(0.8, 2, "mse_cos", "median"), (0.8, 1, "mse_cos", "quantile"), (0.0, 3, "mse_cos", "median"),
-     (1.0, 2, "mse_cos", "median"), (0.0, 2, "mahalanobis", "median")],
+    "memory,pairs,residual,blend,bf16_search",
+    [(0.8, 2, "mse_cos", "median", False), (0.8, 1, "mse_cos", "quantile", False), (0.0, 3, "mse_cos", "median", False),
+     (1.0, 2, "mse_cos", "median", False), (0.0, 2, "mahalanobis", "median", False),
+     (0.8, 1, "mse_cos", "quantile", True), (1.0, 1, "mse_cos", "median", True)],
 )
-def test_fast_path_equals_reference_path(run_dir, tiny_data, memory, pairs, residual, blend):
+def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory, pairs, residual, blend, bf16_search):
+    from stmae.model import memory as memory_module
+
+    # The bf16 bank search on whatever CPU runs the tests (it is exact everywhere, fast with AMX);
+    # otherwise the float32 search, also on an AMX machine.
+    monkeypatch.setattr(memory_module, "bf16_matmul_is_fast", lambda: bf16_search)
+    monkeypatch.setattr(memory_module, "SEARCH_MIN_BANK", 1)
     det = stmae.load(run_dir, device="cpu")
     det.config.infer.memory, det.config.infer.num_pairs, det.config.infer.residual = memory, pairs, residual
     det.config.infer.blend = blend
@@ -78,6 +85,8 @@ def test_fast_path_equals_reference_path(run_dir, tiny_data, memory, pairs, resi
     fast = det.grid_maps(det.stats.apply(feats))
     torch.testing.assert_close(fast, reference_grid_maps(det, feats), rtol=0, atol=1e-5)
     assert det.splits.shape[0] == pairs  # the pipeline follows a changed setting
+    if memory > 0:
+        assert isinstance(det.pipeline._search, memory_module.BankSearch) == bf16_search
 
 
 def test_detector_copies_what_it_is_given(run_dir):

@@ -60,8 +60,7 @@ def fit_memory(
     The coreset ratio is ``infer.memory_coreset``; selection runs on the detector's device.
     """
     pipe = _residual_pipeline(detector)
-    x = pipe.standardize(train_feats.to(detector.device))
-    memory = PatchMemory.fit(x, detector.config.infer.memory_coreset, seed=seed, quiet=quiet)
+    memory = _coreset_bank(detector, pipe, train_feats, seed, quiet)
     residuals, distances = [], []
     for chunk in torch.split(calib_feats, detector.config.infer.batch_size):
         c = pipe.standardize(chunk.to(detector.device))
@@ -69,6 +68,14 @@ def fit_memory(
         distances.append(memory.distances(c))
     memory.calibrate(torch.cat(residuals), torch.cat(distances))
     return memory
+
+
+def _coreset_bank(
+    detector: "Detector", pipe: MapPipeline, raw_feats: torch.Tensor, seed: int, quiet: bool
+) -> PatchMemory:
+    """The coreset bank (ratio ``infer.memory_coreset``) of raw features, standardised, on the detector's device."""
+    x = pipe.standardize(raw_feats.to(detector.device))
+    return PatchMemory.fit(x, detector.config.infer.memory_coreset, seed=seed, quiet=quiet)
 
 
 @torch.no_grad()
@@ -80,7 +87,7 @@ def bank_held_out_images(
     Why: the held-out images are good images like any other; PatchCore (and the kNN
     yardstick) bank every one it is given, ST-MAE's fit used to bank only those it trained
     the transformer on. On ``mt_val`` banking them raised the default blend from 0.924 /
-    0.781 / 0.775 to 0.928 / 0.785 / 0.774 (docs/research.md, "Real-defect validation").
+    0.781 / 0.775 to 0.928 / 0.785 / 0.774 (docs/research.md, "Round 2, step 3").
     The blend's medians and quantile ranges, and the thresholds set from the held-out
     scores, stay those measured while the images were unseen: a good image scores at most
     as high against the larger bank, so the thresholds err towards fewer false alarms.
@@ -89,8 +96,7 @@ def bank_held_out_images(
     if memory is None:
         raise ValueError("the detector has no memory bank to extend")
     pipe = _residual_pipeline(detector)
-    x = pipe.standardize(torch.cat([train_feats, held_out_feats]).to(detector.device))
-    bank = PatchMemory.fit(x, detector.config.infer.memory_coreset, seed=seed, quiet=quiet).bank
+    bank = _coreset_bank(detector, pipe, torch.cat([train_feats, held_out_feats]), seed, quiet).bank
     extended = dataclasses.replace(memory, bank=bank)
     detector.memory = extended
     return extended

@@ -4,6 +4,10 @@ Why: heat maps and full-resolution maps are made from a model-size map after sco
 the torch Detector and by the torch-free runtime of an exported model. Both call
 :func:`resize_map`, which reproduces ``torch.nn.functional.interpolate(mode="bilinear",
 align_corners=False)`` (tested against it), so a map looks the same whichever engine made it.
+
+The same resize and the Gaussian smoothing, written as matrices (:func:`resize_operator`,
+:func:`blur_operator`), turn the whole model-size post-processing into two small matrix
+products (``stmae.pipeline.postprocess``).
 """
 
 from __future__ import annotations
@@ -38,4 +42,34 @@ def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (top * (1 - wy)[:, None] + bottom * wy[:, None]).astype(np.float32)
 
 
-__all__ = ["resize_map"]
+def resize_operator(out_size: int, in_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 matrix of the bilinear resize along one axis (:func:`_axis`)."""
+    lo, hi, w = _axis(out_size, in_size)
+    op = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    np.add.at(op, (rows, lo), 1.0 - w.astype(np.float64))
+    np.add.at(op, (rows, hi), w.astype(np.float64))
+    return op
+
+
+def blur_operator(size: int, sigma: float, reflect: bool = True) -> np.ndarray:
+    """(size, size) float64 matrix of the 1-D Gaussian smoothing of ``stmae.pipeline.gaussian_blur``:
+    kernel radius 4 sigma, border ``reflect`` (mirror without repeating the edge) or replicate."""
+    if sigma <= 0:
+        return np.eye(size)
+    radius = max(1, int(4.0 * sigma + 0.5))
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    op = np.zeros((size, size))
+    for i in range(size):
+        src = i + offsets
+        if reflect:
+            src = np.abs(src)
+            src = np.where(src > size - 1, 2 * (size - 1) - src, src)
+        src = np.clip(src, 0, size - 1)
+        np.add.at(op[i], src, kernel)
+    return op
+
+
+__all__ = ["blur_operator", "resize_map", "resize_operator"]

@@ -68,6 +68,10 @@ def stream_predictions(
     ) as bar:
 
         def submit(chunk: Sequence[Item]) -> Future:
+            if len(chunks) == 1 and len(chunk) == 1:  # one image (batch-1 latency): no thread handoff
+                done: Future = Future()
+                done.set_result([prepare(chunk[0])])
+                return done
             return pool.submit(lambda: list(pool.map(prepare, chunk)))
 
         pending = submit(chunks[0]) if chunks else None
