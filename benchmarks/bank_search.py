@@ -10,7 +10,10 @@ patches of 176 channels) and per query count (one 32 x 32 grid = 1,024 queries, 
 - ``torch``: :func:`stmae.model.memory.nearest_distances` (exact, float32);
 - ``bf16``: :class:`stmae.model.memory.BankSearch`, what predict runs on a CPU with AMX: a
   bf16 product rules bank rows out, the rest are measured in float32 (exact; its largest
-  difference from a float64 search is reported, and whether this CPU has AMX);
+  difference from a float64 search is reported, and whether this CPU has AMX). On these
+  tight random clusters bf16 cannot rule enough rows out, so it falls back to float32
+  (``bf16_fell_back_to_float32``): this is its worst case. Its speed on real features is in
+  ``benchmarks/speed.py`` (``bank_search``);
 - ``faiss flat``: ``IndexFlatL2`` (exact, the same brute force in faiss's BLAS kernels);
 - ``faiss hnsw``: ``IndexHNSWFlat`` (M 32, efSearch 64): approximate, reported with its
   recall (share of queries whose nearest patch it finds) and largest distance error.
@@ -109,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 row["bf16_max_abs_diff_vs_float64"] = float(np.abs(search(tq).numpy() - truth).max())
                 row["torch_max_abs_diff_vs_float64"] = float(np.abs(exact - truth).max())
                 row["bf16_over_torch"] = row["bf16_ms"] / row["torch_ms"]
+                row["bf16_fell_back_to_float32"] = search.gave_up
             if flat is not None and hnsw is not None:
                 row["faiss_flat_ms"] = median_ms(lambda: flat.search(q, 1), args.repeats)
                 d_flat = np.sqrt(np.maximum(flat.search(q, 1)[0][:, 0], 0))

@@ -23,6 +23,8 @@ What it times, per preset (``default``, ``accurate``):
   map difference relative to the threshold and label agreement on the test images;
 - peak resident memory (``ru_maxrss``, the process's peak so far; on CUDA
   ``max_memory_allocated``);
+- ``bank_search``: the memory-bank search alone on real test features, the bf16 search with
+  its float32 check against the float32 search, with their distance from a float64 search;
 - ``decode``: a 2448 x 2048 camera-sized JPEG (a test image scaled up) read in full and at
   the reduced scale the model size allows (``read_image(..., reduce_to=256)``), and
   ``Detector.predict`` on that file (reduced decode) against ``full_resolution=True`` (full
@@ -155,6 +157,34 @@ def parity(a: Detector, b: Detector, images: list[np.ndarray]) -> dict[str, floa
     }
 
 
+def time_bank_search(det: Detector, images: list[np.ndarray], calls: int) -> dict[str, Any]:
+    """The bank search alone on real test features: the bf16 search with its float32 check
+    (:class:`stmae.model.memory.BankSearch`) against the float32 search, one image's patches
+    (batch 1) and 32 images' patches, and how far each is from a float64 search."""
+    from stmae.model.memory import BankSearch, nearest_distances
+
+    size = det.config.features.image_size
+    pipe = det.pipeline
+    with torch.inference_mode():
+        feats = pipe.features(to_tensor_batch([resize_image(im, size) for im in images[:32]]))
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).contiguous()
+    one = rows[: feats.shape[2] * feats.shape[3]]
+    bank = pipe.bank
+    search = BankSearch(bank)
+    truth = torch.cat([torch.cdist(rows[i : i + 4096].double(), bank.double()).amin(dim=1) for i in range(0, len(rows), 4096)])
+    out: dict[str, Any] = {"bank_rows": int(bank.shape[0]), "queries_b1": int(one.shape[0]), "queries_b32": int(rows.shape[0])}
+    with torch.inference_mode():
+        out["bf16_b1"] = timed(lambda: search(one), calls)
+        out["float32_b1"] = timed(lambda: nearest_distances(one, bank), calls)
+        out["bf16_b32"] = timed(lambda: search(rows), 5)
+        out["float32_b32"] = timed(lambda: nearest_distances(rows, bank), 5)
+        out["bf16_max_abs_diff_vs_float64"] = float((search(rows).double() - truth).abs().max())
+        out["float32_max_abs_diff_vs_float64"] = float((nearest_distances(rows, bank).double() - truth).abs().max())
+    out["bf16_fell_back_to_float32"] = search.gave_up
+    out["bf16_over_float32_b1"] = out["bf16_b1"]["median_ms"] / out["float32_b1"]["median_ms"]
+    return out
+
+
 def bench_preset(name: str, train: Sequence[Sample], test: Sequence[Sample], args: argparse.Namespace,
                  device: torch.device, work: Path) -> dict[str, Any]:
     cfg = preset_config(name)
@@ -198,6 +228,8 @@ def bench_preset(name: str, train: Sequence[Sample], test: Sequence[Sample], arg
         row["bf16"]["parity_vs_fp32"] = parity(det, bf, images)
     if name == args.presets_list[0]:
         row["decode"] = time_decode(det, images[0], work, args.calls)
+        if device.type == "cpu" and det.memory is not None:
+            row["bank_search"] = time_bank_search(det, images, args.calls)
     row["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     row["run_dir"] = str(result.run_dir)
     return row
@@ -316,6 +348,14 @@ def summary(results: dict[str, Any]) -> str:
                 f"{d['read_reduced']['median_ms']:.0f} ms reduced ({d['read_speedup']:.1f}x); predict "
                 f"{d['predict_reduced_decode']['median_ms']:.0f} ms vs {d['predict_full_resolution']['median_ms']:.0f} ms "
                 "at full resolution"
+            )
+        if "bank_search" in row:
+            b = row["bank_search"]
+            lines.append(
+                f"{name:9s} bank search ({b['bank_rows']} rows): b1 bf16 {b['bf16_b1']['median_ms']:.1f} ms vs float32 "
+                f"{b['float32_b1']['median_ms']:.1f} ms; b32 {b['bf16_b32']['median_ms']:.0f} vs "
+                f"{b['float32_b32']['median_ms']:.0f} ms; from float64 {b['bf16_max_abs_diff_vs_float64']:.1e} vs "
+                f"{b['float32_max_abs_diff_vs_float64']:.1e}"
             )
     k = results["knn"]
     lines.append(f"kNN      : b1 {k['predict_b1']['median_ms']:.1f} ms, b32 {k['predict_b32']['images_per_second']:.1f} img/s, fit {k['fit_seconds']:.0f} s")

@@ -51,23 +51,39 @@ def test_bf16_bank_search_returns_the_exact_nearest_distance():
     float64 nearest distance to float32 rounding, on clustered data full of near-ties (rows a
     bf16 product cannot tell apart), duplicates, queries on bank rows and far-away queries."""
     gen = torch.Generator().manual_seed(0)
-    centres = 3.0 * torch.randn(20, 48, generator=gen)
-    bank = centres[torch.randint(20, (3000,), generator=gen)] + 0.3 * torch.randn(3000, 48, generator=gen)
+    centres = torch.randn(20, 48, generator=gen)
+    bank = centres[torch.randint(20, (3000,), generator=gen)] + torch.randn(3000, 48, generator=gen)
     bank[1500:1600] = bank[:100]  # duplicates in other chunks
     bank[1600:1700] = bank[100:200] + 1e-3 * torch.randn(100, 48, generator=gen)  # near-ties below bf16 resolution
     queries = torch.cat([
-        centres[torch.randint(20, (900,), generator=gen)] + 0.3 * torch.randn(900, 48, generator=gen),
+        centres[torch.randint(20, (900,), generator=gen)] + torch.randn(900, 48, generator=gen),
         bank[:50],  # at distance 0
-        100.0 + torch.randn(50, 48, generator=gen),  # far from everything
+        bank[100:150] + 5e-4 * torch.randn(50, 48, generator=gen),  # between two near-tied rows
     ])
     search = memory_module.BankSearch(bank, chunk=64)
     got = search(queries)
+    assert search._misses == 0 and not search.gave_up  # bf16 ruled rows out: no float32 fallback
     expected = _exact_nearest(queries, bank)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-    assert float(got[900:950].max()) < 1e-3 and float(got[950:].min()) > 500.0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert float(got[900:950].max()) == 0.0  # exactly: |q - b|^2 of equal rows, not an expanded product
     # Blocks of queries (a small SEARCH_BLOCK) and a bank that is not a multiple of the chunk.
     odd = memory_module.BankSearch(bank[:2999], chunk=100)
     torch.testing.assert_close(odd(queries), _exact_nearest(queries, bank[:2999]), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_bank_search_turns_to_float32_where_bf16_cannot_rule_rows_out(monkeypatch):
+    """Tight clusters in many dimensions put hundreds of rows within bf16's error of the
+    nearest: such blocks are searched in float32, and after two in a row the search stays there."""
+    gen = torch.Generator().manual_seed(1)
+    centres = 2.0 * torch.randn(8, 176, generator=gen)
+    bank = centres[torch.randint(8, (3000,), generator=gen)] + 0.5 * torch.randn(3000, 176, generator=gen)
+    queries = centres[torch.randint(8, (256,), generator=gen)] + 0.5 * torch.randn(256, 176, generator=gen)
+    monkeypatch.setattr(memory_module, "SEARCH_BLOCK", 64 * 3000)  # blocks of 64 queries
+    search = memory_module.BankSearch(bank)
+    assert search._block(queries[:64]) is None  # too many rows stay in
+    got = search(queries)
+    assert search.gave_up
+    torch.testing.assert_close(got, _exact_nearest(queries, bank), rtol=1e-5, atol=1e-4)
 
 
 def test_bf16_bank_search_falls_back_for_non_finite_queries_and_is_used_only_where_it_pays(monkeypatch):

@@ -87,6 +87,7 @@ def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory
     assert det.splits.shape[0] == pairs  # the pipeline follows a changed setting
     if memory > 0:
         assert isinstance(det.pipeline._search, memory_module.BankSearch) == bf16_search
+        assert not bf16_search or det.pipeline._search._misses == 0  # bf16 ruled rows out itself
 
 
 def test_detector_copies_what_it_is_given(run_dir):

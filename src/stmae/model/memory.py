@@ -243,6 +243,13 @@ SEARCH_CHUNK = 256
 SEARCH_MIN_BANK = 2048
 #: Upper bound on elements of the (queries x bank) bf16 product of one block (64 MB).
 SEARCH_BLOCK = 1 << 25
+#: Past these many (query, chunk) pairs or rows per query left to check, a block is searched
+#: in float32 instead: checking them would cost more than the bf16 pass saves. Magnetic Tile
+#: keeps about 4 pairs and 4 rows per query; tight clusters in many dimensions keep hundreds.
+SEARCH_MAX_CHUNKS = 16
+SEARCH_MAX_ROWS = 32
+#: Blocks in a row that fall back to float32 before a BankSearch stops trying bf16.
+SEARCH_MAX_MISSES = 2
 
 
 def bf16_matmul_is_fast() -> bool:
@@ -283,7 +290,11 @@ class BankSearch:
       ``|q - b|^2``, which is also closer to the float64 truth than the expanded
       ``|q|^2 - 2 q.b + |b|^2`` of :func:`nearest_distances` (2e-6 against 5e-5 there).
 
-    Non-finite queries take the float32 path. ``benchmarks/bank_search.py`` times it.
+    Non-finite queries take the float32 path, and so does a block where too many rows stay
+    in (:data:`SEARCH_MAX_CHUNKS`, :data:`SEARCH_MAX_ROWS`): patches in tight clusters, all at
+    nearly one distance, which bf16 cannot tell apart; after :data:`SEARCH_MAX_MISSES` such
+    blocks in a row the search stays in float32. ``benchmarks/bank_search.py`` times both
+    cases.
     """
 
     def __init__(self, bank: torch.Tensor, chunk: int = SEARCH_CHUNK) -> None:
@@ -305,6 +316,10 @@ class BankSearch:
         self.norm_max = centred.norm(dim=1).view(self.chunks, chunk).amax(dim=1) * (1 + 1e-6)
         self.sq_max = sq.view(self.chunks, chunk).amax(dim=1) * (1 + 1e-6)
         self._local = threading.local()  # one product buffer per thread (a fresh one page-faults)
+        self._misses = 0
+        #: True once :data:`SEARCH_MAX_MISSES` blocks in a row kept too many rows: this bank's
+        #: patches are too close together for bf16 to tell apart, so float32 from then on.
+        self.gave_up = False
 
     def bound(self, query_norms: torch.Tensor) -> torch.Tensor:
         """E(q, chunk) (Q, chunks): the largest error of ``a`` over the rows of a chunk."""
@@ -314,15 +329,24 @@ class BankSearch:
     def __call__(self, queries: torch.Tensor) -> torch.Tensor:
         """Queries (Q, C) -> L2 distance to the nearest bank row (Q,), in float32."""
         queries = queries.float()
-        if not bool(torch.isfinite(queries).all()):
+        if self.gave_up or not bool(torch.isfinite(queries).all()):
             return nearest_distances(queries, self.source)
         out = torch.empty(queries.shape[0], dtype=torch.float32)
         step = max(64, min(1024, SEARCH_BLOCK // self.rows.shape[0]))
         for start in range(0, queries.shape[0], step):
-            out[start : start + step] = self._block(queries[start : start + step])
+            q = queries[start : start + step]
+            found = self._block(q)
+            if found is None:  # bf16 could not rule enough rows out: float32 for this block
+                self._misses += 1
+                self.gave_up = self._misses >= SEARCH_MAX_MISSES
+                found = nearest_distances(q, self.source)
+            else:
+                self._misses = 0
+            out[start : start + step] = found
         return out
 
-    def _block(self, q: torch.Tensor) -> torch.Tensor:
+    def _block(self, q: torch.Tensor) -> torch.Tensor | None:
+        """One block of queries; None when too many rows stay in (then float32 is cheaper)."""
         n = q.shape[0]
         buffer = getattr(self._local, "buffer", None)
         if buffer is None or buffer.shape[0] < n:
@@ -340,11 +364,18 @@ class BankSearch:
             low = bits.view(torch.bfloat16).float()  # (n, chunks)
         err = self.bound(norms)
         upper = (low + err).amin(dim=1, keepdim=True)
-        line = upper + 1e-4 * (upper.abs() + 1.0) + err  # rows above it cannot be the nearest
-        qi, ci = torch.nonzero(low <= line, as_tuple=True)
-        p, s = torch.nonzero(per_chunk[qi, ci].float() <= line[qi, ci].unsqueeze(1), as_tuple=True)
-        rows_q, rows_b = qi[p], ci[p] * self.chunk + s
-        sq = (q[rows_q] - self.rows[rows_b]).square_().sum(dim=1)
+        line = (upper + 1e-4 * (upper.abs() + 1.0) + err).view(-1)  # rows above it cannot be the nearest
+        pairs = torch.nonzero(low.view(-1) <= line).squeeze(1)  # (query, chunk) pairs, as query * chunks + chunk
+        if pairs.numel() > n * SEARCH_MAX_CHUNKS:
+            return None
+        values = approx.view(n * self.chunks, self.chunk).index_select(0, pairs).float()
+        p, s = torch.nonzero(values <= line.index_select(0, pairs).unsqueeze(1), as_tuple=True)
+        if p.numel() > n * SEARCH_MAX_ROWS:
+            return None
+        pair = pairs.index_select(0, p)
+        rows_q = torch.div(pair, self.chunks, rounding_mode="floor")
+        rows_b = (pair - rows_q * self.chunks) * self.chunk + s
+        sq = (q.index_select(0, rows_q) - self.rows.index_select(0, rows_b)).square_().sum(dim=1)
         best = torch.full((n,), math.inf).scatter_reduce_(0, rows_q, sq, "amin")
         return best.sqrt_()
 
