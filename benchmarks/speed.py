@@ -19,7 +19,9 @@ What it times, per preset (``default``, ``accurate``):
 - ``predict_b1``: ``Detector.predict`` on one decoded uint8 image (resize included), median
   and p95 over ``--calls`` calls after warm-up;
 - ``predict_b32``: images per second of ``Detector.predict`` on 32 images at once;
-- the same two with ``infer.precision = bf16`` (CPU autocast), with their parity: the largest
+- ``predict_b1_after_idle``: the batch-1 call again, each after 0.2 s idle, as on a line that
+  scores one part at a time (back-to-back calls keep caches and clocks warm);
+- the same with ``infer.precision = bf16`` (CPU autocast), with their parity: the largest
   map difference relative to the threshold and label agreement on the test images;
 - peak resident memory (``ru_maxrss``, the process's peak so far; on CUDA
   ``max_memory_allocated``);
@@ -119,7 +121,26 @@ def time_detector(det: Detector, images: list[np.ndarray], calls: int, device: t
 
     row = {"predict_b1": timed(b1, calls), "predict_b32": throughput(b32, 32)}
     row["b32_over_b1_rate"] = row["predict_b32"]["images_per_second"] / (1000.0 / row["predict_b1"]["median_ms"])
+    row["predict_b1_after_idle"] = timed_after_idle(b1, IDLE_CALLS, IDLE_GAP_S)
     return row
+
+
+#: A line scores one part at a time: batch-1 latency is also timed with this idle gap
+#: before each call (back-to-back calls keep caches and clocks warm; a gap does not).
+IDLE_GAP_S = 0.2
+IDLE_CALLS = 50
+
+
+def timed_after_idle(fn: Callable[[], Any], calls: int, gap_s: float) -> dict[str, float]:
+    """Median and p95 wall time (ms) of ``calls`` calls, each after ``gap_s`` seconds idle."""
+    fn()
+    times = []
+    for _ in range(calls):
+        time.sleep(gap_s)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return {"median_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "calls": calls, "gap_s": gap_s}
 
 
 def time_decode(det: Detector, image: np.ndarray, work: Path, calls: int) -> dict[str, Any]:
@@ -333,7 +354,8 @@ def summary(results: dict[str, Any]) -> str:
             lines.append(
                 f"{name:9s} {prec}: b1 {r['predict_b1']['median_ms']:.1f} ms (p95 {r['predict_b1']['p95_ms']:.1f}), "
                 f"{r['b1_over_extractor']:.2f}x extractor ({row['extractor_b1']['median_ms']:.1f} ms); "
-                f"b32 {r['predict_b32']['images_per_second']:.1f} img/s = {r['b32_over_b1_rate']:.2f}x b1 rate"
+                f"b32 {r['predict_b32']['images_per_second']:.1f} img/s = {r['b32_over_b1_rate']:.2f}x b1 rate; "
+                f"b1 after {r['predict_b1_after_idle']['gap_s']:g} s idle {r['predict_b1_after_idle']['median_ms']:.1f} ms"
             )
         f = row["fit"]
         lines.append(
