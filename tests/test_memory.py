@@ -94,9 +94,22 @@ def test_bf16_bank_search_falls_back_for_non_finite_queries_and_is_used_only_whe
     assert torch.isnan(got[3]) and torch.allclose(got[:3], _exact_nearest(queries[:3], bank), atol=1e-4)
     monkeypatch.setattr(memory_module, "bf16_matmul_is_fast", lambda: True)
     assert memory_module.bank_search(torch.randn(100, 8)) is None  # below SEARCH_MIN_BANK
-    assert isinstance(memory_module.bank_search(torch.randn(memory_module.SEARCH_MIN_BANK, 8)), memory_module.BankSearch)
+    big = torch.randn(memory_module.SEARCH_MIN_BANK, 8)
+    search = memory_module.bank_search(big)
+    assert search is not None
+    torch.testing.assert_close(search(queries[4:]), _exact_nearest(queries[4:], big), rtol=1e-5, atol=1e-5)
+    # A memory builds its search once and reuses it chunk after chunk, until its bank changes.
+    memory = PatchMemory(big)
+    feats = queries[4:].T.reshape(1, 8, 2, 3)
+    first = memory.distances(feats)
+    built = memory._bank_search[1]
+    torch.testing.assert_close(memory.distances(feats), first, rtol=0, atol=0)
+    assert memory._bank_search[1] is built and not built.gave_up
+    torch.testing.assert_close(first.flatten(), _exact_nearest(patch_rows(feats), big), rtol=1e-5, atol=1e-5)
+    memory.bank = big + 100.0
+    assert float(memory.distances(feats).min()) > 100.0 and memory._bank_search[1] is not built
     monkeypatch.setattr(memory_module, "bf16_matmul_is_fast", lambda: False)
-    assert memory_module.bank_search(torch.randn(memory_module.SEARCH_MIN_BANK, 8)) is None
+    assert memory_module.bank_search(big) is None
 
 
 coreset_speed = load_benchmark("coreset_speed")

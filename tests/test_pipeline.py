@@ -154,6 +154,8 @@ def test_postprocess_as_two_matrix_products_equals_upsampling_then_blurring(grid
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-5)  # float32 rounding of values up to 40
     torch.testing.assert_close(fast_scores, ref_scores, rtol=1e-6, atol=1e-5)
     assert float(fast[1, :4, -4:].mean()) > float(fast[0, :4, -4:].mean()) + 1.0  # the hot cell shows
+    wide = torch.rand(2, grid, grid + 3, generator=gen)  # a grid that is not square
+    torch.testing.assert_close(postprocess(wide, infer, size)[0], reference_postprocess(wide, infer, size)[0], rtol=1e-6, atol=1e-5)
 
 
 def test_feature_padding_is_a_crop_of_the_reflected_image():

@@ -52,12 +52,17 @@ def resize_operator(out_size: int, in_size: int) -> np.ndarray:
     return op
 
 
+def blur_radius(sigma: float) -> int:
+    """Kernel radius of the map's Gaussian smoothing: 4 sigma, rounded, at least 1."""
+    return max(1, int(4.0 * sigma + 0.5))
+
+
 def blur_operator(size: int, sigma: float, reflect: bool = True) -> np.ndarray:
     """(size, size) float64 matrix of the 1-D Gaussian smoothing of ``stmae.pipeline.gaussian_blur``:
-    kernel radius 4 sigma, border ``reflect`` (mirror without repeating the edge) or replicate."""
+    kernel radius :func:`blur_radius`, border ``reflect`` (mirror without repeating the edge) or replicate."""
     if sigma <= 0:
         return np.eye(size)
-    radius = max(1, int(4.0 * sigma + 0.5))
+    radius = blur_radius(sigma)
     offsets = np.arange(-radius, radius + 1)
     kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
     kernel /= kernel.sum()
@@ -72,4 +77,4 @@ def blur_operator(size: int, sigma: float, reflect: bool = True) -> np.ndarray:
     return op
 
 
-__all__ = ["blur_operator", "resize_map", "resize_operator"]
+__all__ = ["blur_operator", "blur_radius", "resize_map", "resize_operator"]

@@ -32,9 +32,9 @@ from torch import nn
 
 from .config import InferConfig
 from .features import FeatureExtractor, FeatureStats
-from .mapops import blur_operator, resize_operator
+from .mapops import blur_operator, blur_radius, resize_operator
 from .model import STMAE, PatchMemory, ResidualStats, complementary_splits, feature_residual
-from .model.memory import bank_search, nearest_distances
+from .model.memory import nearest_distances, search_bank
 
 if TYPE_CHECKING:
     from .config import Config
@@ -43,7 +43,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian smoothing of (N, H, W) maps; kernel radius 4 sigma, reflect border."""
     if sigma <= 0:
         return maps
-    radius = max(1, int(4.0 * sigma + 0.5))
+    radius = blur_radius(sigma)
     x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
@@ -67,25 +67,24 @@ def image_scores(maps: torch.Tensor, score: str = "max", topk: float = 0.01) -> 
 @functools.lru_cache(maxsize=16)
 def _post_operator(grid: int, image_size: int, sigma: float) -> torch.Tensor:
     """(S, G) float32 matrix: bilinear upsampling then Gaussian smoothing along one axis."""
-    reflect = max(1, int(4.0 * sigma + 0.5)) < image_size  # as gaussian_blur chooses
+    reflect = blur_radius(sigma) < image_size  # as gaussian_blur chooses for the (S, S) map
     op = blur_operator(image_size, sigma, reflect) @ resize_operator(image_size, grid)
     return torch.from_numpy(op.astype(np.float32))
 
 
 def postprocess(grid: torch.Tensor, infer: InferConfig, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,)).
+    """Grid maps (N, H, W) -> (maps (N, S, S) at the input size, scores (N,)).
 
     Bilinear upsampling, Gaussian smoothing, then the image score: the end of every map
     recipe in the project (ST-MAE's and the kNN yardstick's). Both steps are linear and
-    separable, so they run as ``A @ grid @ A.T`` with one (S, G) matrix ``A`` (built in
-    numpy, a constant in an exported graph): 0.1 ms at 256 px instead of 2 ms for an
-    upsampled map and two padded convolutions, equal to that path
+    separable, so they run as ``A_H @ grid @ A_W.T`` with one (S, H) and one (S, W) matrix
+    (built in numpy, constants in an exported graph): 0.1 ms at 256 px instead of 2 ms for
+    an upsampled map and two padded convolutions, equal to that path
     (:func:`reference_postprocess`) within float32 rounding.
     """
-    if grid.shape[-1] != grid.shape[-2]:
-        return reference_postprocess(grid, infer, image_size)
-    op = _post_operator(int(grid.shape[-1]), int(image_size), float(infer.sigma)).to(grid.device, grid.dtype)
-    maps = torch.matmul(torch.matmul(op, grid), op.T)
+    h, w = int(grid.shape[-2]), int(grid.shape[-1])
+    op_h, op_w = (_post_operator(n, int(image_size), float(infer.sigma)).to(grid.device, grid.dtype) for n in (h, w))
+    maps = torch.matmul(torch.matmul(op_h, grid), op_w.T)
     return maps, image_scores(maps, infer.score, infer.topk)
 
 
@@ -252,12 +251,9 @@ class MapPipeline(nn.Module):
         """
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-            if getattr(self, "_search_bank", None) is not self.bank:  # first call, or moved by .to()
-                self._search, self._search_bank = bank_search(self.bank), self.bank
-            if self._search is not None:
-                return self._search(rows).view(n, h, w)
-        return nearest_distances(rows, self.bank, self.bank_sq).view(n, h, w)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return nearest_distances(rows, self.bank, self.bank_sq).view(n, h, w)
+        return search_bank(self, rows, self.bank, self.bank_sq).view(n, h, w)
 
     def grid_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised features -> anomaly maps on the grid (N, G, G): residual, distance or their blend."""

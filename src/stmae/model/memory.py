@@ -388,6 +388,19 @@ def bank_search(bank: torch.Tensor) -> "BankSearch | None":
     return BankSearch(bank)
 
 
+def search_bank(owner: object, rows: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Nearest-bank-row distances of ``rows`` (Q, C): :class:`BankSearch` where it pays, else
+    :func:`nearest_distances`. The search is built once per bank tensor and kept on ``owner``
+    (a pipeline, a memory), so scoring chunk after chunk does not sort and convert the bank
+    again; a bank moved or replaced (another tensor) gets a new one."""
+    cached = getattr(owner, "_bank_search", None)
+    if cached is None or cached[0] is not bank:
+        cached = (bank, bank_search(bank))
+        object.__setattr__(owner, "_bank_search", cached)
+    search = cached[1]
+    return search(rows) if search is not None else nearest_distances(rows, bank, bank_sq)
+
+
 #: Quantiles of held-out good images' grid cells that span [0, 1] in the ``quantile`` blend.
 BLEND_QUANTILES = (0.90, 0.995)
 
@@ -424,9 +437,7 @@ class PatchMemory:
         """Standardised features (N, C, G, G) -> distance of each position to its nearest bank patch (N, G, G)."""
         n, _, h, w = feats.shape
         bank = self.bank.to(feats.device, torch.float32)
-        search = bank_search(bank)
-        rows = patch_rows(feats.float())
-        return (search(rows) if search is not None else nearest_distances(rows, bank)).view(n, h, w)
+        return search_bank(self, patch_rows(feats.float()), bank).view(n, h, w)
 
     def calibrate(self, residual_maps: torch.Tensor, distance_maps: torch.Tensor) -> None:
         """Medians and quantile ranges from the grid maps of good images (any shape; all cells count)."""
