@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 
@@ -106,6 +108,9 @@ def test_bf16_bank_search_falls_back_for_non_finite_queries_and_is_used_only_whe
     torch.testing.assert_close(memory.distances(feats), first, rtol=0, atol=0)
     assert memory._bank_search[1] is built and not built.gave_up
     torch.testing.assert_close(first.flatten(), _exact_nearest(patch_rows(feats), big), rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(memory)  # a memory that has searched can still be copied (and pickled)
+    torch.testing.assert_close(copied.distances(feats), first, rtol=0, atol=0)
+    assert pickle.loads(pickle.dumps(built))(patch_rows(feats)).shape == (6,)
     memory.bank = big + 100.0
     assert float(memory.distances(feats).min()) > 100.0 and memory._bank_search[1] is not built
     monkeypatch.setattr(memory_module, "bf16_matmul_is_fast", lambda: False)

@@ -321,6 +321,17 @@ class BankSearch:
         #: patches are too close together for bf16 to tell apart, so float32 from then on.
         self.gave_up = False
 
+    def __getstate__(self) -> dict:
+        # The per-thread product buffer is scratch space; thread-locals cannot be copied or
+        # pickled, so a copied detector (or pipeline, or memory) starts with fresh buffers.
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def bound(self, query_norms: torch.Tensor) -> torch.Tensor:
         """E(q, chunk) (Q, chunks): the largest error of ``a`` over the rows of a chunk."""
         u, qn = BF16_ROUNDOFF, query_norms.unsqueeze(1)
