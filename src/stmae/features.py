@@ -57,12 +57,13 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, H, W) RGB in [0, 1] -> features (N, C, grid, grid) float32.
 
-        Runs the backbone on at most :data:`BACKBONE_CHUNK` images at a time (one call under
-        tracing, where the batch size is symbolic). Every image is processed on its own, so
+        On the CPU runs the backbone on at most :data:`BACKBONE_CHUNK` images at a time (one
+        call under tracing, where the batch size is symbolic, and on a GPU). Every image is processed on its own, so
         the chunking changes no value beyond float rounding of the convolution kernels.
         """
         n = images.shape[0]
-        if n > BACKBONE_CHUNK and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        on_cpu = images.device.type == "cpu"  # a GPU wants the whole batch in one call
+        if n > BACKBONE_CHUNK and on_cpu and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             return torch.cat([self._features(chunk) for chunk in images.split(BACKBONE_CHUNK)])
         return self._features(images)
 

@@ -72,6 +72,13 @@ def _post_operator(grid: int, image_size: int, sigma: float) -> torch.Tensor:
     return torch.from_numpy(op.astype(np.float32))
 
 
+@functools.lru_cache(maxsize=32)
+def _post_operator_on(grid: int, image_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_post_operator` kept on ``device``: on a GPU no host-to-device copy per call,
+    which a CUDA graph could not capture (:mod:`stmae.cuda_graphs`)."""
+    return _post_operator(grid, image_size, sigma).to(device, dtype)
+
+
 def postprocess(grid: torch.Tensor, infer: InferConfig, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid maps (N, H, W) -> (maps (N, S, S) at the input size, scores (N,)).
 
@@ -83,7 +90,7 @@ def postprocess(grid: torch.Tensor, infer: InferConfig, image_size: int) -> tupl
     (:func:`reference_postprocess`) within float32 rounding.
     """
     h, w = int(grid.shape[-2]), int(grid.shape[-1])
-    op_h, op_w = (_post_operator(n, int(image_size), float(infer.sigma)).to(grid.device, grid.dtype) for n in (h, w))
+    op_h, op_w = (_post_operator_on(n, int(image_size), float(infer.sigma), grid.device, grid.dtype) for n in (h, w))
     maps = torch.matmul(torch.matmul(op_h, grid), op_w.T)
     return maps, image_scores(maps, infer.score, infer.topk)
 
@@ -200,10 +207,12 @@ class MapPipeline(nn.Module):
 
     # ------------------------------------------------------------------ stages
     def _autocast(self, x: torch.Tensor, on_cuda: bool) -> torch.autocast:
-        """bf16 autocast: on CUDA when ``on_cuda``, on the CPU when ``infer.precision`` is bf16."""
+        """bf16 autocast where ``infer.precision`` is bf16; on CUDA also when ``on_cuda`` (the
+        transformer, which always runs in bf16 there)."""
+        bf16 = self.infer.precision == "bf16"
         if x.is_cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda)
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.infer.precision == "bf16")
+            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda or bf16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, S, S) in [0, 1] -> standardised features (N, C, G, G)."""

@@ -33,8 +33,11 @@ from tqdm.auto import tqdm
 #: ~128): k-center greedy is a long sequential loop over all patches, and distances in 128
 #: dims are cheaper than in 176 while approximately preserving which patch is farthest.
 PROJECTION_DIM = 128
-#: Upper bound on elements of one (query patches x bank) distance block (~128 MB float32).
+#: Upper bound on elements of one (query patches x bank) distance block on a CPU (16 MB
+#: float32: the block stays near the caches).
 DISTANCE_BLOCK = 1 << 22
+#: The same on a GPU (512 MB): a few large products instead of hundreds of small launches.
+DISTANCE_BLOCK_GPU = 1 << 27
 
 
 def patch_rows(feats: torch.Tensor) -> torch.Tensor:
@@ -223,7 +226,8 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     # One product buffer serves every block and the minima go straight into the output: a
     # fresh 16 MB block per step made glibc's heap fragment (a long scoring run grew past
     # 20 GB) and cost a page fault per 4 KB of every block.
-    rows = max(1, min(queries.shape[0], DISTANCE_BLOCK // max(1, bank.shape[0])))
+    budget = DISTANCE_BLOCK if queries.device.type == "cpu" else DISTANCE_BLOCK_GPU
+    rows = max(1, min(queries.shape[0], budget // max(1, bank.shape[0])))
     out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
     product = queries.new_empty(rows, bank.shape[0])
     row_sq, bank_t = bank_sq.unsqueeze(0), bank.T

@@ -1,0 +1,76 @@
+"""CUDA graphs of the map pipeline (stmae.cuda_graphs) and the pipeline on a GPU.
+
+The GPU tests run where CUDA is (a lent GPU machine: ``bash benchmarks/device_speed.sh``)
+and are skipped elsewhere; the refusal of a CPU pipeline runs everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stmae
+from stmae.cuda_graphs import GraphedPipeline
+from stmae.data import to_tensor_batch
+
+from .conftest import make_tiny_category, tiny_config
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cuda")
+    data = make_tiny_category(root / "tiny")
+    return stmae.fit(data, root / "run", tiny_config(**{"infer.memory": 0.5}), quiet=True).run_dir
+
+
+def _test_images(data: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """The tiny category's 6 test images at 64 px and their labels (good first, then the red spots)."""
+    from stmae.data import load_mvtec, resize_image
+
+    samples = load_mvtec(data).test
+    images = to_tensor_batch([resize_image(s.load_image(), 64) for s in samples])
+    return images, np.array([s.label for s in samples])
+
+
+def test_graphed_pipeline_refuses_a_cpu_pipeline(run_dir: Path) -> None:
+    det = stmae.load(run_dir, device="cpu")
+    with pytest.raises(ValueError, match="CUDA device; this one is on cpu"):
+        GraphedPipeline(det.pipeline)
+
+
+@needs_cuda
+def test_pipeline_on_cuda_matches_cpu_and_detects(run_dir: Path) -> None:
+    images, labels = _test_images(run_dir.parent / "tiny")
+    cpu_maps, cpu_scores = stmae.load(run_dir, device="cpu").score_tensor(images)
+    gpu = stmae.load(run_dir, device="cuda")
+    maps, scores = gpu.score_tensor(images)
+    # The transformer runs in bf16 on CUDA: maps agree with the CPU's up to that rounding.
+    t = gpu.threshold
+    assert float((maps - cpu_maps).abs().max()) < 0.1 * t
+    assert scores[labels == 1].min() > scores[labels == 0].max()  # the red spots outscore every good image
+
+
+@needs_cuda
+def test_graph_replay_equals_eager_for_each_new_input(run_dir: Path) -> None:
+    images, labels = _test_images(run_dir.parent / "tiny")
+    det = stmae.load(run_dir, device="cuda")
+    pipe = det.pipeline
+    graphed = GraphedPipeline(pipe, batch_sizes=(1,))
+    x = images.cuda()
+    with torch.inference_mode():
+        eager_maps, eager_scores = pipe(x)
+    maps, scores = graphed(x)  # batch 6: captured on first use
+    assert graphed.batch_sizes == [1, 6]
+    assert torch.allclose(maps, eager_maps, atol=1e-4 * det.threshold, rtol=0)
+    assert torch.allclose(scores, eager_scores, atol=1e-4 * det.threshold, rtol=0)
+    # One image at a time through the batch-1 graph: each replay sees its own input.
+    singles = torch.cat([graphed(x[i : i + 1])[1] for i in range(len(x))])
+    assert torch.allclose(singles, eager_scores, atol=1e-4 * det.threshold, rtol=0)
+    assert singles[torch.from_numpy(labels == 1).cuda()].min() > singles[torch.from_numpy(labels == 0).cuda()].max()
+    with pytest.raises(ValueError, match="expected images of shape"):
+        graphed(x[:, :, :32])
