@@ -49,9 +49,11 @@ def test_pipeline_on_cuda_matches_cpu_and_detects(run_dir: Path) -> None:
     cpu_maps, cpu_scores = stmae.load(run_dir, device="cpu").score_tensor(images)
     gpu = stmae.load(run_dir, device="cuda")
     maps, scores = gpu.score_tensor(images)
-    # The transformer runs in bf16 on CUDA: maps agree with the CPU's up to that rounding.
+    # The transformer runs in bf16 on CUDA: maps agree with the CPU's up to that rounding
+    # (0.14 of the threshold at most when measured: 0.16 on Magnetic Tile, benchmarks/results/speed-cuda.json).
     t = gpu.threshold
-    assert float((maps - cpu_maps).abs().max()) < 0.1 * t
+    assert float((maps - cpu_maps).abs().max()) < 0.3 * t
+    assert ((scores > t) == (cpu_scores > t)).all()
     assert scores[labels == 1].min() > scores[labels == 0].max()  # the red spots outscore every good image
 
 
@@ -68,9 +70,12 @@ def test_graph_replay_equals_eager_for_each_new_input(run_dir: Path) -> None:
     assert graphed.batch_sizes == [1, 6]
     assert torch.allclose(maps, eager_maps, atol=1e-4 * det.threshold, rtol=0)
     assert torch.allclose(scores, eager_scores, atol=1e-4 * det.threshold, rtol=0)
-    # One image at a time through the batch-1 graph: each replay sees its own input.
+    # One image at a time through the batch-1 graph: each replay sees its own input. (Against
+    # eager batch-1 runs: another batch size picks other bf16 kernels, a few % of the threshold away.)
     singles = torch.cat([graphed(x[i : i + 1])[1] for i in range(len(x))])
-    assert torch.allclose(singles, eager_scores, atol=1e-4 * det.threshold, rtol=0)
+    with torch.inference_mode():
+        eager_singles = torch.cat([pipe(x[i : i + 1])[1] for i in range(len(x))])
+    assert torch.allclose(singles, eager_singles, atol=1e-4 * det.threshold, rtol=0)
     assert singles[torch.from_numpy(labels == 1).cuda()].min() > singles[torch.from_numpy(labels == 0).cuda()].max()
     with pytest.raises(ValueError, match="expected images of shape"):
         graphed(x[:, :, :32])

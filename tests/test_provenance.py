@@ -70,12 +70,12 @@ def test_describe_is_one_line():
         "`python q.py` at commit 0123456789 (dirty), 2026-11-30, on Some CPU, 2 thread(s); stmae 0.1.0; 61 s")
 
 
-def test_commit_comes_from_the_environment_only_where_there_is_no_git(tmp_path, monkeypatch):
+def test_commit_comes_from_the_environment_when_given(tmp_path, monkeypatch):
+    # A copy of the tree on another machine: no git, or a stale .git. The variable's commit wins, marked.
     monkeypatch.setenv(provenance.COMMIT_VARIABLE, "abc123")
-    # A folder outside any repository (a copy of the tree on another machine): the variable's commit, marked.
-    state = provenance.git_state(tmp_path)
-    assert state == {"commit": "abc123", "commit_source": provenance.COMMIT_VARIABLE, "dirty": None, "modified": []}
-    # Inside the repository git wins over the variable.
-    assert provenance.git_state(REPO)["commit"] == _git("rev-parse", "HEAD")
+    expected = {"commit": "abc123", "commit_source": provenance.COMMIT_VARIABLE, "dirty": None, "modified": []}
+    assert provenance.git_state(tmp_path) == expected
+    assert provenance.git_state(REPO) == expected
     monkeypatch.delenv(provenance.COMMIT_VARIABLE)
     assert provenance.git_state(tmp_path)["commit"] is None
+    assert provenance.git_state(REPO)["commit"] == _git("rev-parse", "HEAD")

@@ -58,22 +58,23 @@ def _git(repo: Path, *args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-#: Where no git repository is (a copy of the tree sent to another machine), the commit the
-#: copy was made from can be given in this variable; the results file then says so.
+#: A copy of the tree sent to another machine may come without git, or with a ``.git`` that
+#: is not the one the copy was made from (seen on a lent GPU machine). The commit the copy was
+#: made from is then given in this variable; it wins over git, and the results file says so.
 COMMIT_VARIABLE = "STMAE_SOURCE_COMMIT"
 
 
 def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
     """``commit`` (full hash or None), ``dirty`` and ``modified`` (tracked files with uncommitted changes).
 
-    Without git, ``commit`` comes from :data:`COMMIT_VARIABLE` when it is set, with
-    ``commit_source`` naming it and ``dirty`` None (unknown: ``code_revision`` is the check).
+    With :data:`COMMIT_VARIABLE` set, ``commit`` is its value, ``commit_source`` names it and
+    ``dirty`` is None (unknown: ``code_revision``, the digest of the package's source, is the check).
     """
-    root = Path(repo) if repo is not None else PACKAGE_DIR
-    commit = (_git(root, "rev-parse", "HEAD") or "").strip() or None
-    if commit is None and os.environ.get(COMMIT_VARIABLE, "").strip():
+    if os.environ.get(COMMIT_VARIABLE, "").strip():
         return {"commit": os.environ[COMMIT_VARIABLE].strip(), "commit_source": COMMIT_VARIABLE, "dirty": None,
                 "modified": []}
+    root = Path(repo) if repo is not None else PACKAGE_DIR
+    commit = (_git(root, "rev-parse", "HEAD") or "").strip() or None
     status = _git(root, "status", "--porcelain", "--untracked-files=no") or ""
     modified = sorted(line[3:] for line in status.splitlines() if line.strip())
     return {"commit": commit, "dirty": bool(modified), "modified": modified}
