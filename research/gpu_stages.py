@@ -29,6 +29,7 @@ import torch
 
 from stmae import load, provenance
 from stmae.data import load_mvtec, resize_image, to_tensor_batch
+from stmae.model import memory
 from stmae.model.memory import nearest_distances
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stages["features_bf16_autocast"] = cuda_ms(lambda: pipe.features(x))
         xc = x.contiguous(memory_format=torch.channels_last)
         stages["features_channels_last"] = cuda_ms(lambda: pipe.features(xc))
+        stages["backbone_only_channels_last"] = cuda_ms(lambda: pipe.extractor.backbone(xc))
+        pipe.extractor.to(memory_format=torch.channels_last)
+        stages["features_channels_last_weights_too"] = cuda_ms(lambda: pipe.features(xc))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            stages["features_channels_last_weights_too_bf16"] = cuda_ms(lambda: pipe.features(xc))
+        stages["features_channels_last_max_abs_diff"] = float((pipe.features(xc) - feats).abs().max())
         res["stages_ms"] = stages
         n, c, h, w = feats.shape
         rows = feats.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
@@ -121,6 +128,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         search["tf32_search_ms"] = cuda_ms(lambda: nearest_distances(rows, bank, bank_sq))
         search["tf32_search_max_abs_err"] = float((nearest_distances(rows, bank, bank_sq).double() - truth).abs().max())
         torch.backends.cuda.matmul.allow_tf32 = False
+        blocks = {}
+        for shift in (20, 22, 23, 24, 25, 27):
+            memory.DISTANCE_BLOCK_GPU = 1 << shift
+            blocks[f"float32_block_2^{shift}_ms"] = cuda_ms(lambda: nearest_distances(rows, bank, bank_sq))
+            torch.backends.cuda.matmul.allow_tf32 = True
+            blocks[f"tf32_block_2^{shift}_ms"] = cuda_ms(lambda: nearest_distances(rows, bank, bank_sq))
+            torch.backends.cuda.matmul.allow_tf32 = False
+        memory.DISTANCE_BLOCK_GPU = 1 << 27
+        search["blocks"] = blocks
         search["bf16_top9_recheck_ms"] = cuda_ms(lambda: bf16_top_recheck(rows, bank))
         d, unc = bf16_top_recheck(rows, bank)
         search["bf16_top9_recheck_max_abs_err"] = float((d.double() - truth).abs().max())

@@ -16,8 +16,10 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_collect_records_command_commit_device_versions_and_seconds():
+def test_collect_records_command_commit_device_versions_and_seconds(monkeypatch):
     import time
+
+    monkeypatch.delenv(provenance.COMMIT_VARIABLE, raising=False)
 
     prov = provenance.collect("cpu", command="python benchmarks/x.py --flag", started=time.time() - 2.0)
     assert prov["command"] == "python benchmarks/x.py --flag"
