@@ -32,6 +32,12 @@ What it times, per preset (``default``, ``accurate``):
   ``Detector.predict`` on that file (reduced decode) against ``full_resolution=True`` (full
   decode and a full-size map).
 
+On a GPU (``--device cuda``) the bf16 rows are replaced by ``cuda``: the pipeline alone on
+64 images already on the device, eagerly and replayed from CUDA graphs, at batch 1 and 64, in
+both precisions, against the GPU targets (<= 2 ms at batch 1, >= 3,000 images/s at batch 64);
+``predict_b64`` is ``Detector.predict`` on 64 decoded images (resizing on the CPU included).
+``benchmarks/device_speed.sh`` runs it on a lent GPU machine.
+
 The kNN yardstick (the same backbone and coreset, :meth:`stmae.pipeline.MapPipeline.knn`) is
 timed the same way in the same run. With the export helper's ``benchmarks/speed_runtime.py``
 present, onnxruntime and OpenVINO rows are added.
@@ -172,9 +178,9 @@ CUDA_BATCH = 64
 def time_cuda(det: Detector, bf: Detector, images: list[np.ndarray], calls: int, device: torch.device) -> dict[str, Any]:
     """On a GPU: the pipeline alone on images already resized and resident on the device, at
     batch 1 (latency) and batch 64 (throughput), run eagerly and replayed from CUDA graphs
-    (:class:`stmae.cuda_graphs.GraphedPipeline`), with the backbone in fp32 (default) and
-    under bf16 autocast (``infer.precision = bf16``); each graph's largest map difference
-    from its eager run, and bf16's from fp32, relative to the threshold."""
+    (:class:`stmae.cuda_graphs.GraphedPipeline`), with the default precision and with
+    ``infer.precision = bf16`` (backbone autocast, TF32 bank search); each graph's largest map
+    difference from its eager run, and bf16's from fp32, relative to the threshold."""
     from stmae.cuda_graphs import GraphedPipeline
 
     size = det.config.features.image_size

@@ -79,3 +79,29 @@ def test_graph_replay_equals_eager_for_each_new_input(run_dir: Path) -> None:
     assert singles[torch.from_numpy(labels == 1).cuda()].min() > singles[torch.from_numpy(labels == 0).cuda()].max()
     with pytest.raises(ValueError, match="expected images of shape"):
         graphed(x[:, :, :32])
+
+
+def test_tf32_products_restore_the_setting_even_on_error() -> None:
+    from stmae.model.memory import tf32_products
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(RuntimeError):
+        with tf32_products(True):
+            assert torch.backends.cuda.matmul.allow_tf32 is True
+            raise RuntimeError("boom")
+    assert torch.backends.cuda.matmul.allow_tf32 is before
+    with tf32_products(False):
+        assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+@needs_cuda
+def test_tf32_bank_search_stays_near_the_float32_one() -> None:
+    from stmae.model.memory import nearest_distances
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bank = torch.randn(5000, 176, device="cuda", generator=gen)
+    queries = bank[:2000] + 0.3 * torch.randn(2000, 176, device="cuda", generator=gen)
+    exact = torch.cdist(queries.double(), bank.double()).amin(dim=1)
+    fast = nearest_distances(queries, bank, tf32=True).double()
+    assert float((fast - exact).abs().max()) < 2e-2 * float(exact.median())
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # restored

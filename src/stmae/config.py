@@ -94,7 +94,7 @@ class InferConfig:
     memory_coreset: float = 0.1  # fraction of training patches kept in the memory bank (greedy coreset)
     memory_held_out: bool = True  # after calibration, rebuild the bank over the held-out good images too (stmae.fitting.bank_held_out_images); chosen on mt_val
     batch_size: int = 16
-    precision: str = "fp32"  # fp32 | bf16: autocast of backbone and transformer (on CUDA the transformer always runs in bf16)
+    precision: str = "fp32"  # fp32 | bf16: autocast of backbone and transformer, and on CUDA a TF32 bank search (there the transformer always runs in bf16)
     threshold_rule: str = "max"  # max | quantile:Q | fpr:F over held-out good images (stmae.thresholds)
     min_calibration: int = MIN_CALIBRATION_IMAGES  # fewer held-out good images than this: fit warns that the threshold is a guess
 

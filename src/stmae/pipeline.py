@@ -256,13 +256,15 @@ class MapPipeline(nn.Module):
         """Standardised features (N, C, G, G) -> distance to the nearest bank patch (N, G, G).
 
         On a CPU with fast bf16 the exact :class:`~stmae.model.memory.BankSearch` runs (built
-        once per bank); under export, and elsewhere, the float32 blocked search.
+        once per bank); under export, and elsewhere, the float32 blocked search, whose
+        products run in TF32 on CUDA with ``infer.precision`` bf16.
         """
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return nearest_distances(rows, self.bank, self.bank_sq).view(n, h, w)
-        return search_bank(self, rows, self.bank, self.bank_sq).view(n, h, w)
+        tf32 = self.infer.precision == "bf16"
+        return search_bank(self, rows, self.bank, self.bank_sq, tf32=tf32).view(n, h, w)
 
     def grid_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised features -> anomaly maps on the grid (N, G, G): residual, distance or their blend."""

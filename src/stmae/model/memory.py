@@ -22,9 +22,11 @@ training patch features; the same code is the kNN yardstick's in ``benchmarks/``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -195,9 +197,30 @@ class _Candidates:
 EXPORT_BANK_BLOCK = 4096
 
 
+@contextlib.contextmanager
+def tf32_products(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matrix products in TF32 inside the block (tensor cores: about 3x faster
+    on an H200, research/results/gpu_stages.json); the previous setting is restored after.
+    The setting is process-wide while the block runs."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 @torch.no_grad()
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
+def nearest_distances(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, *, tf32: bool = False
+) -> torch.Tensor:
     """L2 distance of each query row (Q, C) to its nearest bank row (B, C) -> (Q,).
+
+    ``tf32``: on CUDA, the products in TF32 (:func:`tf32_products`); distances then move by
+    up to about 5e-3 (nearest distances are about 10 on Magnetic Tile), for a search 2x faster.
 
     Written as matrix products, ``|q|^2 - 2 q.b + |b|^2`` (``bank_sq`` = ``|b|^2`` when the
     caller keeps it), because that is fast on every device and exports to ONNX, where
@@ -231,11 +254,12 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
     product = queries.new_empty(rows, bank.shape[0])
     row_sq, bank_t = bank_sq.unsqueeze(0), bank.T
-    for start in range(0, queries.shape[0], rows):
-        q = queries[start : start + rows]
-        block = product[: q.shape[0]]
-        torch.addmm(row_sq, q, bank_t, alpha=-2.0, out=block)
-        torch.amin(block, dim=1, out=out[start : start + q.shape[0]])
+    with tf32_products(tf32 and queries.is_cuda):
+        for start in range(0, queries.shape[0], rows):
+            q = queries[start : start + rows]
+            block = product[: q.shape[0]]
+            torch.addmm(row_sq, q, bank_t, alpha=-2.0, out=block)
+            torch.amin(block, dim=1, out=out[start : start + q.shape[0]])
     return (out + (queries * queries).sum(dim=1)).clamp_min(0.0).sqrt()
 
 
@@ -403,7 +427,9 @@ def bank_search(bank: torch.Tensor) -> "BankSearch | None":
     return BankSearch(bank)
 
 
-def search_bank(owner: object, rows: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
+def search_bank(
+    owner: object, rows: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, *, tf32: bool = False
+) -> torch.Tensor:
     """Nearest-bank-row distances of ``rows`` (Q, C): :class:`BankSearch` where it pays, else
     :func:`nearest_distances`. The search is built once per bank tensor and kept on ``owner``
     (a pipeline, a memory), so scoring chunk after chunk does not sort and convert the bank
@@ -413,7 +439,7 @@ def search_bank(owner: object, rows: torch.Tensor, bank: torch.Tensor, bank_sq: 
         cached = (bank, bank_search(bank))
         object.__setattr__(owner, "_bank_search", cached)
     search = cached[1]
-    return search(rows) if search is not None else nearest_distances(rows, bank, bank_sq)
+    return search(rows) if search is not None else nearest_distances(rows, bank, bank_sq, tf32=tf32)
 
 
 #: Quantiles of held-out good images' grid cells that span [0, 1] in the ``quantile`` blend.
