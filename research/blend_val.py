@@ -12,6 +12,9 @@ and scores it many ways from the same grid maps:
   memory share s;
 - ``quantile s``: each map mapped to ``(m - q90) / (q995 - q90)`` with the 0.90 and 0.995
   quantiles of held-out good images' grid cells (as EfficientAD combines its two maps), share s;
+- ``gated s``: ``(1 - s) * max(r', 0) + s * d'`` on the quantile scale: the residual adds
+  evidence only where it exceeds its good-image 0.90 quantile;
+- ``max``: the larger of the two quantile-scaled maps;
 - ``split``: the image score of one variant with the map of another.
 
 Every choice is made on ``mt_val`` only; ``mt_test`` and the full test split are reported
@@ -129,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for s in (0.5, 0.8, 0.9):
             out[f"quantile {s}"] = ((1 - s) * qr + s * qd, None)
         out["split: map quantile 0.5, score memory"] = (0.5 * qr + 0.5 * qd, d)
+        # The residual as added evidence only: below its good-image 0.90 quantile it adds nothing.
+        for s in (0.5, 0.8):
+            out[f"gated {s}"] = ((1 - s) * qr.clamp_min(0) + s * qd, None)
+        out["max"] = (torch.maximum(qr, qd), None)
+        # One share for the image score, another for the map (issue: keep each part's strength).
+        out["split: map quantile 0.9, score quantile 0.5"] = (0.1 * qr + 0.9 * qd, 0.5 * qr + 0.5 * qd)
+        out["split: map gated 0.5, score quantile 0.5"] = (0.5 * qr.clamp_min(0) + 0.5 * qd, 0.5 * qr + 0.5 * qd)
         return out
 
     rows: dict[str, dict[str, Any]] = {}
@@ -165,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "metrics": f"image and pixel AUROC exact; AUPRO on {AUPRO_THRESHOLDS} quantile thresholds",
         },
         "fit_seconds": fit_seconds,
+        "model_code_revision": det.meta.get("code_revision"),  # a run folder found in --work is scored, not refitted
         "rows": rows,
         "chosen_on_mt_val": {"variant": best, "mean_of_three_metrics": round(mean_val(best), 4)},
         "provenance": provenance.collect("cpu", started=started),
