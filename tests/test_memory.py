@@ -149,6 +149,14 @@ def test_blend_puts_each_map_on_the_good_images_scale():
     assert memory.residual_range == pytest.approx((900.0, 995.0)) and memory.distance_range == pytest.approx((9000.0, 9950.0))
     q = blend_scales(memory, "quantile")
     assert blend(torch.tensor([900.0, 995.0]), torch.tensor([9950.0, 9000.0]), 0.5, q).tolist() == pytest.approx([0.5, 0.5])
+    # gated: the residual counts only above its q90 (0 on its scale); below, the distance alone decides.
+    g = blend_scales(memory, "gated")
+    assert g == q
+    r, d = torch.tensor([0.0, 900.0, 995.0]), torch.tensor([9950.0, 9950.0, 9000.0])
+    assert blend(r, d, 0.5, q).tolist() == pytest.approx([0.5 * -900 / 95 + 0.5, 0.5, 0.5])
+    assert blend(r, d, 0.5, g, gate=True).tolist() == pytest.approx([0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="'gated' but this memory bank has no quantile ranges"):
+        blend_scales(PatchMemory(torch.zeros(1, 2)), "gated")
     with pytest.raises(ValueError, match="no quantile ranges"):
         blend_scales(PatchMemory(torch.zeros(1, 2)), "quantile")
     # A zero median (good images that are all in the bank) falls back to the mean, then to 1.
@@ -245,7 +253,10 @@ def test_memory_settings_are_validated_and_chosen_per_preset():
         Config().override({"infer.memory": 1.5}).validate()
     with pytest.raises(ConfigError, match="memory_coreset"):
         Config().override({"infer.memory_coreset": 0.0}).validate()
-    assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.9
+    assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.5
     assert preset("default").to_dict() == Config().to_dict()
-    assert Config().infer.blend == preset("fast").infer.blend == "quantile"
-    assert preset("demo").infer.memory == 0.0 and preset("lowres").infer.memory == 0.9
+    assert Config().infer.blend == preset("fast").infer.blend == "gated"
+    assert preset("demo").infer.memory == 0.0
+    assert (preset("lowres").infer.memory, preset("lowres").infer.blend) == (0.9, "quantile")
+    with pytest.raises(ConfigError, match="infer.blend must be median, quantile or gated"):
+        Config().override({"infer.blend": "max"}).validate()
