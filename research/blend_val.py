@@ -58,8 +58,13 @@ QUANTILES = (0.90, 0.995)
 AUPRO_THRESHOLDS = 500
 
 
-def quantile_norm(maps: torch.Tensor, calib: torch.Tensor) -> torch.Tensor:
-    lo, hi = (float(torch.quantile(calib.flatten()[:: max(1, calib.numel() // 1_000_000)], q)) for q in QUANTILES)
+def quantile_norm(maps: torch.Tensor, span: tuple[float, float]) -> torch.Tensor:
+    """``(m - q90) / (q995 - q90)`` with the quantiles the fit stored (``PatchMemory.residual_range``,
+    ``distance_range``): measured on the held-out images against the bank *before* they joined it.
+    (Measured against the final bank, which holds those images, the distance's quantiles shrink
+    towards 0 and every blend leans on the distance: rows of this script before that fix
+    scored such blends, not the package's.)"""
+    lo, hi = span
     return (maps - lo) / max(hi - lo, 1e-12)
 
 
@@ -109,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pipe: MapPipeline = det.pipeline
     grids: dict[str, dict[str, torch.Tensor]] = {}
     truth: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    sets = {"calib": calib, "mt_val": parts["mt_val"], "mt_test": parts["mt_test"]}
+    sets = {"mt_val": parts["mt_val"], "mt_test": parts["mt_test"]}
     with torch.inference_mode():
         for name, samples in sets.items():
             feats = extract_features(det.extractor, samples, size, quiet=True, desc=name)
@@ -117,16 +122,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             grids[name] = {
                 "residual": torch.cat([pipe.residual(c) for c in torch.split(x, 16)]),
                 "distance": torch.cat([pipe.distances(c) for c in torch.split(x, 16)]),
+                "package": torch.cat([pipe.grid_maps(c) for c in torch.split(x, 16)]),
             }
-            if name != "calib":
-                truth[name] = (np.array([s.label for s in samples]), np.stack([mask_at(s, size) for s in samples]))
+            truth[name] = (np.array([s.label for s in samples]), np.stack([mask_at(s, size) for s in samples]))
 
-    cal = grids["calib"]
     med_r, med_d = det.memory.residual_median, det.memory.distance_median
+    assert det.memory.residual_range is not None and det.memory.distance_range is not None
 
     def variants(g: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         r, d = g["residual"], g["distance"]
-        qr, qd = quantile_norm(r, cal["residual"]), quantile_norm(d, cal["distance"])
+        qr, qd = quantile_norm(r, det.memory.residual_range), quantile_norm(d, det.memory.distance_range)
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {"memory": (d, None), "residual": (r, None)}
         out["median 0.8"] = (0.2 * r / med_r + 0.8 * d / med_d, None)
         for s in (0.5, 0.8, 0.9):
@@ -140,6 +145,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out["split: map quantile 0.9, score quantile 0.5"] = (0.1 * qr + 0.9 * qd, 0.5 * qr + 0.5 * qd)
         out["split: map gated 0.5, score quantile 0.5"] = (0.5 * qr.clamp_min(0) + 0.5 * qd, 0.5 * qr + 0.5 * qd)
         return out
+
+    # The script's blend must be the package's: the run's own setting, rebuilt here, equals its grid maps.
+    own = cfg.infer
+    for split in ("mt_val", "mt_test"):
+        g = grids[split]
+        qr, qd = quantile_norm(g["residual"], det.memory.residual_range), quantile_norm(g["distance"], det.memory.distance_range)
+        if own.blend == "gated":
+            qr = qr.clamp_min(0)
+        mine = (1 - own.memory) * qr + own.memory * qd if own.blend != "median" else None
+        if mine is not None and not torch.allclose(mine, g["package"], rtol=1e-4, atol=1e-4):
+            raise SystemExit(f"{split}: the script's {own.blend} {own.memory} blend differs from the package's grid maps")
 
     rows: dict[str, dict[str, Any]] = {}
     for split in ("mt_val", "mt_test"):
