@@ -253,7 +253,7 @@ def test_memory_settings_are_validated_and_chosen_per_preset():
         Config().override({"infer.memory": 1.5}).validate()
     with pytest.raises(ConfigError, match="memory_coreset"):
         Config().override({"infer.memory_coreset": 0.0}).validate()
-    assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.5
+    assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.8
     assert preset("default").to_dict() == Config().to_dict()
     assert Config().infer.blend == preset("fast").infer.blend == "gated"
     assert preset("demo").infer.memory == 0.0

@@ -89,7 +89,7 @@ class InferConfig:
     sigma: float = 4.0  # Gaussian smoothing of the map, in input pixels (0 = off)
     score: str = "max"  # max | topk
     topk: float = 0.01  # fraction of map pixels averaged when score == "topk"
-    memory: float = 0.5  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual); chosen on mt_val
+    memory: float = 0.8  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual); chosen on mt_val
     blend: str = "gated"  # median | quantile | gated: how residual and distance are put on one scale (stmae.pipeline.blend_scales); chosen on mt_val
     memory_coreset: float = 0.1  # fraction of training patches kept in the memory bank (greedy coreset)
     memory_held_out: bool = True  # after calibration, rebuild the bank over the held-out good images too (stmae.fitting.bank_held_out_images); chosen on mt_val
@@ -235,7 +235,7 @@ class Config:
 #:           residual blended with a memory of good patches: each map put on the scale of
 #:           held-out good images by its 0.90 and 0.995 quantiles, the residual clipped at 0
 #:           there (it adds evidence only above its good images' 0.90 quantile), memory share
-#:           0.5. Chosen on real Magnetic Tile defects (mt_val):
+#:           0.8. Chosen on real Magnetic Tile defects (mt_val):
 #:           research/results/blend_val_default.json (the blend) and
 #:           research/results/residual_val.json (the transformer size: the larger one below
 #:           scored no better there).
