@@ -153,7 +153,7 @@ def fit(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the run)."),
     memory: Optional[float] = typer.Option(
-        None, help="Share of the nearest-good-patch distance in the map, 0-1 (default: 0.9; 0 = the paper's residual alone, 1 = the memory alone)."
+        None, help="Share of the nearest-good-patch distance in the map, 0-1 (default: the preset's, 0.8 for default; 0 = the paper's residual alone, 1 = the memory alone)."
     ),
     threshold_rule: Optional[str] = typer.Option(
         None, "--threshold-rule", help="How held-out good images set the threshold: max (default), quantile:Q or fpr:F."
