@@ -82,7 +82,7 @@ def test_graph_replay_equals_eager_for_each_new_input(run_dir: Path) -> None:
 
 
 def test_tf32_products_restore_the_setting_even_on_error() -> None:
-    from stmae.model.memory import tf32_products
+    from stmae.device import tf32_products
 
     before = torch.backends.cuda.matmul.allow_tf32
     with pytest.raises(RuntimeError):

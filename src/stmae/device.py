@@ -1,8 +1,9 @@
-"""Device selection and mixed precision, shared by training and inference."""
+"""Device selection, mixed precision and graph tracing, shared by training and inference."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator
 
 import torch
 
@@ -27,3 +28,25 @@ def resolve_device(name: str) -> torch.device:
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (tensor cores); a no-op on CPU, where fp32 is faster."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def tracing() -> bool:
+    """Whether the code runs under ``torch.jit`` tracing or ONNX export, where shapes are
+    symbolic and only plain tensor operations may run (no chunking, caches or layouts)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+@contextlib.contextmanager
+def tf32_products(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matrix products in TF32 inside the block (tensor cores: about 3x faster
+    on an H200, research/results/gpu_stages.json); the previous setting is restored after.
+    The setting is process-wide while the block runs."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .data import Sample, resize_image, to_tensor_batch
+from .device import tracing
 
 
 #: Images per backbone call. On a CPU a large batch is slower per image than a small one:
@@ -58,12 +59,12 @@ class FeatureExtractor(nn.Module):
         """images (N, 3, H, W) RGB in [0, 1] -> features (N, C, grid, grid) float32.
 
         On the CPU runs the backbone on at most :data:`BACKBONE_CHUNK` images at a time (one
-        call under tracing, where the batch size is symbolic, and on a GPU). Every image is processed on its own, so
-        the chunking changes no value beyond float rounding of the convolution kernels.
+        call under tracing, where the batch size is symbolic, and on a GPU, which wants the
+        whole batch). Every image is processed on its own, so the chunking changes no value
+        beyond float rounding of the convolution kernels.
         """
         n = images.shape[0]
-        on_cpu = images.device.type == "cpu"  # a GPU wants the whole batch in one call
-        if n > BACKBONE_CHUNK and on_cpu and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if n > BACKBONE_CHUNK and images.device.type == "cpu" and not tracing():
             return torch.cat([self._features(chunk) for chunk in images.split(BACKBONE_CHUNK)])
         return self._features(images)
 
@@ -74,7 +75,7 @@ class FeatureExtractor(nn.Module):
             # int(): under ONNX tracing a size is a tensor; the export's image size is fixed anyway
             ph, pw = round(p * int(images.shape[-2]) / self.grid_size), round(p * int(images.shape[-1]) / self.grid_size)
             images = F.pad(images, (pw, pw, ph, ph), mode="reflect")
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if not tracing():
             # Channels-last input: oneDNN's and cuDNN's faster kernels for this backbone, with
             # the same values on the CPU (bit for bit on Magnetic Tile). 1.7x faster on an H200
             # (research/results/gpu_stages.json), about 1.5x on this project's 2-core Xeon.

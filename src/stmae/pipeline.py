@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import InferConfig
+from .device import tracing
 from .features import FeatureExtractor, FeatureStats
 from .mapops import blur_operator, blur_radius, resize_operator
 from .model import STMAE, PatchMemory, ResidualStats, complementary_splits, feature_residual
@@ -276,7 +277,7 @@ class MapPipeline(nn.Module):
         """
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if tracing():
             return nearest_distances(rows, self.bank, self.bank_sq).view(n, h, w)
         tf32 = self.infer.precision == "bf16"
         return search_bank(self, rows, self.bank, self.bank_sq, tf32=tf32).view(n, h, w)

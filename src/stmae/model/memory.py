@@ -22,14 +22,14 @@ training patch features; the same code is the kNN yardstick's in ``benchmarks/``
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
+
+from ..device import tf32_products, tracing
 
 #: Dimension of the random projection used only to *select* the coreset (PatchCore uses
 #: ~128): k-center greedy is a long sequential loop over all patches, and distances in 128
@@ -197,22 +197,6 @@ class _Candidates:
 EXPORT_BANK_BLOCK = 4096
 
 
-@contextlib.contextmanager
-def tf32_products(enabled: bool) -> Iterator[None]:
-    """CUDA float32 matrix products in TF32 inside the block (tensor cores: about 3x faster
-    on an H200, research/results/gpu_stages.json); the previous setting is restored after.
-    The setting is process-wide while the block runs."""
-    if not enabled:
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
 @torch.no_grad()
 def nearest_distances(
     queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, *, tf32: bool = False
@@ -232,7 +216,7 @@ def nearest_distances(
     """
     if bank_sq is None:
         bank_sq = (bank * bank).sum(dim=1)
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if tracing():
         # One product per block gives |b|^2 - 2 q.b directly: queries get a column of ones and
         # the (constant-folded) bank block the column |b|^2, so no (queries x block) subtraction.
         q1 = torch.cat([queries, torch.ones_like(queries[:, :1])], dim=1)
