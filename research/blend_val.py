@@ -49,23 +49,13 @@ from stmae.data import load_mvtec  # noqa: E402
 from stmae.evaluate import mask_at  # noqa: E402
 from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
-from stmae.pipeline import MapPipeline, postprocess  # noqa: E402
+from stmae.model.memory import BLEND_QUANTILES  # noqa: E402
+from stmae.pipeline import MapPipeline, blend, blend_scales, postprocess  # noqa: E402
 from stmae.protocols import split_real_defects  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 MT_SUBSAMPLE_SEED = 42  # the 200-image protocol's training subset (benchmarks/quality.py)
-QUANTILES = (0.90, 0.995)
 AUPRO_THRESHOLDS = 500
-
-
-def quantile_norm(maps: torch.Tensor, span: tuple[float, float]) -> torch.Tensor:
-    """``(m - q90) / (q995 - q90)`` with the quantiles the fit stored (``PatchMemory.residual_range``,
-    ``distance_range``): measured on the held-out images against the bank *before* they joined it.
-    (Measured against the final bank, which holds those images, the distance's quantiles shrink
-    towards 0 and every blend leans on the distance: rows of this script before that fix
-    scored such blends, not the package's.)"""
-    lo, hi = span
-    return (maps - lo) / max(hi - lo, 1e-12)
 
 
 def metrics(grid: torch.Tensor, labels: np.ndarray, masks: np.ndarray, cfg: Any, score_grid: torch.Tensor | None = None) -> dict[str, float]:
@@ -126,35 +116,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
             truth[name] = (np.array([s.label for s in samples]), np.stack([mask_at(s, size) for s in samples]))
 
-    med_r, med_d = det.memory.residual_median, det.memory.distance_median
-    assert det.memory.residual_range is not None and det.memory.distance_range is not None
+    # Every blend is the package's (stmae.pipeline.blend) with the scales the fit stored: the
+    # quantiles of the held-out images measured against the bank *before* they joined it.
+    # (Rows of this script before 1c514a8 measured them against the final bank, which holds
+    # those images: the distance's quantiles shrank towards 0 and every blend leaned on it.)
+    median, quantile = blend_scales(det.memory, "median"), blend_scales(det.memory, "quantile")
 
     def variants(g: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         r, d = g["residual"], g["distance"]
-        qr, qd = quantile_norm(r, det.memory.residual_range), quantile_norm(d, det.memory.distance_range)
+
+        def mix(share: float, gate: bool = False) -> torch.Tensor:
+            return blend(r, d, share, quantile, gate=gate)
+
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {"memory": (d, None), "residual": (r, None)}
-        out["median 0.8"] = (0.2 * r / med_r + 0.8 * d / med_d, None)
+        out["median 0.8"] = (blend(r, d, 0.8, median), None)
         for s in (0.5, 0.8, 0.9):
-            out[f"quantile {s}"] = ((1 - s) * qr + s * qd, None)
-        out["split: map quantile 0.5, score memory"] = (0.5 * qr + 0.5 * qd, d)
+            out[f"quantile {s}"] = (mix(s), None)
+        out["split: map quantile 0.5, score memory"] = (mix(0.5), d)
         # The residual as added evidence only: below its good-image 0.90 quantile it adds nothing.
         for s in (0.5, 0.8):
-            out[f"gated {s}"] = ((1 - s) * qr.clamp_min(0) + s * qd, None)
-        out["max"] = (torch.maximum(qr, qd), None)
+            out[f"gated {s}"] = (mix(s, gate=True), None)
+        out["max"] = (torch.maximum(mix(0.0), mix(1.0)), None)
         # One share for the image score, another for the map (issue: keep each part's strength).
-        out["split: map quantile 0.9, score quantile 0.5"] = (0.1 * qr + 0.9 * qd, 0.5 * qr + 0.5 * qd)
-        out["split: map gated 0.5, score quantile 0.5"] = (0.5 * qr.clamp_min(0) + 0.5 * qd, 0.5 * qr + 0.5 * qd)
+        out["split: map quantile 0.9, score quantile 0.5"] = (mix(0.9), mix(0.5))
+        out["split: map gated 0.5, score quantile 0.5"] = (mix(0.5, gate=True), mix(0.5))
         return out
 
-    # The script's blend must be the package's: the run's own setting, rebuilt here, equals its grid maps.
+    # The stages this script blends must give the package's own grid maps at the run's setting.
     own = cfg.infer
     for split in ("mt_val", "mt_test"):
         g = grids[split]
-        qr, qd = quantile_norm(g["residual"], det.memory.residual_range), quantile_norm(g["distance"], det.memory.distance_range)
-        if own.blend == "gated":
-            qr = qr.clamp_min(0)
-        mine = (1 - own.memory) * qr + own.memory * qd if own.blend != "median" else None
-        if mine is not None and not torch.allclose(mine, g["package"], rtol=1e-4, atol=1e-4):
+        mine = blend(g["residual"], g["distance"], own.memory, blend_scales(det.memory, own.blend), gate=own.blend == "gated")
+        if not torch.allclose(mine, g["package"], rtol=1e-4, atol=1e-4):
             raise SystemExit(f"{split}: the script's {own.blend} {own.memory} blend differs from the package's grid maps")
 
     rows: dict[str, dict[str, Any]] = {}
@@ -187,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "mt_val": f"{len(parts['mt_val'])} test images (seeded half, stratified by defect type, good included)",
             "mt_test": f"{len(parts['mt_test'])} test images (the other half)",
             "model": f"preset {args.preset}, {args.epochs} epochs, K = {cfg.infer.num_pairs}, coreset {cfg.infer.memory_coreset}",
-            "quantiles": QUANTILES,
+            "quantiles": BLEND_QUANTILES,
             "metrics": f"image and pixel AUROC exact; AUPRO on {AUPRO_THRESHOLDS} quantile thresholds",
         },
         "fit_seconds": fit_seconds,
