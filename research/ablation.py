@@ -190,6 +190,9 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mahalanobis/topk/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9}),
     "mahalanobis/topk/memory0.95": ("mahalanobis", "topk", 4, False, {"memory": 0.95}),
     "memory alone/topk": ("mahalanobis", "topk", 4, False, {"memory": 1.0}),
+    # the gated blend (the default preset's since 344ec6e, chosen on Magnetic Tile's mt_val)
+    "mahalanobis/topk/gated0.8": ("mahalanobis", "topk", 4, False, {"memory": 0.8, "blend": "gated"}),
+    "mahalanobis/topk/gated0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "blend": "gated"}),
 }
 
 
