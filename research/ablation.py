@@ -152,6 +152,9 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "pad_2": {"features.pad": 2},
     "pad_4": {"features.pad": 4},
     "image_128_grid_16": {"features.image_size": 128, "features.grid_size": 16, "model.patch_size": 2},
+    # the larger offline backbones with the `lowres` local mean (one-class data)
+    "aggregate_3_lite1": {"features.aggregate": 3, "backbone.name": "efficientnet_lite1"},
+    "aggregate_3_lite2": {"features.aggregate": 3, "backbone.name": "efficientnet_lite2"},
 }
 
 #: Scoring variants: (residual, image score, K pairs, per-position normalisation[, other
