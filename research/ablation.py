@@ -193,6 +193,14 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mahalanobis/topk/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9}),
     "mahalanobis/topk/memory0.95": ("mahalanobis", "topk", 4, False, {"memory": 0.95}),
     "memory alone/topk": ("mahalanobis", "topk", 4, False, {"memory": 1.0}),
+    # the blend `lowres` keeps, with other image scores and smoothing (one-class data)
+    "mahalanobis/max/memory0.9": ("mahalanobis", "max", 4, False, {"memory": 0.9}),
+    "mahalanobis/top3%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.03}),
+    "mahalanobis/top5%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.05}),
+    "mahalanobis/top20%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.2}),
+    "mahalanobis/top30%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.3}),
+    "mahalanobis/topk/sigma0.5/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "sigma": 0.5}),
+    "mahalanobis/topk/sigma2/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "sigma": 2.0}),
     # the gated blend (the default preset's since 344ec6e, chosen on Magnetic Tile's mt_val)
     "mahalanobis/topk/gated0.8": ("mahalanobis", "topk", 4, False, {"memory": 0.8, "blend": "gated"}),
     "mahalanobis/topk/gated0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "blend": "gated"}),
