@@ -482,7 +482,8 @@ def _oneclass(key: str, protocol: str, settings: dict[str, Any], ctx: Context) -
     ctx.log(f"  {title}: ST-MAE, classes {','.join(wanted)} ({_epochs(cfg.train.epochs)})")
     summary = oneclass(
         protocol, data, ctx.work_dir / key, wanted, cfg,
-        seed=ONECLASS_SEED, quiet=ctx.quiet, log=lambda line: ctx.log("    " + line), **limits,
+        seed=ONECLASS_SEED, quiet=ctx.quiet, log=lambda line: ctx.log("    " + line),
+        alone=settings.get("residual_row", True), **limits,
     )
     st_rows = summary["rows"]
 
@@ -524,6 +525,7 @@ def _oneclass(key: str, protocol: str, settings: dict[str, Any], ctx: Context) -
         _row(key, key, row_name, STMAE, st_mean, _mean([r["fit_seconds"] for r in st_rows]), ctx.device_label,
              f"{preset_note}; mean of {class_note}; {train_note} ({held_out}); test {n_test}; fit s = mean per class",
              per_class=st_rows, mean=st_mean, config=summary["config"]),
+        *_oneclass_alone_rows(key, row_name, st_rows, ctx, n_test),
         _row(key, key, row_name, KNN, knn_mean, _mean([r["fit_seconds"] for r in knn_rows]), ctx.device_label,
              f"same features; greedy coreset {_pct(settings['coreset'])}; {common}; fit s = mean per class",
              per_class=knn_rows, mean=knn_mean, coreset_ratio=settings["coreset"], bank="greedy k-center coreset"),
@@ -541,6 +543,26 @@ def _oneclass(key: str, protocol: str, settings: dict[str, Any], ctx: Context) -
         },
         "rows": rows,
     }
+
+
+def _oneclass_alone_rows(key: str, row_name: str, st_rows: list[dict[str, Any]], ctx: Context,
+                        n_test: int) -> list[dict[str, Any]]:
+    """The ST-MAE rows' models scored by the residual alone and the memory alone
+    (``stmae.protocols.oneclass(..., alone=True)``), as rows of their own; none when the
+    protocol did not score them (no memory in the config, or ``residual_row`` off)."""
+    rows = []
+    for term, method, what in (("residual", STMAE_RESIDUAL, "0 (the paper's residual map)"),
+                               ("memory", STMAE_MEMORY, "1 (the nearest-good-patch distance alone)")):
+        field = f"image_auroc_{term}_alone"
+        if any(field not in r for r in st_rows):
+            continue
+        per_class = [{"class": r["class"], "image_auroc": r[field]} for r in st_rows]
+        mean = {"image_auroc": _mean([r[field] for r in st_rows])}
+        rows.append(_row(key, key, row_name, method, mean, None, ctx.device_label,
+                         f"the ST-MAE row's models scored with `infer.memory` {what}; test {n_test}",
+                         per_class=per_class, mean=mean))
+        ctx.log("    " + _row_line(rows[-1]))
+    return rows
 
 
 def run_fashion_mnist(settings: dict[str, Any], ctx: Context) -> dict[str, Any]:

@@ -118,3 +118,24 @@ def test_cli_unreadable_file_named_or_skipped(tiny_mvtec, tmp_path):
     r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "r2"), "--config", str(cfg), "--skip-unreadable", "-q")
     assert r.returncode == 0, r.stderr
     assert "skipped" in r.stderr and "999.png" in r.stderr
+
+
+def test_cli_oneclass_alone_adds_each_terms_column(tmp_path):
+    import numpy as np
+
+    from .conftest import write_png
+
+    rng = np.random.default_rng(2)
+    for cls, level in {"dark": 40, "light": 215}.items():
+        for i in range(10):
+            write_png(tmp_path / "classes" / cls / f"{i}.png", np.clip(rng.normal(level, 8, (32, 32)), 0, 255).astype(np.uint8))
+    cfg = tmp_path / "tiny.yaml"
+    tiny_config(**{"infer.memory": 0.5}).save(cfg)
+    r = run("oneclass", "folder", str(tmp_path / "classes"), "--normal-class", "dark", "--config", str(cfg),
+            "--alone", "-q", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    row = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"][0]
+    assert row["class"] == "dark"
+    # the classes differ grossly: each term alone separates them
+    assert row["image_auroc_residual_alone"] >= 0.95 and row["image_auroc_memory_alone"] >= 0.95, row
+    assert "image_auroc_memory_alone" in (tmp_path / "out" / "summary.md").read_text()

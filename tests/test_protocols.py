@@ -50,6 +50,29 @@ def test_oneclass_folder_protocol_rows_per_class(tmp_path):
     assert [r["class"] for r in one["rows"]] == ["mid"]
 
 
+def test_oneclass_scores_each_term_alone_where_the_config_blends(tmp_path):
+    """``alone=True``: each class's model is also scored by the residual alone and the memory
+    alone; both detect the grossly different classes, and the blend's own AUROC is unchanged
+    by scoring them (the detector's share is restored)."""
+    rng = np.random.default_rng(1)
+    for cls, level in {"dark": 40, "light": 215}.items():
+        for i in range(10):
+            write_png(tmp_path / "classes" / cls / f"{i}.png", np.clip(rng.normal(level, 8, (32, 32)), 0, 255).astype(np.uint8))
+    cfg = tiny_config(**{"infer.memory": 0.5})
+    plain = oneclass("folder", tmp_path / "classes", tmp_path / "plain", "all", cfg, quiet=True, log=lambda s: None)
+    both = oneclass("folder", tmp_path / "classes", tmp_path / "both", "all", cfg, quiet=True, log=lambda s: None, alone=True)
+    for p_row, row in zip(plain["rows"], both["rows"]):
+        assert "image_auroc_residual_alone" not in p_row
+        assert row["image_auroc"] == pytest.approx(p_row["image_auroc"], abs=1e-12)  # same seeded fit
+        assert row["image_auroc_residual_alone"] >= 0.95 and row["image_auroc_memory_alone"] >= 0.95, row
+    assert both["mean"]["image_auroc_memory_alone"] == pytest.approx(
+        np.mean([r["image_auroc_memory_alone"] for r in both["rows"]]))
+    # nothing to separate where the config does not blend
+    residual_only = oneclass("folder", tmp_path / "classes", tmp_path / "r", "dark", tiny_config(**{"infer.memory": 0.0}),
+                             quiet=True, log=lambda s: None, alone=True)
+    assert "image_auroc_memory_alone" not in residual_only["rows"][0]
+
+
 def test_markdown_table():
     md = markdown_table([{"a": "x", "b": 0.12345, "c": None}], ["a", "b", "c"])
     assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | 0.123 | n/a |"]

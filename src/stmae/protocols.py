@@ -94,6 +94,7 @@ def oneclass(
     seed: int = 0,
     quiet: bool = False,
     log: Callable[[str], None] = print,
+    alone: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """One-class protocol: one row per normal class (image metrics) and a mean row.
@@ -101,6 +102,10 @@ def oneclass(
     ``normal_class``: "all", an index or name, or a comma-separated list of them.
     ``config``: None picks the ``lowres`` preset for the 28-32 px sources (Fashion-MNIST,
     MNIST, CIFAR-10) and the defaults for the ``folder`` protocol.
+    ``alone``: where the config blends the residual with the memory, also score each class's
+    model by each term alone (``infer.memory`` 0 and 1; no second training), as
+    ``image_auroc_residual_alone`` and ``image_auroc_memory_alone``: what the blend adds on
+    this data, and which setting to pick for it.
     """
     if config is None and protocol in LOWRES_PROTOCOLS:
         config = "lowres"
@@ -121,6 +126,8 @@ def oneclass(
         labels = np.array([s.label for s in ds.test])
         metrics = compute_metrics(labels, scores.numpy())
         row = {"class": name, **{k: metrics[k] for k in ("image_auroc", "image_ap", "image_f1max")}}
+        if alone and 0.0 < cfg.infer.memory < 1.0:
+            row.update(_scored_alone(fitted.detector, test_feats, labels))
         row.update(
             n_train=fitted.meta["n_train"],
             n_test=len(labels),
@@ -177,6 +184,20 @@ def _test_features(cfg: Config, dataset: AnomalyDataset, quiet: bool) -> torch.T
     return extract_features(
         extractor, dataset.test, cfg.features.image_size, batch_size=64, device=device, desc="test features", quiet=quiet
     )
+
+
+def _scored_alone(detector: Any, test_feats: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+    """Image AUROC of ``detector`` scored by the residual alone and by the memory alone."""
+    share = detector.config.infer.memory
+    out = {}
+    try:
+        for alone_share, term in ((0.0, "residual"), (1.0, "memory")):
+            detector.config.infer.memory = alone_share  # the detector rebuilds its pipeline from it
+            _, scores = detector.score_features(test_feats)
+            out[f"image_auroc_{term}_alone"] = compute_metrics(labels, scores.numpy())["image_auroc"]
+    finally:
+        detector.config.infer.memory = share
+    return out
 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]], key: str, extra: dict[str, Any]) -> dict[str, Any]:
