@@ -199,6 +199,11 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mahalanobis/top5%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.05}),
     "mahalanobis/top20%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.2}),
     "mahalanobis/top30%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.3}),
+    "mahalanobis/top40%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.4}),
+    "mahalanobis/top50%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.5}),
+    "mahalanobis/top70%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.7}),
+    "mahalanobis/mean/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 1.0}),
+    "memory alone/top30%": ("mahalanobis", "topk", 4, False, {"memory": 1.0, "topk": 0.3}),
     "mahalanobis/topk/sigma0.5/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "sigma": 0.5}),
     "mahalanobis/topk/sigma2/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "sigma": 2.0}),
     # the gated blend (the default preset's since 344ec6e, chosen on Magnetic Tile's mt_val)
