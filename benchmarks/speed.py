@@ -27,6 +27,9 @@ What it times, per preset (``default``, ``accurate``):
   ``max_memory_allocated``);
 - ``bank_search``: the memory-bank search alone on real test features, the bf16 search with
   its float32 check against the float32 search, with their distance from a float64 search;
+- ``stages``: milliseconds per image of each stage of the pipeline (features, residual,
+  distances, post-processing, the whole) at batch 1 and 32, and their ratio: which stages
+  batching speeds up;
 - ``decode``: a 2448 x 2048 camera-sized JPEG (a test image scaled up) read in full and at
   the reduced scale the model size allows (``read_image(..., reduce_to=256)``), and
   ``Detector.predict`` on that file (reduced decode) against ``full_resolution=True`` (full
@@ -253,6 +256,33 @@ def parity(a: Detector, b: Detector, images: list[np.ndarray]) -> dict[str, floa
     }
 
 
+def time_stages(det: Detector, images: list[np.ndarray], calls: int) -> dict[str, Any]:
+    """Per-image milliseconds of each stage of the map recipe at batch 1 and batch 32 (the
+    pipeline alone, images already resized): where the time goes, and which stages batching
+    speeds up. On a CPU a stage that is already compute-bound at batch 1 costs the same per
+    image at batch 32, which caps the batch-32 gain."""
+    size = det.config.features.image_size
+    pipe = det.pipeline
+    batch = to_tensor_batch([resize_image(im, size) for im in images[:32]])
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        for label, x, n_calls in (("b1", batch[:1], calls), ("b32", batch, max(5, calls // 40))):
+            n = x.shape[0]
+            feats = pipe.features(x)
+            grid = pipe.grid_maps(feats)
+            stages = {
+                "features": lambda: pipe.features(x),
+                "residual": lambda: pipe.residual(feats) if pipe.model is not None and pipe.infer.memory < 1 else None,
+                "distances": lambda: pipe.distances(feats) if pipe.infer.memory > 0 else None,
+                "postprocess": lambda: pipe.postprocess(grid),
+                "whole": lambda: pipe(x),
+            }
+            out[label] = {k: timed(fn, n_calls)["median_ms"] / n for k, fn in stages.items()}
+    out["b32_per_image_over_b1"] = {k: out["b32"][k] / out["b1"][k] for k in out["b1"]}
+    out["note"] = "median ms per image; images already resized; residual = transformer on the K split pairs + residual"
+    return out
+
+
 def time_bank_search(det: Detector, images: list[np.ndarray], calls: int) -> dict[str, Any]:
     """The bank search alone on real test features: the bf16 search with its float32 check
     (:class:`stmae.model.memory.BankSearch`) against the float32 search, one image's patches
@@ -330,6 +360,8 @@ def bench_preset(name: str, train: Sequence[Sample], test: Sequence[Sample], arg
         row["decode"] = time_decode(det, images[0], work, args.calls)
         if device.type == "cpu" and det.memory is not None:
             row["bank_search"] = time_bank_search(det, images, args.calls)
+        if device.type == "cpu":
+            row["stages"] = time_stages(det, images, args.calls)
     row["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     row["run_dir"] = str(result.run_dir)
     return row
@@ -474,6 +506,10 @@ def summary(results: dict[str, Any]) -> str:
                 f"{b['float32_b32']['median_ms']:.0f} ms; from float64 {b['bf16_max_abs_diff_vs_float64']:.1e} vs "
                 f"{b['float32_max_abs_diff_vs_float64']:.1e}"
             )
+        if "stages" in row:
+            st = row["stages"]
+            lines.append(f"{name:9s} stages, ms per image b1 -> b32: " + "; ".join(
+                f"{k} {st['b1'][k]:.1f} -> {st['b32'][k]:.1f}" for k in st["b1"]))
     k = results["knn"]
     lines.append(f"kNN      : b1 {k['predict_b1']['median_ms']:.1f} ms, b32 {k['predict_b32']['images_per_second']:.1f} img/s, fit {k['fit_seconds']:.0f} s")
     return "\n".join(lines)
