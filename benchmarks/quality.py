@@ -804,7 +804,8 @@ def _seconds_note(entry: dict[str, Any], results: dict[str, Any]) -> str:
     command = (entry.get("provenance") or {}).get("command") or results.get("command", "")
     if "--resume" in command.split():
         text += ", which" if carried else " in a call that"
-        text += " resumed earlier work; the fit s column includes the training done in earlier calls"
+        text += (" ran with --resume: where it continued earlier work, the fit s column includes the"
+                 " training done in earlier calls")
     return text
 
 

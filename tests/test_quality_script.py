@@ -358,9 +358,12 @@ def test_merge_fills_provenance_and_keeps_other_mt_protocol_rows() -> None:
     merged["seconds"] = 12.0
     assert quality._seconds_note(merged, results) == "12 s for the rows of the call that wrote it"
     merged["provenance"] = {**merged["provenance"], "command": cmd + " --work-dir w --resume"}
-    assert quality._seconds_note(merged, results).endswith(", which resumed earlier work; the fit s column includes the training done in earlier calls")
+    assert quality._seconds_note(merged, results).endswith(
+        ", which ran with --resume: where it continued earlier work, the fit s column includes the training done in"
+        " earlier calls")
     assert quality._seconds_note({"seconds": 5, "rows": []}, {"command": "q.py --resume"}) == (
-        "5 s in a call that resumed earlier work; the fit s column includes the training done in earlier calls")
+        "5 s in a call that ran with --resume: where it continued earlier work, the fit s column includes the training"
+        " done in earlier calls")
     assert quality._seconds_note({"seconds": 5, "rows": []}, {"command": "q.py --resumed-x"}) == "5 s"
     # Re-running the protocol the file holds replaces its rows instead of duplicating them.
     again = quality.merge_protocol_rows({**new_mt, "settings": mt_prev["settings"]}, mt_prev, previous)
