@@ -270,13 +270,12 @@ def time_stages(det: Detector, images: list[np.ndarray], calls: int) -> dict[str
             n = x.shape[0]
             feats = pipe.features(x)
             grid = pipe.grid_maps(feats)
-            stages = {
-                "features": lambda: pipe.features(x),
-                "residual": lambda: pipe.residual(feats) if pipe.model is not None and pipe.infer.memory < 1 else None,
-                "distances": lambda: pipe.distances(feats) if pipe.infer.memory > 0 else None,
-                "postprocess": lambda: pipe.postprocess(grid),
-                "whole": lambda: pipe(x),
-            }
+            stages: dict[str, Callable[[], Any]] = {"features": lambda: pipe.features(x)}
+            if pipe.model is not None and pipe.infer.memory < 1:  # stages the recipe skips are not timed
+                stages["residual"] = lambda: pipe.residual(feats)
+            if pipe.infer.memory > 0:
+                stages["distances"] = lambda: pipe.distances(feats)
+            stages.update(postprocess=lambda: pipe.postprocess(grid), whole=lambda: pipe(x))
             out[label] = {k: timed(fn, n_calls)["median_ms"] / n for k, fn in stages.items()}
     out["b32_per_image_over_b1"] = {k: out["b32"][k] / out["b1"][k] for k in out["b1"]}
     out["note"] = "median ms per image; images already resized; residual = transformer on the K split pairs + residual"

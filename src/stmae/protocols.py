@@ -25,6 +25,7 @@ from .config import Config
 from .data import AnomalyDataset, DataError, load_mvtec, load_oneclass, oneclass_classes
 from .device import resolve_device
 from .evaluate import evaluate
+from .infer import Detector
 from .features import extract_features
 from .fileio import atomic_write_json, atomic_write_text
 from .build import build_extractor
@@ -186,7 +187,7 @@ def _test_features(cfg: Config, dataset: AnomalyDataset, quiet: bool) -> torch.T
     )
 
 
-def _scored_alone(detector: Any, test_feats: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+def _scored_alone(detector: "Detector", test_feats: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
     """Image AUROC of ``detector`` scored by the residual alone and by the memory alone."""
     share = detector.config.infer.memory
     out = {}
