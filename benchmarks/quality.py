@@ -383,7 +383,11 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
         # (infer.memory 0) and the memory bank (infer.memory 1), so the table shows what each
         # adds (scoring only; no second training).
         det = fitted.detector
-        for share, method, what in ((0.0, STMAE_RESIDUAL, "0 (the paper's residual map)"),
+        pixel = det.config.infer.pixel_residual
+        residual_what = "0 (the paper's residual map)" if pixel in ("same", det.config.infer.residual) else (
+            f"0 (the residual alone: `{det.config.infer.residual}` for the image score, `{pixel}` for the map)"
+        )
+        for share, method, what in ((0.0, STMAE_RESIDUAL, residual_what),
                                     (1.0, STMAE_MEMORY, "1 (the nearest-good-patch distance alone)")):
             det.config.infer.memory = share
             t1 = time.perf_counter()

@@ -138,7 +138,7 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
 
     from .conftest import tiny_config
 
-    cfg = tiny_config(**{"infer.memory": 0.0})
+    cfg = tiny_config(**{"infer.memory": 0.0, "infer.pixel_residual": "same"})
     ext = build_extractor(cfg).eval()
     torch.manual_seed(0)
     g = cfg.features.grid_size

@@ -172,10 +172,21 @@ def test_memory_tensors_round_trip():
     assert (back.residual_range, back.distance_range) == ((0.1, 0.9), (1.0, 3.0))
     older = {k: v for k, v in memory.to_tensors().items() if k != "memory.ranges"}  # saved before the quantile blend
     assert PatchMemory.from_tensors(older).residual_range is None
+    # The pixel map's own residual scale travels too; a bank without it has none.
+    assert "memory.pixel_residual" not in memory.to_tensors() and back.pixel_residual_median is None
+    memory.calibrate(torch.arange(1001.0), torch.arange(1001.0) * 10, torch.arange(1001.0) * 2)
+    back = PatchMemory.from_tensors(memory.to_tensors())
+    assert back.pixel_residual_median == pytest.approx(1000.0) and back.pixel_residual_range == pytest.approx((1800.0, 1990.0))
+    assert back.residual_range == pytest.approx((900.0, 995.0))
+    assert blend_scales(back, "quantile", pixel=True) == pytest.approx((1800.0, 190.0, 9000.0, 950.0))
+    assert blend_scales(back, "median", pixel=True) == pytest.approx((0.0, 1000.0, 0.0, 5000.0))
+    with pytest.raises(ValueError, match="calibrated for one map"):
+        blend_scales(PatchMemory(torch.zeros(1, 2), 1.0, 1.0, (0.0, 1.0), (0.0, 1.0)), "quantile", pixel=True)
 
 
 def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, tmp_path):
-    cfg = tiny_config(**{"infer.memory": 0.8, "infer.memory_coreset": 0.5, "infer.blend": "median"})
+    cfg = tiny_config(**{"infer.memory": 0.8, "infer.memory_coreset": 0.5, "infer.blend": "median",
+                         "infer.pixel_residual": "same", "infer.pixel_blend": "same"})
     fitted = stmae.fit(tiny_mvtec, tmp_path / "run", cfg, quiet=True)
     det = fitted.detector
     meta = json.loads((fitted.run_dir / "meta.json").read_text())
@@ -221,6 +232,13 @@ def test_calibration_medians_come_from_the_held_out_images_which_can_then_join_t
     unseen = PatchMemory(patch_rows(train_x))
     assert det.memory.residual_median == pytest.approx(float(det.residual_maps(feats).median()), rel=1e-5)
     assert det.memory.distance_median == pytest.approx(float(unseen.distances(feats).median()), rel=1e-5)
+    # The pixel map's residual (plain squared error by default) got its own scale from the same images.
+    from stmae.model.residual import feature_residual
+
+    with torch.no_grad():
+        mse = sum(feature_residual(det.model(feats, split), feats, "mse") for split in det.splits) / len(det.splits)
+    assert det.memory.pixel_residual_median == pytest.approx(float(mse.median()), rel=1e-5)
+    assert det.memory.pixel_residual_median != pytest.approx(det.memory.residual_median, rel=1e-2)
     # Then they joined the bank (coreset 1.0 keeps every patch): each of their patches is in it.
     memory = det.meta["memory"]
     assert det.memory.bank.shape[0] == memory["train_patches"] == 8 * 8 * 8 and memory["held_out_images_banked"] == 2
@@ -248,6 +266,27 @@ def test_no_bank_without_memory_and_old_runs_load_as_pure_residual(tiny_mvtec, t
         load_run(fitted.run_dir)
 
 
+def test_runs_written_before_the_pixel_map_load_with_one_map(tiny_mvtec, tmp_path):
+    fitted = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"infer.memory": 0.8}), quiet=True)
+    x = fitted.detector.stats.apply(torch.randn(2, fitted.detector.stats.mean.shape[0], 8, 8))
+    pixel, score = fitted.detector.grid_pair(x)
+    assert (pixel - score).abs().max() > 1e-3  # the default: two maps
+    # Such a run's config.yaml has no pixel keys and its bank no pixel scale: it scored one map.
+    path = fitted.run_dir / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    del data["infer"]["pixel_residual"], data["infer"]["pixel_blend"]
+    path.write_text(yaml.safe_dump(data))
+    old = stmae.load(fitted.run_dir, device="cpu")
+    assert (old.config.infer.pixel_residual, old.config.infer.pixel_blend) == ("same", "same")
+    pixel, score = old.grid_pair(x)
+    assert pixel is score and torch.allclose(score, fitted.detector.grid_pair(x)[1])
+    # Asking that bank for a pixel map of its own is refused with what to do.
+    old.memory.pixel_residual_median = old.memory.pixel_residual_range = None
+    old.config.infer.pixel_residual = "mse"
+    with pytest.raises(ValueError, match="calibrated for one map.*refit"):
+        old.grid_pair(x)
+
+
 def test_memory_settings_are_validated_and_chosen_per_preset():
     with pytest.raises(ConfigError, match="infer.memory must be in"):
         Config().override({"infer.memory": 1.5}).validate()
@@ -260,3 +299,10 @@ def test_memory_settings_are_validated_and_chosen_per_preset():
     assert (preset("lowres").infer.memory, preset("lowres").infer.blend) == (0.9, "quantile")
     with pytest.raises(ConfigError, match="infer.blend must be median, quantile or gated"):
         Config().override({"infer.blend": "max"}).validate()
+    assert (Config().infer.pixel_residual, Config().infer.pixel_blend) == ("mse", "quantile")
+    for name in ("demo", "lowres"):  # one map: tuned that way (demo), scored per image (lowres)
+        assert (preset(name).infer.pixel_residual, preset(name).infer.pixel_blend) == ("same", "same")
+    with pytest.raises(ConfigError, match="infer.pixel_residual must be one of"):
+        Config().override({"infer.pixel_residual": "mahalanobis"}).validate()
+    with pytest.raises(ConfigError, match="infer.pixel_blend must be one of"):
+        Config().override({"infer.pixel_blend": "max"}).validate()

@@ -38,32 +38,52 @@ def run_dir(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
-def reference_grid_maps(det: stmae.Detector, feats: torch.Tensor) -> torch.Tensor:
-    """The recipe written the slow, obvious way: one transformer call per split pair."""
+def reference_grid_maps(det: stmae.Detector, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe written the slow, obvious way: one transformer call per split pair and per
+    residual kind. Returns (pixel maps, score maps) on the grid."""
     cfg = det.config.infer
+    pixel_kind = cfg.residual if cfg.pixel_residual == "same" else cfg.pixel_residual
+    pixel_blend = cfg.blend if cfg.pixel_blend == "same" else cfg.pixel_blend
     x = det.stats.apply(feats)
-    total = torch.zeros(x.shape[0], x.shape[2], x.shape[3])
+    residuals = {}
     with torch.no_grad():
-        for split in det.splits:
-            recon = det.model(x, split)
-            total += feature_residual(recon, x, cfg.residual, det.residual_stats)
-    residual = total / len(det.splits)
+        for kind in {cfg.residual, pixel_kind}:
+            total = torch.zeros(x.shape[0], x.shape[2], x.shape[3])
+            for split in det.splits:
+                total += feature_residual(det.model(x, split), x, kind, det.residual_stats)
+            residuals[kind] = total / len(det.splits)
     if cfg.memory <= 0:
-        return residual
-    dist = torch.cdist(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), det.memory.bank).amin(1).view_as(residual)
-    if cfg.blend == "quantile":
-        (r0, r1), (d0, d1) = det.memory.residual_range, det.memory.distance_range
-        return (1 - cfg.memory) * (residual - r0) / (r1 - r0) + cfg.memory * (dist - d0) / (d1 - d0)
-    return (1 - cfg.memory) * residual / det.memory.residual_median + cfg.memory * dist / det.memory.distance_median
+        return residuals[pixel_kind], residuals[cfg.residual]
+    dist = torch.cdist(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), det.memory.bank).amin(1).view_as(x[:, 0])
+    mem = det.memory
+
+    def blended(residual: torch.Tensor, mode: str, own: bool) -> torch.Tensor:
+        median, (r0, r1) = (mem.pixel_residual_median, mem.pixel_residual_range) if own else (mem.residual_median, mem.residual_range)
+        if mode == "median":
+            return (1 - cfg.memory) * residual / median + cfg.memory * dist / mem.distance_median
+        (d0, d1) = mem.distance_range
+        r = (residual - r0) / (r1 - r0)
+        if mode == "gated":
+            r = r.clamp_min(0.0)
+        return (1 - cfg.memory) * r + cfg.memory * (dist - d0) / (d1 - d0)
+
+    score = blended(residuals[cfg.residual], cfg.blend, False)
+    if cfg.memory >= 1:
+        return score, score
+    return blended(residuals[pixel_kind], pixel_blend, pixel_kind != cfg.residual), score
 
 
 @pytest.mark.parametrize(
-    "memory,pairs,residual,blend,bf16_search",
-    [(0.8, 2, "mse_cos", "median", False), (0.8, 1, "mse_cos", "quantile", False), (0.0, 3, "mse_cos", "median", False),
-     (1.0, 2, "mse_cos", "median", False), (0.0, 2, "mahalanobis", "median", False),
-     (0.8, 1, "mse_cos", "quantile", True), (1.0, 1, "mse_cos", "median", True)],
+    "memory,pairs,residual,blend,bf16_search,pixel",
+    [(0.8, 2, "mse_cos", "median", False, "same"), (0.8, 1, "mse_cos", "quantile", False, "same"),
+     (0.0, 3, "mse_cos", "median", False, "same"), (1.0, 2, "mse_cos", "median", False, "same"),
+     (0.0, 2, "mahalanobis", "median", False, "same"), (0.8, 1, "mse_cos", "quantile", True, "same"),
+     (1.0, 1, "mse_cos", "median", True, "same"),
+     # the pixel map on its own residual and blend (the default): gated score, quantile map
+     (0.8, 2, "mse_cos", "gated", False, "mse/quantile"), (0.8, 1, "mse_cos", "gated", True, "mse/quantile"),
+     (0.8, 1, "mse_cos", "quantile", False, "mse/median"), (0.0, 2, "mahalanobis", "median", False, "mse/same")],
 )
-def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory, pairs, residual, blend, bf16_search):
+def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory, pairs, residual, blend, bf16_search, pixel):
     from stmae.model import memory as memory_module
 
     # The bf16 bank search on whatever CPU runs the tests (it is exact everywhere, fast with AMX);
@@ -73,6 +93,7 @@ def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory
     det = stmae.load(run_dir, device="cpu")
     det.config.infer.memory, det.config.infer.num_pairs, det.config.infer.residual = memory, pairs, residual
     det.config.infer.blend = blend
+    det.config.infer.pixel_residual, det.config.infer.pixel_blend = (pixel + "/same").split("/")[:2]
     if residual == "mahalanobis":
         from stmae.features import extract_features
         from stmae.data import open_dataset
@@ -82,8 +103,12 @@ def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory
     feats = det.extractor(images)
     assert images.shape[0] > stmae.features.BACKBONE_CHUNK  # the backbone ran in chunks...
     torch.testing.assert_close(feats, det.extractor._features(images), rtol=0, atol=1e-5)  # ...as one call would
-    fast = det.grid_maps(det.stats.apply(feats))
-    torch.testing.assert_close(fast, reference_grid_maps(det, feats), rtol=0, atol=1e-5)
+    fast_pixel, fast_score = det.grid_pair(det.stats.apply(feats))
+    ref_pixel, ref_score = reference_grid_maps(det, feats)
+    torch.testing.assert_close(fast_pixel, ref_pixel, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast_score, ref_score, rtol=0, atol=1e-5)
+    if pixel != "same" and memory < 1:  # two maps, and the pixel one is its own
+        assert (fast_pixel - fast_score).abs().max() > 1e-3
     assert det.splits.shape[0] == pairs  # the pipeline follows a changed setting
     if memory > 0:  # the maps above came from the search asked for
         search = det.pipeline._bank_search[1]

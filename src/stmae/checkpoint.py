@@ -315,7 +315,9 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
 
 
 #: ``infer`` settings newer than some run folders, and how those older runs scored.
-_INFER_BEFORE_THE_OPTION: dict[str, object] = {"memory": 0.0, "blend": "median"}
+_INFER_BEFORE_THE_OPTION: dict[str, object] = {
+    "memory": 0.0, "blend": "median", "pixel_residual": "same", "pixel_blend": "same",
+}
 
 
 def _infer_keys(config_file: Path) -> set[str]:

@@ -91,6 +91,11 @@ class InferConfig:
     topk: float = 0.01  # fraction of map pixels averaged when score == "topk"
     memory: float = 0.8  # share of the nearest-good-patch distance in the map (0 = the paper's pure residual); chosen on mt_val
     blend: str = "gated"  # median | quantile | gated: how residual and distance are put on one scale (stmae.pipeline.blend_scales); chosen on mt_val
+    # The pixel map may read another residual and blend than the image score (same share): on
+    # mt_val the plain squared error, quantile-blended, localises best, and mse_cos, gated,
+    # ranks images best (research/results/pixel_map_val.json). "same": the score's map.
+    pixel_residual: str = "mse"  # same | mse | cos | mse_cos
+    pixel_blend: str = "quantile"  # same | median | quantile | gated
     memory_coreset: float = 0.1  # fraction of training patches kept in the memory bank (greedy coreset)
     memory_held_out: bool = True  # after calibration, rebuild the bank over the held-out good images too (stmae.fitting.bank_held_out_images); chosen on mt_val
     batch_size: int = 16
@@ -156,6 +161,8 @@ class Config:
         _check(0.0 < i.memory_coreset <= 1.0, "infer.memory_coreset must be in (0, 1]")
         _check(_rule_ok(i.threshold_rule), "infer.threshold_rule must be max, quantile:Q (0 < Q <= 1) or fpr:F (0 <= F < 1)")
         _check(i.blend in ("median", "quantile", "gated"), "infer.blend must be median, quantile or gated")
+        _check(i.pixel_residual in PIXEL_RESIDUALS, f"infer.pixel_residual must be one of {PIXEL_RESIDUALS}")
+        _check(i.pixel_blend in PIXEL_BLENDS, f"infer.pixel_blend must be one of {PIXEL_BLENDS}")
         _check(i.precision in ("fp32", "bf16"), "infer.precision must be fp32 or bf16")
         _check(i.min_calibration >= 1, "infer.min_calibration must be >= 1")
         return self
@@ -287,6 +294,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "infer.score": "topk",
         "infer.topk": 0.01,
         "infer.memory": 0.0,
+        "infer.pixel_residual": "same",  # tuned on the painted set with one map
+        "infer.pixel_blend": "same",
         "infer.min_calibration": 3,  # the built-in set holds out 3 images; its threshold is for show
     },
     "lowres": {
@@ -310,6 +319,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "infer.topk": 0.5,  # mean of the top half of the map: chosen on the validation classes
         "infer.memory": 0.9,
         "infer.blend": "quantile",
+        "infer.pixel_residual": "same",  # one-class data is scored per image; one map
+        "infer.pixel_blend": "same",
     },
 }
 
@@ -322,6 +333,9 @@ def preset(name: str) -> Config:
 
 
 SCORES = ("max", "topk")
+#: The pixel map's residual: "same" (the score's), or one that needs no fitted statistics.
+PIXEL_RESIDUALS = ("same", "mse", "cos", "mse_cos")
+PIXEL_BLENDS = ("same", "median", "quantile", "gated")
 
 
 def _rule_ok(rule: str) -> bool:

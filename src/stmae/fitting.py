@@ -57,16 +57,22 @@ def fit_memory(
 ) -> PatchMemory:
     """The memory bank from raw features of good training images, its medians from good calibration images.
 
+    The scales of the pixel map's residual (``infer.pixel_residual``) come from the same images.
     The coreset ratio is ``infer.memory_coreset``; selection runs on the detector's device.
     """
     pipe = _residual_pipeline(detector)
     memory = _coreset_bank(detector, pipe, train_feats, seed, quiet)
-    residuals, distances = [], []
+    residuals, pixel_residuals, distances = [], [], []
     for chunk in torch.split(calib_feats, detector.config.infer.batch_size):
         c = pipe.standardize(chunk.to(detector.device))
-        residuals.append(pipe.residual(c))
+        score, pixel = pipe.residuals(c)
+        residuals.append(score)
+        pixel_residuals.append(pixel)
         distances.append(memory.distances(c))
-    memory.calibrate(torch.cat(residuals), torch.cat(distances))
+    # The pixel map's residual gets its own scale where it is another residual (infer.pixel_residual).
+    infer = detector.config.infer
+    own_pixel = infer.pixel_residual not in ("same", infer.residual)
+    memory.calibrate(torch.cat(residuals), torch.cat(distances), torch.cat(pixel_residuals) if own_pixel else None)
     return memory
 
 

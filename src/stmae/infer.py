@@ -126,18 +126,32 @@ class Detector:
         return self.pipeline.splits
 
     def grid_maps(self, feats: torch.Tensor) -> torch.Tensor:
-        """Standardised features (N, C, G, G) -> anomaly maps on the grid (N, G, G)."""
+        """Standardised features (N, C, G, G) -> the pixel maps on the grid (N, G, G).
+
+        The image score comes from the score map, which can differ (:meth:`grid_pair`).
+        """
         with torch.no_grad():
             return self.pipeline.grid_maps(feats.to(self.device))
+
+    def grid_pair(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised features (N, C, G, G) -> (pixel maps, score maps) on the grid
+        (:meth:`stmae.pipeline.MapPipeline.grid_pair`)."""
+        with torch.no_grad():
+            return self.pipeline.grid_pair(feats.to(self.device))
 
     def residual_maps(self, feats: torch.Tensor) -> torch.Tensor:
         """Standardised features (N, C, G, G) -> mean residual over the K split pairs (N, G, G)."""
         with torch.no_grad():
             return self.pipeline.residual(feats.to(self.device))
 
-    def postprocess(self, grid_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,))."""
-        return self.pipeline.postprocess(grid_maps)
+    def postprocess(self, grid_maps: torch.Tensor, score_maps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,)).
+
+        ``score_maps``: the score maps of :meth:`grid_pair`, where the scores come from them.
+        """
+        if score_maps is None:
+            return self.pipeline.postprocess(grid_maps)
+        return self.pipeline.postprocess_pair(grid_maps, score_maps)
 
     def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (unstandardised) cached features -> (maps (N, S, S), scores (N,)) on CPU."""

@@ -103,7 +103,7 @@ def reference_postprocess(grid: torch.Tensor, infer: InferConfig, image_size: in
     return maps, image_scores(maps, infer.score, infer.topk)
 
 
-def blend_scales(memory: PatchMemory, mode: str) -> tuple[float, float, float, float]:
+def blend_scales(memory: PatchMemory, mode: str, pixel: bool = False) -> tuple[float, float, float, float]:
     """(residual offset, residual scale, distance offset, distance scale) for :func:`blend`.
 
     ``median``: each map divided by its median over held-out good images' grid cells.
@@ -111,15 +111,26 @@ def blend_scales(memory: PatchMemory, mode: str) -> tuple[float, float, float, f
     0.995 quantile is 1 (``stmae.model.memory.BLEND_QUANTILES``): the two maps then agree on
     what a high value on a good image is, not only on a typical one.
     ``gated``: the same scales; :func:`blend` then also clips the residual at 0.
+    ``pixel``: the residual is the pixel map's own (``infer.pixel_residual``), with its own scale.
     """
+    if pixel:
+        r_median, r_range = memory.pixel_residual_median, memory.pixel_residual_range
+        if r_median is None or r_range is None:
+            raise ValueError(
+                "infer.pixel_residual differs from infer.residual but this memory bank was calibrated "
+                "for one map (saved by an older stmae, or fitted with pixel_residual 'same'); refit, or "
+                "set infer.pixel_residual and infer.pixel_blend to 'same'"
+            )
+    else:
+        r_median, r_range = memory.residual_median, memory.residual_range
     if mode == "median":
-        return 0.0, memory.residual_median, 0.0, memory.distance_median
-    if memory.residual_range is None or memory.distance_range is None:
+        return 0.0, r_median, 0.0, memory.distance_median
+    if r_range is None or memory.distance_range is None:
         raise ValueError(
             f"infer.blend is {mode!r} but this memory bank has no quantile ranges (saved by an older "
             "stmae); refit, or set infer.blend to median"
         )
-    (r_lo, r_hi), (d_lo, d_hi) = memory.residual_range, memory.distance_range
+    (r_lo, r_hi), (d_lo, d_hi) = r_range, memory.distance_range
     return r_lo, r_hi - r_lo, d_lo, d_hi - d_lo
 
 
@@ -152,7 +163,15 @@ class MapPipeline(nn.Module):
     """Images (N, 3, S, S) in [0, 1] at the model input size -> (maps (N, S, S), scores (N,)).
 
     Stages, each callable on its own: :meth:`features` (standardised grid), :meth:`residual`,
-    :meth:`distances`, :meth:`grid_maps`, :meth:`postprocess`.
+    :meth:`distances`, :meth:`grid_pair` (or :meth:`grid_maps`), :meth:`postprocess`.
+
+    Two maps, one pass: the image score comes from the *score map* (``infer.residual``,
+    ``infer.blend``) and the returned pixel map from the *pixel map* (``infer.pixel_residual``,
+    ``infer.pixel_blend``), both at the share ``infer.memory``, from one transformer call and
+    one bank search. Why: on Magnetic Tile's ``mt_val`` the plain squared error localises
+    defects best and ``mse_cos`` ranks images best (research/results/pixel_map_val.json), so
+    each output takes the one that serves it. With ``same`` for both (or the memory alone)
+    the two maps are one.
     """
 
     def __init__(
@@ -190,11 +209,20 @@ class MapPipeline(nn.Module):
         if residual_stats is not None:
             self.register_buffer("res_mean", residual_stats.mean.float().view(1, -1, 1, 1).clone())
             self.register_buffer("res_precision", residual_stats.precision.float().clone())
+        self.pixel_residual = infer.residual if infer.pixel_residual == "same" else infer.pixel_residual
+        self.pixel_blend = infer.blend if infer.pixel_blend == "same" else infer.pixel_blend
+        share = infer.memory
+        #: True when the pixel map is not the score map (see the class docstring).
+        self.split_maps = share < 1.0 and (
+            self.pixel_residual != infer.residual or (share > 0.0 and self.pixel_blend != infer.blend)
+        )
         if memory is not None:
             bank = memory.bank.float()
             self.register_buffer("bank", bank.clone())
             self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
             self.scales = blend_scales(memory, infer.blend)
+            if self.split_maps and share > 0.0:
+                self.pixel_scales = blend_scales(memory, self.pixel_blend, pixel=self.pixel_residual != infer.residual)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -243,17 +271,30 @@ class MapPipeline(nn.Module):
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised features (N, C, G, G) -> mean residual over the K split pairs (N, G, G).
 
-        One transformer call on K x N sequences: pair k of image i is row k * N + i.
+        The score map's residual (``infer.residual``). One transformer call on K x N
+        sequences: pair k of image i is row k * N + i.
         """
-        n, k = x.shape[0], self.num_pairs
         recon, xs = self.reconstructions(x)
-        if self.infer.residual == "mahalanobis":
+        return self._mean_residual(recon, xs, self.infer.residual, x.shape[0])
+
+    def residuals(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score residual, pixel residual), each (N, G, G), from one transformer call; the
+        same tensor twice when the pixel map reads the score's residual."""
+        recon, xs = self.reconstructions(x)
+        score = self._mean_residual(recon, xs, self.infer.residual, x.shape[0])
+        if self.pixel_residual == self.infer.residual:
+            return score, score
+        return score, self._mean_residual(recon, xs, self.pixel_residual, x.shape[0])
+
+    def _mean_residual(self, recon: torch.Tensor, xs: torch.Tensor, kind: str, n: int) -> torch.Tensor:
+        """(K * N, C, G, G) reconstructions and inputs -> the ``kind`` residual averaged over the K pairs."""
+        if kind == "mahalanobis":
             d = (recon - xs) - self.res_mean
             pd = torch.einsum("cd,ndhw->nchw", self.res_precision, d)
             res = (d * pd).sum(dim=1).clamp_min(0.0)
         else:
-            res = feature_residual(recon, xs, self.infer.residual)
-        return res.view(k, n, *res.shape[1:]).mean(dim=0)
+            res = feature_residual(recon, xs, kind)
+        return res.view(self.num_pairs, n, *res.shape[1:]).mean(dim=0)
 
     def reconstructions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised features (N, C, G, G) -> (reconstructions, inputs), both (K * N, C, G, G).
@@ -282,26 +323,48 @@ class MapPipeline(nn.Module):
         tf32 = self.infer.precision == "bf16"
         return search_bank(self, rows, self.bank, self.bank_sq, tf32=tf32).view(n, h, w)
 
-    def grid_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardised features -> anomaly maps on the grid (N, G, G): residual, distance or their blend."""
+    def grid_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised features -> (pixel map, score map) on the grid, each (N, G, G).
+
+        Each is the residual, the distance or their blend at the share ``infer.memory``; one
+        transformer call and one bank search serve both. The same tensor twice where the two
+        maps are one (:attr:`split_maps` False).
+        """
         share = self.infer.memory
         if share >= 1.0:
-            return blend(None, self.distances(x), 1.0, self.scales)
-        residual = self.residual(x)
+            dist = blend(None, self.distances(x), 1.0, self.scales)
+            return dist, dist
+        score_res, pixel_res = self.residuals(x)
         if share <= 0.0:
-            return residual
-        return blend(residual, self.distances(x), share, self.scales, gate=self.infer.blend == "gated")
+            return pixel_res, score_res
+        dist = self.distances(x)
+        score = blend(score_res, dist, share, self.scales, gate=self.infer.blend == "gated")
+        if not self.split_maps:
+            return score, score
+        pixel = blend(pixel_res, dist, share, self.pixel_scales, gate=self.pixel_blend == "gated")
+        return pixel, score
+
+    def grid_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised features -> the pixel map on the grid (N, G, G) (:meth:`grid_pair`)."""
+        return self.grid_pair(x)[0]
 
     def postprocess(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,)) (:func:`postprocess`)."""
         return postprocess(grid, self.infer, self.image_size)
 
+    def postprocess_pair(self, pixel: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel map, score map) on the grid -> (the pixel map at the input size, the score map's image scores)."""
+        maps, scores = self.postprocess(pixel)
+        if score is not pixel:
+            scores = self.postprocess(score)[1]
+        return maps, scores
+
     def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw cached features (N, C, G, G) -> (maps, scores): the recipe after the backbone."""
-        return self.postprocess(self.grid_maps(self.standardize(feats)))
+        return self.postprocess_pair(*self.grid_pair(self.standardize(feats)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.postprocess(self.grid_maps(self.features(images)))
+        return self.postprocess_pair(*self.grid_pair(self.features(images)))
 
 
 __all__ = [

@@ -337,6 +337,7 @@ def fit(
             "bank_patches_at_calibration": calibrated_bank,
             "residual_median": detector.memory.residual_median,
             "distance_median": detector.memory.distance_median,
+            "pixel_residual_median": detector.memory.pixel_residual_median,  # None: one map
             "seconds": memory_seconds,
         }
     if start is not None:

@@ -439,6 +439,9 @@ class PatchMemory:
         over the grid cells of held-out good images (:meth:`calibrate`); 1.0 until then.
     residual_range, distance_range: their 0.90 and 0.995 quantiles over the same cells
         (:data:`BLEND_QUANTILES`), for the ``quantile`` blend; None for banks saved before it.
+    pixel_residual_median, pixel_residual_range: the same for the residual of the pixel map
+        (``infer.pixel_residual``) where it differs from the score's; None otherwise and for
+        banks saved before it.
     """
 
     bank: torch.Tensor
@@ -446,6 +449,8 @@ class PatchMemory:
     distance_median: float = 1.0
     residual_range: tuple[float, float] | None = None
     distance_range: tuple[float, float] | None = None
+    pixel_residual_median: float | None = None
+    pixel_residual_range: tuple[float, float] | None = None
 
     @classmethod
     def fit(cls, feats: torch.Tensor, ratio: float, seed: int = 42, quiet: bool = True) -> "PatchMemory":
@@ -464,12 +469,23 @@ class PatchMemory:
         bank = self.bank.to(feats.device, torch.float32)
         return search_bank(self, patch_rows(feats.float()), bank).view(n, h, w)
 
-    def calibrate(self, residual_maps: torch.Tensor, distance_maps: torch.Tensor) -> None:
-        """Medians and quantile ranges from the grid maps of good images (any shape; all cells count)."""
+    def calibrate(
+        self, residual_maps: torch.Tensor, distance_maps: torch.Tensor, pixel_residual_maps: torch.Tensor | None = None
+    ) -> None:
+        """Medians and quantile ranges from the grid maps of good images (any shape; all cells count).
+
+        ``pixel_residual_maps``: the pixel map's residual of the same images, where the pixel
+        map reads another residual than the image score (``infer.pixel_residual``).
+        """
         self.residual_median = _positive_median(residual_maps)
         self.distance_median = _positive_median(distance_maps)
         self.residual_range = _quantile_range(residual_maps)
         self.distance_range = _quantile_range(distance_maps)
+        if pixel_residual_maps is None:
+            self.pixel_residual_median, self.pixel_residual_range = None, None
+        else:
+            self.pixel_residual_median = _positive_median(pixel_residual_maps)
+            self.pixel_residual_range = _quantile_range(pixel_residual_maps)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors for the run folder's safetensors file."""
@@ -479,6 +495,10 @@ class PatchMemory:
         }
         if self.residual_range is not None and self.distance_range is not None:
             out["memory.ranges"] = torch.tensor([*self.residual_range, *self.distance_range], dtype=torch.float64)
+        if self.pixel_residual_median is not None and self.pixel_residual_range is not None:
+            out["memory.pixel_residual"] = torch.tensor(
+                [self.pixel_residual_median, *self.pixel_residual_range], dtype=torch.float64
+            )
         return out
 
     @classmethod
@@ -486,10 +506,13 @@ class PatchMemory:
         """Inverse of :meth:`to_tensors`; KeyError when the bank is missing."""
         medians = tensors["memory.medians"].tolist()
         ranges = tensors["memory.ranges"].tolist() if "memory.ranges" in tensors else None
+        pixel = tensors["memory.pixel_residual"].tolist() if "memory.pixel_residual" in tensors else None
         return cls(
             tensors["memory.bank"], float(medians[0]), float(medians[1]),
             None if ranges is None else (float(ranges[0]), float(ranges[1])),
             None if ranges is None else (float(ranges[2]), float(ranges[3])),
+            None if pixel is None else float(pixel[0]),
+            None if pixel is None else (float(pixel[1]), float(pixel[2])),
         )
 
 
