@@ -1265,11 +1265,16 @@ def check_same_code(recorded: dict[str, Any] | None, results: dict[str, Any], wh
     code than this run: another commit, or either side with uncommitted changes."""
     from stmae.provenance import require_same_code
 
+    def code_changes(prov: dict[str, Any]) -> bool:
+        # Results files written by earlier calls in the same checkout are outputs, not code.
+        modified = [m for m in prov.get("modified") or [] if not m.startswith("benchmarks/results/")]
+        return bool(modified) if prov.get("modified") is not None else bool(prov.get("dirty"))
+
     current = entry_provenance(results)
-    current["dirty"] = bool(current.get("dirty") or current.get("modified"))
+    current["dirty"] = code_changes(current)
     recorded = dict(recorded or {})
     if recorded:
-        recorded["dirty"] = bool(recorded.get("dirty") or recorded.get("modified"))
+        recorded["dirty"] = code_changes(recorded)
     require_same_code(recorded, current, what)
 
 
