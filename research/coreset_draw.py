@@ -17,7 +17,6 @@ with ``RUN`` a default run folder fitted on the 200-image protocol (e.g. by
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,9 +30,11 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import baseline_knn as knn  # noqa: E402
+from blend_val import AUPRO_THRESHOLDS, DEFAULT_DATA, MT_SUBSAMPLE_SEED  # noqa: E402  (one protocol)
 
 import stmae  # noqa: E402
 from stmae import provenance  # noqa: E402
+from stmae.fileio import atomic_write_json  # noqa: E402
 from stmae.data import load_mvtec  # noqa: E402
 from stmae.evaluate import mask_at  # noqa: E402
 from stmae.features import FeatureStats, extract_features  # noqa: E402
@@ -42,9 +43,6 @@ from stmae.model.memory import PatchMemory  # noqa: E402
 from stmae.pipeline import MapPipeline, postprocess  # noqa: E402
 from stmae.protocols import split_real_defects  # noqa: E402
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
-MT_SUBSAMPLE_SEED = 42
-AUPRO_THRESHOLDS = 500
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -122,9 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "provenance": provenance.collect("cpu", started=started),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,22 +42,20 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import baseline_knn as knn  # noqa: E402
+from blend_val import AUPRO_THRESHOLDS, DEFAULT_DATA, MT_SUBSAMPLE_SEED  # noqa: E402  (one protocol)
 
 import stmae  # noqa: E402
 from stmae import provenance  # noqa: E402
+from stmae.fileio import atomic_write_json  # noqa: E402
 from stmae.config import preset as preset_config  # noqa: E402
 from stmae.data import load_mvtec  # noqa: E402
 from stmae.evaluate import mask_at  # noqa: E402
 from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
 from stmae.model.memory import _quantile_range  # noqa: E402
-from stmae.model.residual import feature_residual  # noqa: E402
 from stmae.pipeline import MapPipeline, blend, blend_scales, postprocess  # noqa: E402
 from stmae.protocols import split_real_defects  # noqa: E402
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
-MT_SUBSAMPLE_SEED = 42  # the 200-image protocol's training subset (benchmarks/quality.py)
-AUPRO_THRESHOLDS = 500
 KINDS = ("mse_cos", "mse", "cos")
 BLENDS = ("quantile", "gated")
 SHARES = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -84,9 +81,8 @@ def mean_residuals(pipe: MapPipeline, feats: torch.Tensor) -> dict[str, torch.Te
         for chunk in torch.split(feats, 16):
             x = pipe.standardize(chunk)
             recon, xs = pipe.reconstructions(x)
-            for kind in KINDS:
-                r = feature_residual(recon, xs, kind)
-                out[kind].append(r.view(pipe.num_pairs, x.shape[0], *r.shape[1:]).mean(dim=0))
+            for kind in KINDS:  # the package's own per-kind residual, averaged over the K pairs
+                out[kind].append(pipe._mean_residual(recon, xs, kind, x.shape[0]))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -224,9 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "provenance": provenance.collect("cpu", started=started),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, result)
     print(f"chosen on mt_val: {best}; wrote {args.out}")
     return result
 
