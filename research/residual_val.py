@@ -16,7 +16,9 @@ and of the speed issue that cannot be answered by timing alone:
    the ``accurate`` transformer size; feature jitter on the input (UniAD: Gaussian noise of
    std 0.5 or 1.0 on the standardised features, the target stays clean); a hard-mined loss
    (Dinomaly: the gradients of the easiest 90 % of grid cells scaled by 0.1); a cosine-only
-   loss per layer group (Dinomaly), scored by the per-group cosine distance.
+   loss per layer group (Dinomaly), scored by the per-group cosine distance; a variance
+   head (:func:`variance_head`) whose predicted log-variance is scored as an extra signal,
+   alone and blended as a third map, and for reference as the residual's divisor.
    Also: the held-out calibration images added to the bank after calibration (the kNN
    yardstick banks every training image; ST-MAE only those it trains on).
 4. **Separate shares for the map and the image score**: the memory share of the pixel map
@@ -71,6 +73,7 @@ from stmae.fitting import fit_residual_stats  # noqa: E402
 from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
 from stmae.model import STMAE, feature_residual  # noqa: E402
+from stmae.model.stmae import _expand  # noqa: E402
 from stmae.model.memory import BLEND_QUANTILES, greedy_coreset, nearest_distances, patch_rows  # noqa: E402
 from stmae.pipeline import blend, postprocess  # noqa: E402
 from stmae.protocols import split_real_defects  # noqa: E402
@@ -117,6 +120,58 @@ def patched(loss: Callable[..., torch.Tensor] | None = None, jitter: float = 0.0
         STMAE.forward = old_forward  # type: ignore[method-assign]
 
 
+# A variance head as an extra signal (not as a divisor). A linear head on the decoder's
+# output tokens predicts each target cell's log expected squared error from the other half.
+# Its input is detached and its loss (a Gaussian negative log-likelihood of the detached
+# per-cell error) reaches only the head, so the reconstruction trains exactly as without it:
+# its residual rows must equal the base model's, and the head is a pure add-on. Zero-initialised
+# (no random draws), so the rest of the model starts from the same weights as well.
+VARIANCE_OUT = {"on": False}  # scoring: forward returns the log-variance as an extra channel
+
+
+def _variance_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0) -> torch.Tensor:
+    """The package's loss on the reconstruction + the head's NLL on the detached per-cell error."""
+    recon, log_var = recon[:, :-1], recon[:, -1]
+    error = (recon - feats).pow(2).mean(dim=1).detach()
+    nll = (log_var + error * torch.exp(-log_var)).mean()
+    return _PACKAGE_LOSS(recon, feats, cos_weight, hard_mining) + nll
+
+
+_PACKAGE_LOSS = stmae_train.reconstruction_loss
+
+
+@contextlib.contextmanager
+def variance_head() -> Iterator[None]:
+    """STMAE with the variance head while the context lasts (fit, load and scoring)."""
+    old_init, old_forward = STMAE.__init__, STMAE.forward
+
+    def init(self: STMAE, *args: Any, **kwargs: Any) -> None:
+        old_init(self, *args, **kwargs)
+        self.var_head = torch.nn.Linear(self.head.in_features, self.patch_size**2)
+        torch.nn.init.zeros_(self.var_head.weight)
+        torch.nn.init.zeros_(self.var_head.bias)
+        self.head.register_forward_hook(lambda mod, inp, out: setattr(self, "_var_tokens", self.var_head(inp[0].detach())))
+
+    def forward(self: STMAE, feats: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+        recon = old_forward(self, feats, split)
+        if not hasattr(self, "var_head") or not (self.training or VARIANCE_OUT["on"]):
+            return recon
+        tokens, n, p, s = self._var_tokens, feats.shape[0], self.patch_size, self.side
+        if split.dim() == 2:
+            split = split.unsqueeze(0).expand(n, -1, -1)
+        out = tokens.new_zeros(n, self.num_tokens, p * p)
+        out = out.scatter(1, _expand(split[:, 1], p * p), tokens[:n]).scatter(1, _expand(split[:, 0], p * p), tokens[n:])
+        log_var = out.reshape(n, s, s, 1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, 1, s * p, s * p)
+        return torch.cat([recon, log_var.to(recon.dtype)], dim=1)
+
+    STMAE.__init__, STMAE.forward = init, forward  # type: ignore[method-assign]
+    try:
+        with patched(_variance_loss):
+            yield
+    finally:
+        STMAE.__init__, STMAE.forward = old_init, old_forward  # type: ignore[method-assign]
+
+
 #: name -> (preset, config overrides, patched loss, jitter, residual kind); all 40 epochs,
 #: memory off in the fit (banks are built here). Variants the package offers are overrides;
 #: the others are patched in for one fit (:func:`patched`).
@@ -127,6 +182,7 @@ MODELS: dict[str, tuple[str, dict[str, Any], Callable[..., torch.Tensor] | None,
     "jitter 0.5": ("fast", {}, None, 0.5, "mse_cos"),
     "group cosine loss": ("fast", {}, _group_cosine_loss, 0.0, "group_cos"),
     "jitter 1.0": ("fast", {}, None, 1.0, "mse_cos"),
+    "variance head": ("fast", {}, None, 0.0, "mse_cos"),  # set up by variance_head(), not a loss swap
 }
 
 
@@ -256,11 +312,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cfg = preset_config(preset_name).override(
             {**overrides, "train.epochs": args.epochs, "train.device": "cpu", "infer.memory": 0.0})
         run = args.work / name.replace(" ", "_")
-        if (run / "meta.json").is_file():
-            det = stmae.load(run, device="cpu")
-        else:
-            with patched(loss, jitter):
-                det = stmae.fit(train, run, cfg, quiet=True, resume=True).detector
+        with variance_head() if name == "variance head" else contextlib.nullcontext():
+            if (run / "meta.json").is_file():
+                det = stmae.load(run, device="cpu")
+            else:
+                with patched(loss, jitter):
+                    det = stmae.fit(train, run, cfg, quiet=True, resume=True).detector
         result["fit_seconds"][name] = det.meta.get("fit_seconds")
         print(f"[fit] {name}: {det.meta.get('fit_seconds')} s", flush=True)
         return det
@@ -311,14 +368,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (r_lo, r_sc), (d_lo, d_sc) = quantile_range(res["calib"]), quantile_range(d["calib"])
         return {k: blend(res[k], d[k], share, (r_lo, r_sc, d_lo, d_sc)) for k in ("mt_val", "mt_test")}
 
+    def three_way(d: dict[str, torch.Tensor], *others_and_shares: Any) -> dict[str, torch.Tensor]:
+        """Memory, residual and a third map, each on its good cells' quantile scale, weighted."""
+        *maps, shares = (d, *others_and_shares)
+        scales = [quantile_range(m["calib"]) for m in maps]
+        return {k: sum(w * (m[k] - lo) / sc for w, m, (lo, sc) in zip(shares, maps, scales))
+                for k in ("mt_val", "mt_test")}
+
     # 2-3. each training variant: residual alone and blended, per layer set for the first model
     residuals: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
         det = fitted.get(name) or fit_model(name)
         kind = MODELS[name][4]
         pipe = det.pipeline
-        with torch.inference_mode():
+        heads = name == "variance head"
+        with torch.inference_mode(), variance_head() if heads else contextlib.nullcontext():
+            VARIANCE_OUT["on"] = heads
             recon = {k: torch.cat([pipe.reconstructions(c)[0] for c in torch.split(x, 16)]) for k, x in xs.items()}
+            VARIANCE_OUT["on"] = False
+        log_var = {}
+        if heads:  # the head's channel off the reconstruction; its signals alone and blended
+            log_var = {k: r[:, -1] for k, r in recon.items()}
+            recon = {k: r[:, :-1] for k, r in recon.items()}
         layer_sets = LAYER_SETS if name == names[0] and args.steps == "all" else {"all": LAYER_SETS["all"]}
         for lname, layers in layer_sets.items():
             res = {k: residual_grid(recon[k], xs[k], layers, kind) for k in xs}
@@ -328,6 +399,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if lname == "all":
                 record(f"blend {SHARE}: {name}, layers all, calibration images added to the bank",
                        blended(res, dist_all, SHARE))
+        if heads:
+            error = {k: (recon[k] - xs[k]).pow(2).mean(dim=1) for k in xs}
+            res = residuals[f"{name} / all"]
+            for label, signal in (("predicted log-variance", log_var),
+                                  ("squared error / predicted variance (the divisor, for reference)",
+                                   {k: error[k] * torch.exp(-log_var[k]) for k in xs})):
+                record(f"variance head: {label} alone", signal)
+                record(f"blend {SHARE}: memory + {label}, calibration images added to the bank",
+                       blended(signal, dist_all, SHARE))
+                record(f"blend 0.8 / 0.1 / 0.1: memory + residual + {label}, calibration images added to the bank",
+                       three_way(dist_all, res, signal, (0.8, 0.1, 0.1)))
         if kind == "mse_cos":
             # other residual kinds of the same reconstructions, alone and blended (all layers)
             for other in [k.strip() for k in args.kinds.split(",") if k.strip() and k.strip() != kind]:
