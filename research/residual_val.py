@@ -18,7 +18,8 @@ and of the speed issue that cannot be answered by timing alone:
    (Dinomaly: the gradients of the easiest 90 % of grid cells scaled by 0.1); a cosine-only
    loss per layer group (Dinomaly), scored by the per-group cosine distance; a variance
    head (:func:`variance_head`) whose predicted log-variance is scored as an extra signal,
-   alone and blended as a third map, and for reference as the residual's divisor.
+   alone and blended as a third map, and for reference as the residual's divisor; towards
+   the paper's scale, a 200-epoch schedule and a 64 x 64 grid (4 x 4 patches).
    Also: the held-out calibration images added to the bank after calibration (the kNN
    yardstick banks every training image; ST-MAE only those it trains on).
 4. **Separate shares for the map and the image score**: the memory share of the pixel map
@@ -183,6 +184,11 @@ MODELS: dict[str, tuple[str, dict[str, Any], Callable[..., torch.Tensor] | None,
     "group cosine loss": ("fast", {}, _group_cosine_loss, 0.0, "group_cos"),
     "jitter 1.0": ("fast", {}, None, 1.0, "mse_cos"),
     "variance head": ("fast", {}, None, 0.0, "mse_cos"),  # set up by variance_head(), not a loss swap
+    # towards the paper's scale, as far as a CPU affords it: a longer schedule; a 64 x 64 grid
+    # (Lite0's stride-4 resolution at 256 px) with 4 x 4 patches, so the transformer keeps
+    # 256 tokens; its memory rows stay on the 32 x 32 grid, upsampled for the blends
+    "200 epochs": ("fast", {"train.epochs": 200}, None, 0.0, "mse_cos"),
+    "grid 64": ("fast", {"features.grid_size": 64, "model.patch_size": 4}, None, 0.0, "mse_cos"),
 }
 
 
@@ -310,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def fit_model(name: str) -> Any:
         preset_name, overrides, loss, jitter, _ = MODELS[name]
         cfg = preset_config(preset_name).override(
-            {**overrides, "train.epochs": args.epochs, "train.device": "cpu", "infer.memory": 0.0})
+            {"train.epochs": args.epochs, **overrides, "train.device": "cpu", "infer.memory": 0.0})
         run = args.work / name.replace(" ", "_")
         with variance_head() if name == "variance head" else contextlib.nullcontext():
             if (run / "meta.json").is_file():
@@ -381,10 +387,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         det = fitted.get(name) or fit_model(name)
         kind = MODELS[name][4]
         pipe = det.pipeline
+        mxs, mdist, mdist_all = xs, dist[0.1], dist_all
+        if det.config.features != first.config.features:  # e.g. a finer grid: its own features
+            g = det.config.features.grid_size
+            with torch.inference_mode():
+                mxs = {k: pipe.standardize(extract_features(det.extractor, v, size, quiet=True, desc=k))
+                       for k, v in sets.items()}
+            # the memory stays on the first model's grid, upsampled to this one for the blends
+            mdist, mdist_all = ({k: F.interpolate(v.unsqueeze(1), size=(g, g), mode="bilinear", align_corners=False)
+                                 .squeeze(1) for k, v in d.items()} for d in (dist[0.1], dist_all))
         heads = name == "variance head"
         with torch.inference_mode(), variance_head() if heads else contextlib.nullcontext():
             VARIANCE_OUT["on"] = heads
-            recon = {k: torch.cat([pipe.reconstructions(c)[0] for c in torch.split(x, 16)]) for k, x in xs.items()}
+            recon = {k: torch.cat([pipe.reconstructions(c)[0] for c in torch.split(x, 16)]) for k, x in mxs.items()}
             VARIANCE_OUT["on"] = False
         log_var = {}
         if heads:  # the head's channel off the reconstruction; its signals alone and blended
@@ -392,34 +407,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             recon = {k: r[:, :-1] for k, r in recon.items()}
         layer_sets = LAYER_SETS if name == names[0] and args.steps == "all" else {"all": LAYER_SETS["all"]}
         for lname, layers in layer_sets.items():
-            res = {k: residual_grid(recon[k], xs[k], layers, kind) for k in xs}
+            res = {k: residual_grid(recon[k], mxs[k], layers, kind) for k in mxs}
             residuals[f"{name} / {lname}"] = res
             record(f"residual alone: {name}, layers {lname}", res)
-            record(f"blend {SHARE}: {name}, layers {lname}, coreset 0.1", blended(res, dist[0.1], SHARE))
+            record(f"blend {SHARE}: {name}, layers {lname}, coreset 0.1", blended(res, mdist, SHARE))
             if lname == "all":
                 record(f"blend {SHARE}: {name}, layers all, calibration images added to the bank",
-                       blended(res, dist_all, SHARE))
+                       blended(res, mdist_all, SHARE))
         if heads:
-            error = {k: (recon[k] - xs[k]).pow(2).mean(dim=1) for k in xs}
+            error = {k: (recon[k] - mxs[k]).pow(2).mean(dim=1) for k in mxs}
             res = residuals[f"{name} / all"]
             for label, signal in (("predicted log-variance", log_var),
                                   ("squared error / predicted variance (the divisor, for reference)",
-                                   {k: error[k] * torch.exp(-log_var[k]) for k in xs})):
+                                   {k: error[k] * torch.exp(-log_var[k]) for k in mxs})):
                 record(f"variance head: {label} alone", signal)
                 record(f"blend {SHARE}: memory + {label}, calibration images added to the bank",
-                       blended(signal, dist_all, SHARE))
+                       blended(signal, mdist_all, SHARE))
                 record(f"blend 0.8 / 0.1 / 0.1: memory + residual + {label}, calibration images added to the bank",
-                       three_way(dist_all, res, signal, (0.8, 0.1, 0.1)))
+                       three_way(mdist_all, res, signal, (0.8, 0.1, 0.1)))
         if kind == "mse_cos":
             # other residual kinds of the same reconstructions, alone and blended (all layers)
             for other in [k.strip() for k in args.kinds.split(",") if k.strip() and k.strip() != kind]:
+                if other == "mahalanobis" and mxs is not xs:
+                    continue  # its statistics come from the first model's grid
                 stats = fit_residual_stats(det, raw_train) if other == "mahalanobis" else None
-                res = {k: residual_grid(recon[k], xs[k], LAYER_SETS["all"], other, stats) for k in xs}
+                res = {k: residual_grid(recon[k], mxs[k], LAYER_SETS["all"], other, stats) for k in mxs}
                 residuals[f"{name} / residual {other}"] = res
                 record(f"residual alone: {name}, residual {other}", res)
-                record(f"blend {SHARE}: {name}, residual {other}, coreset 0.1", blended(res, dist[0.1], SHARE))
+                record(f"blend {SHARE}: {name}, residual {other}, coreset 0.1", blended(res, mdist, SHARE))
                 record(f"blend {SHARE}: {name}, residual {other}, calibration images added to the bank",
-                       blended(res, dist_all, SHARE))
+                       blended(res, mdist_all, SHARE))
         save()
         del recon
 
