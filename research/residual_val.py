@@ -151,17 +151,17 @@ def variance_head() -> Iterator[None]:
         self.var_head = torch.nn.Linear(self.head.in_features, self.patch_size**2)
         torch.nn.init.zeros_(self.var_head.weight)
         torch.nn.init.zeros_(self.var_head.bias)
-        def keep(mod: torch.nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            if self.training or VARIANCE_OUT["on"]:  # forward() takes it at once: a module holding
-                self.__dict__["_var_tokens"] = self.var_head(inp[0].detach())  # a graph cannot be copied
-
-        self.head.register_forward_hook(keep)
 
     def forward(self: STMAE, feats: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
-        recon = old_forward(self, feats, split)
         if not hasattr(self, "var_head") or not (self.training or VARIANCE_OUT["on"]):
-            return recon
-        tokens, n, p, s = self.__dict__.pop("_var_tokens"), feats.shape[0], self.patch_size, self.side
+            return old_forward(self, feats, split)
+        seen: list[torch.Tensor] = []  # the decoder's output tokens, as the reconstruction head reads them
+        hook = self.head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+        try:
+            recon = old_forward(self, feats, split)
+        finally:
+            hook.remove()
+        tokens, n, p, s = self.var_head(seen[0].detach()), feats.shape[0], self.patch_size, self.side
         if split.dim() == 2:
             split = split.unsqueeze(0).expand(n, -1, -1)
         out = tokens.new_zeros(n, self.num_tokens, p * p)
