@@ -130,10 +130,20 @@ def patched(loss: Callable[..., torch.Tensor] | None = None, jitter: float = 0.0
 VARIANCE_OUT = {"on": False}  # scoring: forward returns the log-variance as an extra channel
 
 
+@contextlib.contextmanager
+def variance_out(on: bool = True) -> Iterator[None]:
+    """Scoring with the head's log-variance as the reconstruction's last channel (training always has it)."""
+    VARIANCE_OUT["on"] = on
+    try:
+        yield
+    finally:
+        VARIANCE_OUT["on"] = False
+
+
 def _variance_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0) -> torch.Tensor:
     """The package's loss on the reconstruction + the head's NLL on the detached per-cell error."""
     recon, log_var = recon[:, :-1], recon[:, -1]
-    error = (recon - feats).pow(2).mean(dim=1).detach()
+    error = feature_residual(recon, feats, "mse").detach()
     nll = (log_var + error * torch.exp(-log_var)).mean()
     return _PACKAGE_LOSS(recon, feats, cos_weight, hard_mining) + nll
 
@@ -401,10 +411,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             mdist, mdist_all = ({k: F.interpolate(v.unsqueeze(1), size=(g, g), mode="bilinear", align_corners=False)
                                  .squeeze(1) for k, v in d.items()} for d in (dist[0.1], dist_all))
         heads = name == "variance head"
-        with torch.inference_mode(), variance_head() if heads else contextlib.nullcontext():
-            VARIANCE_OUT["on"] = heads
+        with torch.inference_mode(), variance_head() if heads else contextlib.nullcontext(), variance_out(heads):
             recon = {k: torch.cat([pipe.reconstructions(c)[0] for c in torch.split(x, 16)]) for k, x in mxs.items()}
-            VARIANCE_OUT["on"] = False
         log_var = {}
         if heads:  # the head's channel off the reconstruction; its signals alone and blended
             log_var = {k: r[:, -1] for k, r in recon.items()}
@@ -419,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 record(f"blend {SHARE}: {name}, layers all, calibration images added to the bank",
                        blended(res, mdist_all, SHARE))
         if heads:
-            error = {k: (recon[k] - mxs[k]).pow(2).mean(dim=1) for k in mxs}
+            error = {k: feature_residual(recon[k], mxs[k], "mse") for k in mxs}
             res = residuals[f"{name} / all"]
             for label, signal in (("predicted log-variance", log_var),
                                   ("squared error / predicted variance (the divisor, for reference)",

@@ -64,11 +64,9 @@ def test_variance_map_sits_on_the_cells_it_predicts_and_survives_a_copy():
         # A head that copies the reconstruction's first channel must give back that channel.
         model.var_head.weight.copy_(model.head.weight[:cells])
         model.var_head.bias.copy_(model.head.bias[:cells])
-        residual_val.VARIANCE_OUT["on"] = True
-        try:
+        with residual_val.variance_out():
             out = model(x, splits)
             copied = copy.deepcopy(model)(x, splits)  # Detector deep-copies the model it is given
-        finally:
-            residual_val.VARIANCE_OUT["on"] = False
+        assert not residual_val.VARIANCE_OUT["on"]  # and scoring goes back to the plain output
     assert torch.equal(out[:, -1], out[:, 0])
     assert torch.equal(copied, out)
