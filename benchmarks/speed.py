@@ -41,9 +41,7 @@ both precisions, against the GPU targets (<= 2 ms at batch 1, >= 3,000 images/s 
 ``predict_b64`` is ``Detector.predict`` on 64 decoded images (resizing on the CPU included).
 ``benchmarks/device_speed.sh`` runs it on a lent GPU machine.
 
-The process runs with glibc's allocator tuned as the ``stmae`` command tunes it
-(:mod:`stmae.allocator`; recorded as ``allocator``); ``benchmarks/allocator.py`` measures
-the difference. The kNN yardstick (the same backbone and coreset, :meth:`stmae.pipeline.MapPipeline.knn`) is
+The kNN yardstick (the same backbone and coreset, :meth:`stmae.pipeline.MapPipeline.knn`) is
 timed the same way in the same run. With the export helper's ``benchmarks/speed_runtime.py``
 present, onnxruntime and OpenVINO rows are added.
 
@@ -72,7 +70,6 @@ sys.path.insert(0, str(HERE))
 import baseline_knn as knn  # noqa: E402
 
 from stmae import Detector, fit, provenance  # noqa: E402
-from stmae.allocator import tune_allocator  # noqa: E402
 from stmae.config import preset as preset_config  # noqa: E402
 from stmae.data import load_mvtec, resize_image, to_tensor_batch  # noqa: E402
 from stmae.data.base import Sample  # noqa: E402
@@ -423,7 +420,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    allocator = tune_allocator()  # as the stmae command does, before any tensor is allocated
     args.presets_list = [p.strip() for p in args.presets.split(",") if p.strip()]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -434,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     idx = knn.subsample_indices(len(ds.train), args.train, seed=0)
     train = [ds.train[i] for i in idx]
     test = ds.test[:32]
-    results: dict[str, Any] = {"benchmark": "speed", "threads": args.threads, "allocator": allocator.as_dict(), "presets": {}}
+    results: dict[str, Any] = {"benchmark": "speed", "threads": args.threads, "presets": {}}
     with tempfile.TemporaryDirectory(prefix="stmae-speed-") as tmp:
         for name in args.presets_list:
             print(f"[speed] {name} ...", flush=True)

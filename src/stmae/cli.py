@@ -37,10 +37,6 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """ST-MAE: unsupervised visual anomaly detection."""
-    # The command owns its process: keep scoring's large blocks in the heap (stmae.allocator).
-    from .allocator import tune_allocator
-
-    tune_allocator()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
