@@ -44,9 +44,15 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic_tile" / "magnetic_til
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
-    """Lloyd's k-means (float64) -> (k,) cluster index per row; empty clusters keep their centre."""
+    """Lloyd's k-means (float64) from k-means++ seeds -> cluster index per row; an empty
+    cluster keeps its centre. k-means++ so that a poor clustering cannot be what keeps rows in."""
     g = torch.Generator().manual_seed(seed)
-    centres = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
+    picks = [int(torch.randint(x.shape[0], (1,), generator=g))]
+    d2 = ((x - x[picks[0]]) ** 2).sum(dim=1)
+    for _ in range(k - 1):
+        picks.append(int(torch.multinomial(d2 / d2.sum(), 1, generator=g)))
+        d2 = torch.minimum(d2, ((x - x[picks[-1]]) ** 2).sum(dim=1))
+    centres = x[picks].clone()
     for _ in range(iterations):
         assign = torch.cdist(x, centres).argmin(dim=1)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
