@@ -10,8 +10,9 @@ the true d known in advance, which no search has), for k-means clusterings of se
 If that share is near 1, cluster pruning cannot make the exact search cheaper here.
 
 Data: the default preset's bank (the kNN yardstick's coreset of 200 good training images,
-``benchmarks/baseline_knn.py``, the same features and ratio) and the patches of 32 test
-images of each defect type and of good ones. Distances in float64.
+``benchmarks/baseline_knn.py``, the same features and ratio) and every patch of 32 test
+images spread evenly over the test split (good images and every defect type). Distances in
+float64.
 
 Run: ``python research/bank_pruning.py [--data DIR] [--clusters 80,320,1280] [--threads 2]``.
 Writes ``research/results/bank_pruning.json``.
@@ -61,17 +62,26 @@ def kmeans(x: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
     return torch.cdist(x, centres).argmin(dim=1)
 
 
-def rows_left(queries: torch.Tensor, bank: torch.Tensor, assign: torch.Tensor, nearest: torch.Tensor) -> dict[str, float]:
-    """Share of bank rows in clusters that ``|q - c| - r > d`` cannot rule out, per query."""
+def kept_clusters(
+    queries: torch.Tensor, bank: torch.Tensor, assign: torch.Tensor, nearest: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, k) bool: the clusters that ``|q - c| - r > d`` cannot rule out; and each cluster's
+    radius r (k,)."""
     k = int(assign.max()) + 1
     counts = torch.bincount(assign, minlength=k).double()
     centres = torch.zeros(k, bank.shape[1], dtype=bank.dtype).index_add_(0, assign, bank) / counts.clamp_min(1).unsqueeze(1)
     radius = torch.zeros(k, dtype=bank.dtype).scatter_reduce_(0, assign, (bank - centres[assign]).norm(dim=1), "amax")
     lower = torch.cdist(queries, centres) - radius  # no row of the cluster is nearer than this
-    kept = (lower <= nearest.unsqueeze(1)).double()
-    share = (kept * counts).sum(dim=1) / bank.shape[0]
+    return lower <= nearest.unsqueeze(1), radius
+
+
+def rows_left(queries: torch.Tensor, bank: torch.Tensor, assign: torch.Tensor, nearest: torch.Tensor) -> dict[str, float]:
+    """Share of bank rows in clusters that ``|q - c| - r > d`` cannot rule out, per query."""
+    kept, radius = kept_clusters(queries, bank, assign, nearest)
+    counts = torch.bincount(assign, minlength=kept.shape[1]).double()
+    share = (kept.double() * counts).sum(dim=1) / bank.shape[0]
     return {
-        "clusters": k,
+        "clusters": kept.shape[1],
         "radius_median": float(radius.median()),
         "rows_left_mean": float(share.mean()),
         "rows_left_p10": float(share.quantile(0.1)),

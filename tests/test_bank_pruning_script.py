@@ -42,16 +42,26 @@ def test_structureless_data_keeps_nearly_every_row():
     assert row["rows_left_mean"] > 0.95
 
 
-def test_the_bound_never_drops_the_nearest_row():
+def test_the_bound_drops_only_clusters_with_no_nearest_row_and_counts_rows():
     gen = torch.Generator().manual_seed(2)
     bank = torch.randn(600, 8, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3.0, 8, dtype=torch.float64)
     queries = torch.randn(300, 8, generator=gen, dtype=torch.float64)
     assign = bank_pruning.kmeans(bank, 40, iterations=8, seed=0)
-    nearest = _nearest(queries, bank)
-    # A correct bound always keeps the cluster that holds the query's nearest row; one that is
-    # too tight (an exact search built on it would be wrong) drops it for some query.
-    owner = assign[torch.cdist(queries, bank).argmin(dim=1)]
-    counts = torch.bincount(assign, minlength=40).double()
+    dist = torch.cdist(queries, bank)
+    nearest = dist.amin(dim=1)
+    kept, _ = bank_pruning.kept_clusters(queries, bank, assign, nearest)
+    # Brute force: each query's distance to the nearest row of each cluster.
+    per_cluster = torch.full((300, 40), float("inf"), dtype=torch.float64).scatter_reduce_(
+        1, assign.expand(300, -1), dist, "amin"
+    )
+    # A dropped cluster holds no row as near as the nearest: an exact search built on the
+    # bound stays exact (a bound that is too tight breaks this).
+    assert bool((per_cluster[~kept] > nearest.unsqueeze(1).expand(-1, 40)[~kept]).all())
+    assert bool(kept.gather(1, assign[dist.argmin(dim=1)].unsqueeze(1)).all())
+    # In 8 dimensions the bound does rule clusters out: 40 % of the (query, cluster) pairs.
+    assert 0.35 < 1.0 - kept.double().mean().item() < 0.45
+    # rows_left counts rows, not clusters: row by row, the share of the bank in kept clusters.
+    by_row = kept.gather(1, assign.expand(300, -1)).double().mean(dim=1)
     row = bank_pruning.rows_left(queries, bank, assign, nearest)
-    assert row["rows_left_min"] >= float(counts[owner].min()) / bank.shape[0]
-    assert 0.0 < row["rows_left_mean"] < 1.0  # low dimensions: pruning does skip rows here
+    assert abs(row["rows_left_mean"] - float(by_row.mean())) < 1e-12
+    assert row["rows_left_min"] == float(by_row.min())
