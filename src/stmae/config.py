@@ -9,6 +9,7 @@ one field changed".
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,9 +18,32 @@ from typing import Any, Mapping
 import yaml
 
 from .fileio import atomic_write_text
-from .model.decoupling import check_block
-from .model.residual import RESIDUALS
 from .thresholds import MIN_CALIBRATION_IMAGES, parse_rule
+
+#: The residual families (:func:`stmae.model.residual.feature_residual`). Defined here, the
+#: bottom layer, so that a config validates without torch (the torch-free runtime reads it).
+RESIDUALS = ("mse", "cos", "mse_cos", "mahalanobis")
+
+
+def check_block(num_tokens: int, block: int) -> tuple[int, int]:
+    """(token grid side, blocks per side) for a split in ``block`` x ``block`` token blocks;
+    ValueError when it cannot split evenly. Pure arithmetic, so that :meth:`Config.validate`
+    needs no torch; :mod:`stmae.model.decoupling` uses the same function."""
+    side = math.isqrt(num_tokens)
+    if block < 1:
+        raise ValueError(f"split block must be >= 1, got {block}")
+    if side * side != num_tokens or side % block:
+        raise ValueError(
+            f"a split in {block}x{block} token blocks needs a square token grid whose side is a "
+            f"multiple of {block}; got {num_tokens} tokens"
+        )
+    per_side = side // block
+    if per_side**2 % 2:
+        raise ValueError(
+            f"{per_side}x{per_side} blocks of {block}x{block} tokens cannot be split into two equal "
+            "halves; choose a block size that leaves an even number of blocks"
+        )
+    return side, per_side
 
 
 class ConfigError(ValueError):

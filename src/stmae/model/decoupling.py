@@ -16,9 +16,10 @@ Tile validation (painted and long interior cracks) blocks did not help, so the d
 
 from __future__ import annotations
 
-import math
 
 import torch
+
+from ..config import check_block
 
 
 def random_splits(
@@ -55,25 +56,6 @@ def complementary_splits(num_tokens: int, num_pairs: int, seed: int = 0, block: 
     """
     gen = torch.Generator().manual_seed(seed)
     return random_splits(num_pairs, num_tokens, generator=gen, block=block)
-
-
-def check_block(num_tokens: int, block: int) -> tuple[int, int]:
-    """(token grid side, blocks per side) for a block split; ValueError when it cannot split evenly."""
-    side = math.isqrt(num_tokens)
-    if block < 1:
-        raise ValueError(f"split block must be >= 1, got {block}")
-    if side * side != num_tokens or side % block:
-        raise ValueError(
-            f"a split in {block}x{block} token blocks needs a square token grid whose side is a "
-            f"multiple of {block}; got {num_tokens} tokens"
-        )
-    per_side = side // block
-    if per_side**2 % 2:
-        raise ValueError(
-            f"{per_side}x{per_side} blocks of {block}x{block} tokens cannot be split into two equal "
-            "halves; choose a block size that leaves an even number of blocks"
-        )
-    return side, per_side
 
 
 def _check_even(num_tokens: int) -> None:

@@ -23,6 +23,7 @@ training patch features; the same code is the kNN yardstick's in ``benchmarks/``
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -264,10 +265,21 @@ SEARCH_MAX_ROWS = 32
 SEARCH_MAX_MISSES = 2
 
 
+#: Environment variable that overrides :func:`bf16_matmul_is_fast`: ``0`` forces the float32
+#: search, ``1`` the bf16 one (exact either way; only the speed differs), unset or ``auto``
+#: detects. It lets one machine run the code path of the other CPU kind (docs/design.md).
+BF16_SEARCH_ENV = "STMAE_BF16_SEARCH"
+
+
 def bf16_matmul_is_fast() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), where
     :class:`BankSearch` is several times faster than a float32 search. Elsewhere bf16 is
-    emulated and no faster, so the plain search is kept."""
+    emulated and no faster, so the plain search is kept. :data:`BF16_SEARCH_ENV` overrides."""
+    forced = os.environ.get(BF16_SEARCH_ENV, "auto").strip().lower()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced not in ("", "auto"):
+        raise ValueError(f"{BF16_SEARCH_ENV}={forced!r}: use 0, 1 or auto")
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
         return bool(probe()) if probe is not None else False

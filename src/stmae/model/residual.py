@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-RESIDUALS = ("mse", "cos", "mse_cos", "mahalanobis")
+from ..config import RESIDUALS
 
 
 @dataclass
