@@ -69,6 +69,7 @@ from stmae.provenance import ProvenanceError, require_same_code
 from stmae.infer import Detector, build_extractor, build_model
 from stmae.evaluate import mask_at
 from stmae.metrics import auroc
+from stmae.fitting import fit_memory, fit_residual_stats
 from stmae.model import PatchMemory
 from stmae.protocols import split_real_defects
 from stmae.train import make_config, train_model
@@ -483,14 +484,13 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
         for key, value in (extra[0] if extra else {}).items():
             setattr(det.config.infer, key, value)
         det.config.infer.residual, det.config.infer.score, det.config.infer.num_pairs = residual, score, pairs
-        det.rebuild_splits()
         if residual == "mahalanobis" and pairs not in residual_stats:
-            residual_stats[pairs] = det.fit_residual_stats(train_feats)
+            residual_stats[pairs] = fit_residual_stats(det.pipeline, train_feats)
         det.residual_stats = residual_stats.get(pairs) if residual == "mahalanobis" else None
         det.memory = None
         if det.config.infer.memory > 0:
             if (residual, pairs) not in memories:
-                memories[(residual, pairs)] = det.fit_memory(train_feats, train_feats, seed=det.config.train.seed)
+                memories[(residual, pairs)] = fit_memory(det.pipeline, train_feats, train_feats, seed=det.config.train.seed)
             det.memory = memories[(residual, pairs)]
         grid_val = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(val_feats, 64)])
         if posnorm:

@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for other in [k.strip() for k in args.kinds.split(",") if k.strip() and k.strip() != kind]:
                 if other == "mahalanobis" and mxs is not xs:
                     continue  # its statistics come from the first model's grid
-                stats = fit_residual_stats(det, raw_train) if other == "mahalanobis" else None
+                stats = fit_residual_stats(det.pipeline, raw_train) if other == "mahalanobis" else None
                 res = {k: residual_grid(recon[k], mxs[k], LAYER_SETS["all"], other, stats) for k in mxs}
                 residuals[f"{name} / residual {other}"] = res
                 record(f"residual alone: {name}, residual {other}", res)

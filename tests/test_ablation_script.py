@@ -149,7 +149,9 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
     rows = ablation.score_variants(det, train, val, labels, None, ["mse_cos/max", "mse_cos/max/memory0.8"])
     assert det.memory is None and det.config.infer.memory == 0.0  # the detector is left as it was
     det.config.infer.memory = 0.8
-    det.fit_memory(train, train, seed=cfg.train.seed)
+    from stmae.fitting import fit_memory
+
+    det.memory = fit_memory(det.pipeline, train, train, seed=cfg.train.seed)
     expected = ablation.validation_row(labels, None, None, *det.score_features(val))
     assert rows["mse_cos/max/memory0.8"]["image_auroc"] == pytest.approx(expected["image_auroc"])
     assert rows["mse_cos/max/memory0.8"]["image_auroc"] == 1.0  # the shifted corner is far from every banked patch

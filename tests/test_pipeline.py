@@ -36,7 +36,7 @@ def test_fit_writes_self_describing_run(fitted, tiny_mvtec):
     # the threshold is the score that predict gives the held-out good image, scored afresh
     assert len(meta["val_images"]) == 1 and meta["val_images"][0].startswith("good/")
     held_out = tiny_mvtec / "train" / meta["val_images"][0]
-    assert meta["threshold"] == pytest.approx(stmae.load(run, device="cpu").predict(held_out)[0].score, rel=1e-5)
+    assert meta["calibration"]["image_threshold"] == pytest.approx(stmae.load(run, device="cpu").predict(held_out)[0].score, rel=1e-5)
     assert len(meta["losses"]) == 2
     assert Config.load(run / "config.yaml").features.image_size == 64
     assert not list(run.glob("*.tmp*"))
@@ -221,7 +221,7 @@ def test_explicit_validation_images_set_the_threshold(tiny_mvtec, tmp_path):
     assert meta["n_train"] == 8 and meta["n_val"] == 3
     assert "validation images" in meta["threshold_source"]
     scores = [p.score for p in res.detector.predict(sorted(val.glob("*.png")))]
-    assert meta["threshold"] == pytest.approx(max(scores), rel=1e-5)
+    assert meta["calibration"]["image_threshold"] == pytest.approx(max(scores), rel=1e-5)
 
 
 def test_run_demo_writes_results_and_panels(tmp_path):

@@ -98,7 +98,9 @@ def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory
         from stmae.features import extract_features
         from stmae.data import open_dataset
 
-        det.fit_residual_stats(extract_features(det.extractor, open_dataset(tiny_data).train, 64, quiet=True))
+        from stmae.fitting import fit_residual_stats
+
+        det.residual_stats = fit_residual_stats(det.pipeline, extract_features(det.extractor, open_dataset(tiny_data).train, 64, quiet=True))
     images = to_tensor_batch([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_data / "test").rglob("*.png"))])
     feats = det.extractor(images)
     assert images.shape[0] > stmae.features.BACKBONE_CHUNK  # the backbone ran in chunks...
@@ -111,7 +113,7 @@ def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory
         assert (fast_pixel - fast_score).abs().max() > 1e-3
     assert det.splits.shape[0] == pairs  # the pipeline follows a changed setting
     if memory > 0:  # the maps above came from the search asked for
-        search = det.pipeline._bank_search[1]
+        search = det.memory._bank_search[1]
         assert (search is not None) == bf16_search
         assert not bf16_search or (search._misses == 0 and not search.gave_up)  # bf16 ruled rows out itself
 
@@ -300,7 +302,7 @@ def test_cli_fit_threshold_rule(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
     assert meta["calibration"]["rule"] == "fpr:0.5"
-    assert meta["threshold"] == pytest.approx(float(np.quantile(meta["calibration_scores"]["all"], 0.5)))
+    assert meta["calibration"]["image_threshold"] == pytest.approx(float(np.quantile(meta["calibration_scores"]["all"], 0.5)))
     r = subprocess.run([str(exe), "fit", str(tiny_data), "--out", str(tmp_path / "s"), "--config", str(cfg),
                         "--threshold-rule", "median", "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "threshold_rule" in r.stderr

@@ -243,9 +243,11 @@ def test_mixed_or_tampered_run_folders_are_refused(fitted_run, tmp_path):
     tampered = {
         "unknown run format run_schema=99": {**meta, "run_schema": 99},
         r"unknown run format run_schema='1'": {**meta, "run_schema": "1"},
-        "required key 'threshold' is missing": {k: v for k, v in meta.items() if k != "threshold"},
+        "required key 'calibration' is missing": {k: v for k, v in meta.items() if k != "calibration"},
         "required key 'weights_sha256' is missing": {k: v for k, v in meta.items() if k != "weights_sha256"},
-        r"key 'threshold' is 'high', expected int or float or null": {**meta, "threshold": "high"},
+        r"key 'calibration' is 'high', expected dict or null": {**meta, "calibration": "high"},
+        "the calibration holds a non-finite threshold": {**meta, "calibration": {**meta["calibration"], "image_threshold": float("nan")}},
+        "key 'calibration' is not a calibration record": {**meta, "calibration": {"rule": "max"}},
         r"key 'n_train' is True, expected int": {**meta, "n_train": True},
         "expected a JSON object, found list": [meta],
     }
@@ -258,7 +260,7 @@ def test_mixed_or_tampered_run_folders_are_refused(fitted_run, tmp_path):
         load_run(run)
     # A run written before run_schema existed (no schema, no hash) still loads.
     (run / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("run_schema", "weights_sha256")}))
-    assert load_run(run).meta["threshold"] == meta["threshold"]
+    assert load_run(run).meta["calibration"] == meta["calibration"]
 
 
 def test_fit_max_pixels_reaches_the_loaders(fitted_run, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import stmae
-from stmae.prediction import Skipped
+from stmae.scorer import Scorer
 from stmae.report import overlay
 
 from .conftest import fit_noise_run, write_png
@@ -137,7 +137,7 @@ def test_info_and_health(client, model, served):
     info = client.get("/info").json()
     meta = json.loads((served[0] / "meta.json").read_text())
     assert info["name"] == "tiny" and info["engine"] == "torch"
-    assert info["image_size"] == 64 and info["threshold"] == pytest.approx(meta["threshold"])
+    assert info["image_size"] == 64 and info["threshold"] == pytest.approx(meta["calibration"]["image_threshold"])
     assert info["calibration"]["center"] == pytest.approx(float(np.median(meta["calibration_scores"]["all"])))
     assert info["calibration"]["n_images"] == meta["n_val"] == 4
     assert info["config"]["features"]["grid_size"] == 8
@@ -255,52 +255,48 @@ def test_filenames_are_never_paths(client, served):
     assert r.status_code == 200 and r.json()["results"][0]["filename"] == "passwd.png"
 
 
-class _Streaming:
-    """An engine with only iter_predict (like a torch-free runtime): the torch Detector's stream,
-    with the image named 'skip me' reported as skipped."""
+class _OtherEngine(Scorer):
+    """Another engine (as a torch-free runtime is): any Scorer subclass, scoring with the
+    torch Detector's batch step. The service needs nothing else from it."""
 
     engine = "stream-test"
 
     def __init__(self, detector):
         self.detector, self.meta, self.calibration = detector, detector.meta, detector.calibration
-        self.threshold, self.image_size = detector.threshold, 64
 
-    def iter_predict(self, images, *, threshold=None):
-        for image in images:
-            if image.shape[:2] == (13, 13):
-                yield Skipped("array", "skip me: 13 x 13 is refused by this engine")
-            else:
-                yield from self.detector.iter_predict([image], threshold=threshold)
+    image_size = property(lambda self: self.detector.image_size)
+    batch_size = property(lambda self: self.detector.batch_size)
+
+    def score_uint8(self, batch):
+        return self.detector.score_uint8(batch)
 
 
 def test_streaming_engine_is_served_through_the_same_api(model, served):
     _, good, defect = served
-    with TestClient(create_app(_Streaming(model))) as c:
+    with TestClient(create_app(_OtherEngine(model))) as c:
         r = _post(c, ("g.png", _png(good), "image/png"), ("d.png", _png(defect), "image/png"), query="?threshold=1e9")
         assert r.status_code == 200, r.text
         direct = model.predict([good, defect], threshold=1e9)
         assert [x["score"] for x in r.json()["results"]] == pytest.approx([p.score for p in direct], rel=1e-5, abs=1e-5)  # batch composition moves the last float bits: ~2e-6 on the good image's score of about -0.1, against a threshold of about 1
         assert [x["label"] for x in r.json()["results"]] == [0, 0]
         assert c.get("/info").json()["engine"] == "stream-test"
-        bad = _post(c, ("g.png", _png(good), "image/png"), ("tiny.png", _png(good[:13, :13]), "image/png"))
-        assert bad.status_code == 422 and bad.json()["detail"] == "tiny.png: skip me: 13 x 13 is refused by this engine"
     with pytest.raises(TypeError, match="cannot be served"):
         create_app(object())
 
 
-class _Gate:
-    """The tiny model behind a gate: predict waits until released; an all-black image raises."""
+class _Gate(_OtherEngine):
+    """The tiny model behind a gate: scoring waits until released; an all-black image raises."""
 
     def __init__(self, model):
-        self.model, self.meta, self.calibration, self.threshold = model, model.meta, model.calibration, model.threshold
+        super().__init__(model)
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def predict(self, images, *, threshold=None):
+    def score_uint8(self, batch):
         self.entered.set()
         assert self.release.wait(60)
-        if not images[0].any():
+        if not batch[0].any():
             raise RuntimeError("model failure on a black image")
-        return self.model.predict(images, threshold=threshold)
+        return super().score_uint8(batch)
 
 
 def test_slow_and_failing_requests_do_not_block_or_kill_the_service(model, served):

@@ -17,7 +17,7 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -25,16 +25,9 @@ from .fileio import atomic_write
 from .mapops import resize_map
 from .prediction import Prediction, Skipped
 from .report import panel, save_png
+from .scorer import Scorer
 
 COLUMNS = ("path", "score", "normalized", "label", "threshold")
-
-
-class Scorer(Protocol):
-    """What :func:`predict_to_folder` needs: a Detector or an exported model's runtime."""
-
-    threshold: float | None
-
-    def iter_predict(self, images: Any, **kwargs: Any) -> Iterable[Prediction | Skipped]: ...
 
 
 @dataclass
@@ -133,4 +126,4 @@ def _unique_name(path: str, seen: dict[str, int]) -> str:
     return base if count == 0 else f"{base}_{count}"
 
 
-__all__ = ["BatchSummary", "COLUMNS", "Scorer", "predict_to_folder"]
+__all__ = ["BatchSummary", "COLUMNS", "predict_to_folder"]

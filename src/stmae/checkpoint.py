@@ -3,13 +3,15 @@
 A run folder holds
 
 - ``config.yaml``        the complete effective configuration,
-- ``model.safetensors``  transformer weights (``model.*``), feature statistics
-                         (``feature_stats.mean`` / ``feature_stats.std``) and, for the
-                         ``mahalanobis`` residual, ``residual_stats.mean`` / ``.precision``,
-                         and, with ``infer.memory`` > 0, the memory bank ``memory.bank`` and
-                         its two calibration medians ``memory.medians``,
-- ``meta.json``          backbone, layers, image size, normalisation, threshold, seed,
-                         training summary and stmae version.
+- ``model.safetensors``  the fitted scoring module's state_dict
+                         (:meth:`stmae.pipeline.MapPipeline.fitted_state`): transformer
+                         weights (``model.*``), feature statistics (``feature_stats.*``),
+                         for the ``mahalanobis`` residual ``residual_stats.*``, and with
+                         ``infer.memory`` > 0 the memory bank and its blend statistics
+                         (``memory.*``),
+- ``meta.json``          backbone, layers, image size, normalisation, the calibration (the
+                         one place the thresholds are written), seed, training summary and
+                         stmae version.
 
 Safetensors rather than pickle: loading a model someone sent you cannot execute code.
 
@@ -38,7 +40,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Collection
+from typing import TYPE_CHECKING, Any, Collection
 
 import torch
 import yaml
@@ -47,7 +49,11 @@ from safetensors.torch import load_file, save_file
 from .config import Config, ConfigError
 from .features import FeatureStats
 from .model import PatchMemory, ResidualStats
-from .fileio import atomic_write_json, fsync_dir, fsync_path, is_temp_name
+from .fileio import atomic_write_json, fsync_dir, fsync_path, is_temp_name, sha256_file
+from .thresholds import Calibration
+
+if TYPE_CHECKING:
+    from .pipeline import MapPipeline
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,9 +61,11 @@ META_FILE = "meta.json"
 #: The files that make a run; everything else in a run folder (``test/`` reports, notes)
 #: is carried over unchanged when a fit overwrites the run.
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE)
-#: Version of the run-folder format written into ``meta.json`` as ``run_schema``. Folders
-#: without it were written before stmae 0.1.0 recorded it and load without the weights check.
-RUN_SCHEMA = 1
+#: Version of the run-folder format written into ``meta.json`` as ``run_schema``. 2: the
+#: calibration is the only record of the thresholds (``meta["calibration"]``). Schema 1 (a
+#: top-level ``threshold`` beside it) loads through :func:`migrate_meta`; folders without a
+#: schema were written before stmae 0.1.0 recorded it and load without the weights check.
+RUN_SCHEMA = 2
 _STAGING = ".staging"  # suffix of the hidden folder a run is written into
 _PREVIOUS = ".previous"  # suffix of the old run while the fallback (two renames) swaps
 
@@ -76,16 +84,13 @@ class RunContents:
     meta: dict[str, Any]
     residual_stats: ResidualStats | None = None
     memory: PatchMemory | None = None
+    calibration: Calibration | None = None
 
 
 def save_run(
     run_dir: str | os.PathLike,
-    config: Config,
-    model: torch.nn.Module,
-    stats: FeatureStats,
+    pipeline: "MapPipeline",
     meta: dict[str, Any],
-    residual_stats: ResidualStats | None = None,
-    memory: PatchMemory | None = None,
     *,
     drop: Collection[str] = (),
 ) -> Path:
@@ -120,7 +125,7 @@ def save_run(
         if target.is_dir():
             os.chmod(staging, stat.S_IMODE(target.stat().st_mode))
             _carry_over(target, staging, set(RUN_FILES) | set(drop))
-        _write_run_files(staging, config, model, stats, meta, residual_stats, memory)
+        _write_run_files(staging, pipeline, meta)
         fsync_dir(staging)
         _swap_into_place(staging, target)
     except BaseException:
@@ -129,29 +134,20 @@ def save_run(
     return run
 
 
-def _write_run_files(
-    folder: Path,
-    config: Config,
-    model: torch.nn.Module,
-    stats: FeatureStats,
-    meta: dict[str, Any],
-    residual_stats: ResidualStats | None,
-    memory: PatchMemory | None,
-) -> None:
-    """The three run files, each fsynced, ``meta.json`` (with the weights' hash) last."""
-    config.save(folder / CONFIG_FILE)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors["feature_stats.mean"] = stats.mean.cpu().contiguous()
-    tensors["feature_stats.std"] = stats.std.cpu().contiguous()
-    if residual_stats is not None:
-        tensors["residual_stats.mean"] = residual_stats.mean.cpu().contiguous()
-        tensors["residual_stats.precision"] = residual_stats.precision.cpu().contiguous()
-    if memory is not None:
-        tensors.update(memory.to_tensors())
+def _write_run_files(folder: Path, pipeline: "MapPipeline", meta: dict[str, Any]) -> None:
+    """The three run files, each fsynced, ``meta.json`` (with the weights' hash) last.
+
+    The weights file is the pipeline's fitted state; the calibration goes into ``meta.json``.
+    """
+    pipeline.config.save(folder / CONFIG_FILE)
     weights = folder / WEIGHTS_FILE
-    save_file(tensors, str(weights), metadata={"format": "stmae"})
+    save_file(pipeline.fitted_state(), str(weights), metadata={"format": "stmae"})
     fsync_path(weights)
-    record = {**meta, "run_schema": RUN_SCHEMA, "weights_sha256": _sha256(weights)}
+    cal = pipeline.calibration
+    record = {
+        **meta, "calibration": None if cal is None else cal.to_dict(),
+        "run_schema": RUN_SCHEMA, "weights_sha256": sha256_file(weights),
+    }
     atomic_write_json(folder / META_FILE, record)
 
 
@@ -237,14 +233,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_run(run_dir: str | os.PathLike) -> RunContents:
     """Read a run folder written by :func:`save_run`.
 
@@ -266,6 +254,7 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{run / META_FILE}: unreadable ({exc})") from None
     check_meta(meta, run / META_FILE)
+    meta = migrate_meta(meta)
     try:
         config = Config.load(run / CONFIG_FILE)
         # Settings added after a run was written take the value that run was scored with.
@@ -303,15 +292,33 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
         )
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     # Checked after the contents, whose errors say more precisely what is missing.
-    if "weights_sha256" in meta and _sha256(run / WEIGHTS_FILE) != meta["weights_sha256"]:
+    if "weights_sha256" in meta and sha256_file(run / WEIGHTS_FILE) != meta["weights_sha256"]:
         raise CheckpointError(
             f"{run / WEIGHTS_FILE}: does not match {run / META_FILE} (its SHA-256 differs from the one "
             "recorded when the run was written): the folder mixes files of two runs or the weights were "
             "changed; refit with `stmae fit` or restore the run folder as a whole"
         )
+    calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
     return RunContents(
-        config=config, model_state=state, stats=stats, meta=meta, residual_stats=residual_stats, memory=memory
+        config=config, model_state=state, stats=stats, meta=meta, residual_stats=residual_stats, memory=memory,
+        calibration=calibration,
     )
+
+
+def migrate_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checked ``meta.json`` of any readable schema in the current shape (a copy).
+
+    The one migration: schema 1 and unversioned runs kept the image threshold at the top
+    level too (and the oldest ones only there). It becomes the calibration (rule ``max``,
+    centre the median held-out score) where there is none, and the top-level copy is dropped.
+    """
+    out = dict(meta)
+    threshold = out.pop("threshold", None)
+    if not out.get("calibration") and threshold is not None:
+        scores = (out.get("calibration_scores") or {}).get("all") or [threshold]
+        t = float(threshold)
+        out["calibration"] = Calibration("max", t, t, float(sorted(scores)[len(scores) // 2]), len(scores)).to_dict()
+    return out
 
 
 #: ``infer`` settings newer than some run folders, and how those older runs scored.
@@ -333,6 +340,7 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "run_schema": (int,),
     "weights_sha256": (str,),
     "threshold": (int, float, type(None)),
+    "calibration": (dict, type(None)),
     "stmae_version": (str,),
     "image_size": (int,),
     "grid_size": (int,),
@@ -350,7 +358,7 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "fit_seconds": _NUMBER,
     "train_seconds": _NUMBER,
 }
-_REQUIRED = ("run_schema", "weights_sha256", "threshold")
+_REQUIRED = {2: ("run_schema", "weights_sha256", "calibration"), 1: ("run_schema", "weights_sha256", "threshold")}
 _REQUIRED_LEGACY = ("threshold",)
 
 
@@ -366,12 +374,16 @@ def check_meta(meta: Any, where: str | os.PathLike) -> None:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: expected a JSON object, found {type(meta).__name__}; the file was changed")
     schema = meta.get("run_schema")
-    if "run_schema" in meta and (type(schema) is not int or schema != RUN_SCHEMA):
+    if "run_schema" in meta and (type(schema) is not int or schema not in _REQUIRED):
         raise CheckpointError(
-            f"{where}: unknown run format run_schema={schema!r} (this stmae {_version()} reads {RUN_SCHEMA}); "
+            f"{where}: unknown run format run_schema={schema!r} (this stmae {_version()} reads {', '.join(map(str, sorted(_REQUIRED)))}); "
             "the run was written by another stmae version or the file was changed"
         )
-    for key in _REQUIRED if "run_schema" in meta else _REQUIRED_LEGACY:
+    if "run_schema" in meta:
+        required = _REQUIRED[schema]
+    else:  # written before run_schema: a calibration, or at least the threshold
+        required = ("calibration",) if "calibration" in meta else _REQUIRED_LEGACY
+    for key in required:
         if key not in meta:
             raise CheckpointError(f"{where}: required key {key!r} is missing; the file is incomplete or was changed")
     for key, types in _META_TYPES.items():
@@ -382,9 +394,18 @@ def check_meta(meta: Any, where: str | os.PathLike) -> None:
         if bad_bool or not isinstance(value, types):
             wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise CheckpointError(f"{where}: key {key!r} is {value!r}, expected {wanted}; the file was changed")
-    threshold = meta["threshold"]
+    threshold = meta.get("threshold")
     if isinstance(threshold, float) and not math.isfinite(threshold):
         raise CheckpointError(f"{where}: key 'threshold' is {threshold}, expected a finite number or null")
+    cal = meta.get("calibration")
+    if cal:
+        try:
+            parsed = Calibration.from_dict(cal)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{where}: key 'calibration' is not a calibration record; the file was changed") from None
+        values = (parsed.image_threshold, parsed.pixel_threshold, parsed.center)
+        if not all(math.isfinite(v) for v in values):
+            raise CheckpointError(f"{where}: the calibration holds a non-finite threshold or centre; the file was changed")
     digest = meta.get("weights_sha256")
     if digest is not None and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
         raise CheckpointError(f"{where}: key 'weights_sha256' is not a SHA-256 hex digest; the file was changed")

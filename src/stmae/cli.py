@@ -200,7 +200,7 @@ def fit(
         typer.echo(f"resumed the saved training at epoch {m['resumed_at_epoch']} of {m['epochs']}")
     typer.echo(
         f"trained on {m['n_train']} images ({m['n_val']} held out) in {m['fit_seconds']:.1f} s on {m['device']}; "
-        f"final loss {m['final_loss']:.4f}; threshold {m['threshold']:.5g}"
+        f"final loss {m['final_loss']:.4f}; threshold {m['calibration']['image_threshold']:.5g}"
     )
     if m.get("memory"):
         mem = m["memory"]

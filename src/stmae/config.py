@@ -50,8 +50,29 @@ class ConfigError(ValueError):
     """A configuration value or file is invalid; the message says which and why."""
 
 
+class _Section:
+    """A config section that a fitted model can lock (:meth:`Config.lock`).
+
+    Why: a loaded model's fit-time settings describe how its fitted state was made. Changing
+    one afterwards would change nothing (or, worse, only the record), so it is refused with a
+    message instead of silently ignored.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        locked = self.__dict__.get("_locked", ())
+        if name in locked:
+            raise ConfigError(
+                f"{_SECTION_NAMES.get(type(self).__name__, type(self).__name__)}.{name} is a fit-time setting, fixed when the model was fitted; "
+                "fit again (stmae fit) to change it"
+            )
+        object.__setattr__(self, name, value)
+
+    def _lock(self, names: tuple[str, ...]) -> None:
+        object.__setattr__(self, "_locked", names)
+
+
 @dataclass
-class BackboneConfig:
+class BackboneConfig(_Section):
     """Which frozen CNN produces the features, and from which depths."""
 
     name: str = "efficientnet_lite0"
@@ -60,7 +81,7 @@ class BackboneConfig:
 
 
 @dataclass
-class FeatureConfig:
+class FeatureConfig(_Section):
     """How backbone outputs become the feature grid the transformer reconstructs."""
 
     image_size: int = 256  # images are resized to image_size x image_size
@@ -71,7 +92,7 @@ class FeatureConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Size of the Siamese transition MAE."""
 
     patch_size: int = 2  # feature patch side, in grid cells; tokens = (grid/patch)^2
@@ -86,7 +107,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation; the backbone is frozen so only the transformer trains."""
 
     epochs: int = 100  # 200 images fit in about 6 min on 2 CPU cores (benchmarks/results/speed-cpu.json)
@@ -104,7 +125,7 @@ class TrainConfig:
 
 
 @dataclass
-class InferConfig:
+class InferConfig(_Section):
     """How residuals become anomaly maps and image scores."""
 
     num_pairs: int = 1  # K complementary split pairs averaged at test time (validation: K = 1, 4, 16 score alike)
@@ -128,9 +149,52 @@ class InferConfig:
     min_calibration: int = MIN_CALIBRATION_IMAGES  # fewer held-out good images than this: fit warns that the threshold is a guess
 
 
+_SECTION_NAMES = {
+    "BackboneConfig": "backbone", "FeatureConfig": "features", "ModelConfig": "model",
+    "TrainConfig": "train", "InferConfig": "infer",
+}
+
+#: The ``infer`` settings that shape the fitted state (bank, statistics, thresholds): fixed
+#: in a fitted model like every setting of the other sections. The rest of ``infer`` is
+#: predict-time and may change on a loaded model.
+FIT_TIME_INFER = ("shrinkage", "memory_coreset", "memory_held_out", "threshold_rule", "min_calibration")
+
+
 @dataclass
 class Config:
     """The complete recipe of a run."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_locked") and name in {f.name for f in fields(self)}:
+            if name != "infer":
+                raise ConfigError(
+                    f"the {name} section is fit-time, fixed when the model was fitted; fit again (stmae fit) to change it"
+                )
+            old = self.infer
+            changed = [k for k in FIT_TIME_INFER if getattr(value, k) != getattr(old, k)]
+            if changed:
+                raise ConfigError(
+                    f"infer.{changed[0]} is a fit-time setting, fixed when the model was fitted; "
+                    "fit again (stmae fit) to change it"
+                )
+            value._lock(FIT_TIME_INFER)
+        object.__setattr__(self, name, value)
+
+    def lock(self) -> "Config":
+        """Lock the fit-time settings (every section but ``infer``, and :data:`FIT_TIME_INFER`):
+        assigning one raises :class:`ConfigError`. A fitted model's config is locked."""
+        for f in fields(self):
+            section = getattr(self, f.name)
+            section._lock(FIT_TIME_INFER if f.name == "infer" else tuple(x.name for x in fields(section)))
+        object.__setattr__(self, "_locked", True)
+        return self
+
+    def unlock(self) -> "Config":
+        """Undo :meth:`lock` (on a copy: for code that derives another recipe from a fitted one)."""
+        for f in fields(self):
+            getattr(self, f.name)._lock(())
+        object.__setattr__(self, "_locked", False)
+        return self
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)

@@ -43,7 +43,7 @@ class GraphedPipeline:
     """
 
     def __init__(self, pipeline: MapPipeline, batch_sizes: Iterable[int] = (1,), warmup: int = 3) -> None:
-        device = pipeline.feat_mean.device
+        device = pipeline.feature_stats.mean.device
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"CUDA graphs need a pipeline on a CUDA device; this one is on {device}")
         self.pipeline = pipeline

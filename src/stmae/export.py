@@ -236,10 +236,11 @@ def _cpu_pipeline(detector: Any) -> nn.Module:
     pipeline = detector.pipeline
     if any(t.device.type != "cpu" for t in list(pipeline.parameters()) + list(pipeline.buffers())):
         pipeline = copy.deepcopy(pipeline).cpu()
-    infer = getattr(pipeline, "infer", None)
-    if infer is not None and getattr(infer, "precision", "fp32") != "fp32":
-        pipeline = copy.copy(pipeline)  # shares the weights; only its settings differ
-        pipeline.infer = dataclasses.replace(infer, precision="fp32")
+    if pipeline.infer.precision != "fp32":
+        pipeline = copy.copy(pipeline)  # shares the fitted parts; only its settings differ
+        pipeline.config = copy.deepcopy(pipeline.config)
+        pipeline.config.infer.precision = "fp32"
+    pipeline.splits  # derived and cached now: computed inside the trace, its generator would not export
     return pipeline.eval()
 
 

@@ -13,7 +13,6 @@ them (:func:`extract_features`); the training loop then only runs the transforme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -98,12 +97,21 @@ class FeatureExtractor(nn.Module):
         return feats.contiguous()
 
 
-@dataclass
-class FeatureStats:
-    """Per-channel mean and std of training features (C,), used to standardise."""
+class FeatureStats(nn.Module):
+    """Per-channel mean and std of training features (C,), used to standardise.
+
+    Buffers, so that they are one part of the fitted scoring module
+    (:class:`stmae.pipeline.MapPipeline`); its ``state_dict`` is the run folder's
+    ``feature_stats.*`` tensors.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     @classmethod
     def identity(cls, channels: int) -> "FeatureStats":

@@ -6,6 +6,7 @@ write must leave either the old file or the complete new one, never half a check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -50,6 +51,16 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(p.parent)
+
+
+def sha256_file(path: str | os.PathLike, digest: "hashlib._Hash | None" = None) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks; with ``digest``, the file is
+    added to that running hash instead (and its digest so far returned)."""
+    h = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_temp_name(name: str) -> bool:

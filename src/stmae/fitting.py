@@ -1,130 +1,169 @@
 """Fitting what scoring needs besides the transformer: residual statistics, the memory bank
-and the thresholds.
+and the calibration, into the fitted scoring module (:class:`~stmae.pipeline.MapPipeline`).
 
-Why separate from :mod:`stmae.train`: the ablation and probe scripts refit these parts on
-cached features without training, and they must use exactly the code ``fit`` uses. All of
-them score through the detector's :class:`~stmae.pipeline.MapPipeline`, so the statistics
-describe exactly the residuals and maps that will be scored.
+Why separate from :mod:`stmae.train`: research scripts refit these parts on cached features
+without training, and they must use exactly the code ``fit`` uses. Why on the pipeline and
+not on a :class:`~stmae.infer.Detector`: fitting fills in the fitted module, and the
+inference object is made from it afterwards; this module never imports :mod:`stmae.infer`.
+Every statistic is measured through the pipeline's own stages, so it describes exactly the
+residuals and maps that will be scored.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .model import PatchMemory, ResidualAccumulator, ResidualStats
+from .model.memory import coreset_bank
 from .pipeline import MapPipeline
 from .thresholds import MIN_CALIBRATION_IMAGES, Calibration, calibrate
 
-if TYPE_CHECKING:
-    from .infer import Detector
+
+def _device(pipe: MapPipeline) -> torch.device:
+    return pipe.feature_stats.mean.device
 
 
-def _residual_pipeline(detector: "Detector", plain: bool = False) -> MapPipeline:
-    """The detector's pipeline without memory (residual maps and reconstructions only).
+def _residual_pipeline(pipe: MapPipeline, plain: bool = False) -> MapPipeline:
+    """A pipeline over the same parts (shared, not copied) that scores without the memory.
 
     ``plain`` (or Mahalanobis without statistics yet) swaps the residual for ``mse``: for
     reconstructions, which do not depend on it.
     """
-    cfg = copy.deepcopy(detector.config)
+    cfg = copy.deepcopy(pipe.config).unlock()
     kind = cfg.infer.residual
-    if plain or (kind == "mahalanobis" and detector.residual_stats is None):
+    if plain or (kind == "mahalanobis" and pipe.residual_stats is None):
         kind = "mse"
     cfg.infer = dataclasses.replace(cfg.infer, residual=kind, memory=0.0)
-    stats = detector.residual_stats if kind == "mahalanobis" else None
-    return MapPipeline.build(detector.extractor, detector.model, detector.stats, cfg, None, stats).to(detector.device)
+    stats = pipe.residual_stats if kind == "mahalanobis" else None
+    return MapPipeline(pipe.extractor, pipe.model, pipe.feature_stats, cfg, None, stats)
 
 
 @torch.no_grad()
-def fit_residual_stats(detector: "Detector", feats: torch.Tensor, quiet: bool = True) -> ResidualStats:
+def fit_residual_stats(pipe: MapPipeline, feats: torch.Tensor, quiet: bool = True) -> ResidualStats:
     """Mahalanobis residual statistics from raw features of good images, over the same K split pairs as scoring."""
-    pipe = _residual_pipeline(detector, plain=True)
+    plain = _residual_pipeline(pipe, plain=True)
     acc = ResidualAccumulator(feats.shape[1])
-    chunks = torch.split(feats, detector.config.infer.batch_size)
+    chunks = torch.split(feats, pipe.infer.batch_size)
     for chunk in tqdm(chunks, desc="residual stats", unit="batch", disable=quiet, leave=False):
-        acc.add(*pipe.reconstructions(pipe.standardize(chunk.to(detector.device))))
-    return acc.finish(detector.config.infer.shrinkage)
+        acc.add(*plain.reconstructions(plain.standardize(chunk.to(_device(pipe)))))
+    return acc.finish(pipe.config.infer.shrinkage).to(_device(pipe))
 
 
 @torch.no_grad()
 def fit_memory(
-    detector: "Detector", train_feats: torch.Tensor, calib_feats: torch.Tensor, seed: int = 42, quiet: bool = True
+    pipe: MapPipeline, train_feats: torch.Tensor, calib_feats: torch.Tensor, seed: int = 42, quiet: bool = True
 ) -> PatchMemory:
-    """The memory bank from raw features of good training images, its medians from good calibration images.
+    """The memory bank from raw features of good training images, its blend statistics from
+    good calibration images.
 
     The scales of the pixel map's residual (``infer.pixel_residual``) come from the same images.
-    The coreset ratio is ``infer.memory_coreset``; selection runs on the detector's device.
+    The coreset ratio is ``infer.memory_coreset``; selection runs on the pipeline's device.
     """
-    pipe = _residual_pipeline(detector)
-    memory = _coreset_bank(detector, pipe, train_feats, seed, quiet)
+    res = _residual_pipeline(pipe)
+    memory = PatchMemory(_bank(pipe, train_feats, seed, quiet))
     residuals, pixel_residuals, distances = [], [], []
-    for chunk in torch.split(calib_feats, detector.config.infer.batch_size):
-        c = pipe.standardize(chunk.to(detector.device))
-        score, pixel = pipe.residuals(c)
+    for chunk in torch.split(calib_feats, pipe.infer.batch_size):
+        c = res.standardize(chunk.to(_device(pipe)))
+        score, pixel = res.residuals(c)
         residuals.append(score)
         pixel_residuals.append(pixel)
         distances.append(memory.distances(c))
     # The pixel map's residual gets its own scale where it is another residual (infer.pixel_residual).
-    infer = detector.config.infer
+    infer = pipe.infer
     own_pixel = infer.pixel_residual not in ("same", infer.residual)
     memory.calibrate(torch.cat(residuals), torch.cat(distances), torch.cat(pixel_residuals) if own_pixel else None)
     return memory
 
 
-def _coreset_bank(
-    detector: "Detector", pipe: MapPipeline, raw_feats: torch.Tensor, seed: int, quiet: bool
-) -> PatchMemory:
-    """The coreset bank (ratio ``infer.memory_coreset``) of raw features, standardised, on the detector's device."""
-    x = pipe.standardize(raw_feats.to(detector.device))
-    return PatchMemory.fit(x, detector.config.infer.memory_coreset, seed=seed, quiet=quiet)
+def _bank(pipe: MapPipeline, raw_feats: torch.Tensor, seed: int, quiet: bool) -> torch.Tensor:
+    """The coreset bank (ratio ``infer.memory_coreset``) of raw features, standardised, on the pipeline's device."""
+    x = pipe.standardize(raw_feats.to(_device(pipe)))
+    return coreset_bank(x, pipe.config.infer.memory_coreset, seed=seed, quiet=quiet)
 
 
 @torch.no_grad()
 def bank_held_out_images(
-    detector: "Detector", train_feats: torch.Tensor, held_out_feats: torch.Tensor, seed: int = 42, quiet: bool = True
+    pipe: MapPipeline, train_feats: torch.Tensor, held_out_feats: torch.Tensor, seed: int = 42, quiet: bool = True
 ) -> PatchMemory:
     """Rebuild the memory bank over the training *and* the held-out good images, after calibration.
 
-    Why: the held-out images are good images like any other; PatchCore (and the kNN
-    yardstick) bank every one it is given, ST-MAE's fit used to bank only those it trained
-    the transformer on. On ``mt_val`` banking them raised the default blend from 0.924 /
-    0.781 / 0.775 to 0.928 / 0.785 / 0.774 (docs/research.md, "Round 2, step 3").
-    The blend's medians and quantile ranges, and the thresholds set from the held-out
-    scores, stay those measured while the images were unseen: a good image scores at most
-    as high against the larger bank, so the thresholds err towards fewer false alarms.
+    Why: the held-out images are good images like any other, and PatchCore (and the kNN
+    yardstick) banks every one it is given (docs/research.md, "Round 2, step 3"). The blend's
+    medians and quantile ranges, and the thresholds set from the held-out scores, stay those
+    measured while the images were unseen: a good image scores at most as high against the
+    larger bank, so the thresholds err towards fewer false alarms.
     """
-    memory = detector.memory
+    memory = pipe.memory
     if memory is None:
-        raise ValueError("the detector has no memory bank to extend")
-    pipe = _residual_pipeline(detector)
-    bank = _coreset_bank(detector, pipe, torch.cat([train_feats, held_out_feats]), seed, quiet).bank
-    extended = dataclasses.replace(memory, bank=bank)
-    detector.memory = extended
-    return extended
+        raise ValueError("the pipeline has no memory bank to extend")
+    memory.bank = _bank(pipe, torch.cat([train_feats, held_out_feats]), seed, quiet)
+    return memory
 
 
-def calibrate_detector(
-    detector: "Detector",
+def calibrate_pipeline(
+    pipe: MapPipeline,
     calib_feats: torch.Tensor,
     rule: str = "max",
     *,
     min_images: int = MIN_CALIBRATION_IMAGES,
 ) -> tuple[Calibration, np.ndarray]:
-    """Score held-out good images' raw features and set the detector's thresholds from them.
+    """Score held-out good images' raw features and set the pipeline's calibration from them.
 
     Returns the calibration and the image scores it rests on.
     """
-    maps, scores = detector.score_features(calib_feats)
-    cal = calibrate(scores.numpy(), maps.numpy(), rule, min_images=min_images, seed=detector.config.train.seed)
-    detector.calibration = cal
-    detector.threshold = cal.image_threshold
-    detector.pixel_threshold = cal.pixel_threshold
+    maps, scores = pipe.score_cached(calib_feats)
+    cal = calibrate(scores.numpy(), maps.numpy(), rule, min_images=min_images, seed=pipe.config.train.seed)
+    pipe.calibration = cal
     return cal, scores.numpy()
 
 
-__all__ = ["bank_held_out_images", "calibrate_detector", "fit_memory", "fit_residual_stats"]
+@dataclass
+class ScoringFit:
+    """What :func:`fit_scoring` measured, for the run's ``meta.json``."""
+
+    calibration: Calibration
+    calibration_scores: np.ndarray
+    bank_patches_at_calibration: int | None
+    held_out_images_banked: int
+
+
+def fit_scoring(
+    pipe: MapPipeline,
+    train_feats: torch.Tensor,
+    held_out_feats: torch.Tensor | None,
+    *,
+    quiet: bool = True,
+) -> ScoringFit:
+    """Fit everything after the transformer into ``pipe``, in order: the residual statistics
+    (Mahalanobis), the memory bank and its blend statistics, the calibration, then (with
+    ``infer.memory_held_out``) the held-out images banked too.
+
+    ``held_out_feats``: raw features of the held-out good images (None or empty: the
+    training images calibrate). The one routine ``stmae fit`` and the research scripts use.
+    """
+    infer, seed = pipe.config.infer, pipe.config.train.seed
+    held_out = held_out_feats is not None and len(held_out_feats) > 0
+    calib_feats = held_out_feats if held_out else train_feats
+    if infer.residual == "mahalanobis":
+        pipe.residual_stats = fit_residual_stats(pipe, train_feats, quiet=quiet)
+    if infer.memory > 0:
+        pipe.memory = fit_memory(pipe, train_feats, calib_feats, seed=seed, quiet=quiet).to(_device(pipe))
+    cal, scores = calibrate_pipeline(pipe, calib_feats, infer.threshold_rule, min_images=infer.min_calibration)
+    at_calibration = None if pipe.memory is None else int(pipe.memory.bank.shape[0])
+    banked = 0
+    if pipe.memory is not None and infer.memory_held_out and held_out:
+        # Scored while unseen above; now the held-out good images join the bank like any other.
+        bank_held_out_images(pipe, train_feats, held_out_feats, seed=seed, quiet=quiet)  # type: ignore[arg-type]
+        banked = int(len(held_out_feats))  # type: ignore[arg-type]
+    return ScoringFit(cal, scores, at_calibration, banked)
+
+
+__all__ = [
+    "ScoringFit", "bank_held_out_images", "calibrate_pipeline", "fit_memory", "fit_residual_stats", "fit_scoring",
+]

@@ -1,57 +1,52 @@
 """Inference: the :class:`Detector` turns images into anomaly maps, scores and labels.
 
-The map recipe itself lives in :class:`stmae.pipeline.MapPipeline`; this module only holds a
-fitted run's parts, its thresholds (:mod:`stmae.thresholds`) and the streaming front end that
-decodes inputs in worker threads while the previous batch is scored (:mod:`stmae.streaming`,
-shared with the runtime of exported models).
+A Detector is a :class:`~stmae.scorer.Scorer` (``predict``, ``iter_predict``, thresholds:
+shared with the exported runtimes) over one fitted scoring module,
+:class:`stmae.pipeline.MapPipeline`, which holds every fitted tensor and the calibration.
+The Detector keeps no copy of any of them: ``detector.memory``, ``detector.stats``,
+``detector.calibration`` ... are the pipeline's own parts, so a change to one, in place or
+by assignment, is what the next score reads.
 
-Why the pipeline is rebuilt lazily: ``detector.config.infer`` (K, the memory share, the
-residual...) and ``detector.memory`` may be changed after loading; the pipeline is rebuilt
-from them on the next call, so no setting can silently go stale.
+Settings: the predict-time ones (``config.infer``: K pairs, residual, blend, smoothing,
+score, batch size, precision) may be changed on a loaded detector and take effect on the
+next call. The fit-time ones (the backbone, features, model and training sections, and
+``infer``'s bank size, calibration rule and held-out banking) describe how the fitted state
+was made; :meth:`stmae.config.Config.lock` makes changing them raise ConfigError.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import astuple
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from .build import build_extractor, build_model
 from .checkpoint import load_run
-from .config import Config
+from .config import FIT_TIME_INFER, Config, ConfigError
 from .data import resize_image, to_tensor_batch
 from .device import resolve_device
 from .features import FeatureExtractor, FeatureStats
 from .model import STMAE, PatchMemory, ResidualStats
 from .pipeline import MapPipeline, gaussian_blur, image_scores
 from .prediction import Prediction, Skipped
-from .streaming import stream_predictions
+from .scorer import Scorer
 from .thresholds import Calibration
 
 ImageInput = Any  # a path, folder, PIL image, numpy array or torch tensor (see stmae.inputs)
 
 
-def calibration_from_meta(meta: dict[str, Any]) -> Calibration | None:
-    """The run's calibration: ``meta["calibration"]``, or rebuilt from older runs' fields."""
-    if meta.get("calibration"):
-        return Calibration.from_dict(meta["calibration"])
-    if meta.get("threshold") is None:
-        return None
-    scores = (meta.get("calibration_scores") or {}).get("all") or [meta["threshold"]]
-    t = float(meta["threshold"])
-    return Calibration("max", t, t, float(np.median(scores)), len(scores))
-
-
-class Detector:
+class Detector(Scorer):
     """A trained ST-MAE ready to score images.
 
-    Build with :meth:`load` from a run folder (or from parts right after training). The
-    parts passed in are copied, never modified.
+    Build with :meth:`load` from a run folder, or from fitted parts (``stmae.fit`` does).
+    The parts passed in are copied, never modified; afterwards they live in
+    :attr:`pipeline`, once.
     """
+
+    engine = "torch"
 
     def __init__(
         self,
@@ -67,22 +62,17 @@ class Detector:
         calibration: Calibration | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.extractor = copy.deepcopy(extractor).to(self.device).eval()
-        self.model = copy.deepcopy(model).to(self.device).eval()
-        self.stats = stats
-        self.config = copy.deepcopy(config)
         self.meta = dict(meta or {})
-        self.residual_stats = residual_stats
-        self.memory = memory
-        self.calibration = calibration if calibration is not None else calibration_from_meta(self.meta)
-        if threshold is None and self.calibration is not None:
-            threshold = self.calibration.image_threshold
-        #: Image threshold used for labels; set it to override the calibrated one.
-        self.threshold: float | None = threshold
-        #: Pixel threshold used for masks (:meth:`Prediction.mask`).
-        self.pixel_threshold: float | None = self.calibration.pixel_threshold if self.calibration else threshold
-        self._pipeline: MapPipeline | None = None
-        self._pipeline_key: tuple | None = None
+        config = copy.deepcopy(config).lock()
+        parts = copy.deepcopy((extractor, model, stats, residual_stats, memory))
+        #: The fitted scoring module: every fitted tensor and the calibration, in one place.
+        self.pipeline = MapPipeline(
+            parts[0], parts[1], parts[2], config, memory=parts[4], residual_stats=parts[3],
+            calibration=calibration if calibration is not None else calibration_from_meta(self.meta),
+            check=False,  # research code fills parts in afterwards; every score checks (MapPipeline.check)
+        ).to(self.device)
+        if threshold is not None:
+            self.threshold = threshold
 
     @classmethod
     def load(
@@ -99,27 +89,76 @@ class Detector:
         model.load_state_dict(run.model_state, strict=True)
         return cls(
             extractor, model, run.stats, run.config, meta=run.meta, device=resolve_device(device),
-            residual_stats=run.residual_stats, memory=run.memory,
+            residual_stats=run.residual_stats, memory=run.memory, calibration=run.calibration,
         )
 
-    # ------------------------------------------------------------------ the recipe
+    # ------------------------------------------------------------------ the fitted parts
     @property
-    def pipeline(self) -> MapPipeline:
-        """The map recipe for the current settings (rebuilt when they change)."""
-        c = self.config
-        key = (astuple(c.infer), c.features.image_size, c.train.seed, c.model.split_block,
-               id(self.memory), id(self.residual_stats), id(self.stats))
-        if self._pipeline is None or key != self._pipeline_key:
-            self._pipeline = MapPipeline.build(
-                self.extractor, self.model, self.stats, c, self.memory, self.residual_stats
-            ).to(self.device)
-            self._pipeline_key = key
-        return self._pipeline
+    def config(self) -> Config:
+        """The run's settings (shared with :attr:`pipeline`; fit-time sections locked)."""
+        return self.pipeline.config
 
-    def rebuild_splits(self) -> None:
-        """Kept for callers that changed ``config.infer.num_pairs``: the pipeline now follows by itself."""
-        self._pipeline = None
+    @config.setter
+    def config(self, value: Config) -> None:
+        """Another config with the same fit-time settings (ConfigError otherwise)."""
+        if value is self.pipeline.config:
+            return
+        mine, theirs = self.pipeline.config.to_dict(), value.to_dict()
+        for section in mine:
+            for key in mine[section]:
+                fit_time = section != "infer" or key in FIT_TIME_INFER
+                if fit_time and mine[section][key] != theirs[section][key]:
+                    raise ConfigError(
+                        f"{section}.{key} is a fit-time setting, fixed when the model was fitted; fit again "
+                        "(stmae fit) to change it"
+                    )
+        self.pipeline.config = copy.deepcopy(value).lock()
 
+    @property
+    def extractor(self) -> FeatureExtractor:
+        return self.pipeline.extractor
+
+    @property
+    def model(self) -> STMAE:
+        return self.pipeline.model  # type: ignore[return-value]
+
+    @property
+    def stats(self) -> FeatureStats:
+        return self.pipeline.feature_stats
+
+    @property
+    def memory(self) -> PatchMemory | None:
+        return self.pipeline.memory
+
+    @memory.setter
+    def memory(self, value: PatchMemory | None) -> None:
+        self.pipeline.memory = None if value is None else value.to(self.device)
+
+    @property
+    def residual_stats(self) -> ResidualStats | None:
+        return self.pipeline.residual_stats
+
+    @residual_stats.setter
+    def residual_stats(self, value: ResidualStats | None) -> None:
+        self.pipeline.residual_stats = None if value is None else value.to(self.device)
+
+    @property
+    def calibration(self) -> Calibration | None:  # type: ignore[override]
+        return self.pipeline.calibration
+
+    @calibration.setter
+    def calibration(self, value: Calibration | None) -> None:
+        self.pipeline.calibration = value
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.features.image_size)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.config.infer.batch_size)
+
+    # ------------------------------------------------------------------ the recipe
     @property
     def splits(self) -> torch.Tensor:
         """The K fixed test-time split pairs (K, 2, L/2)."""
@@ -155,13 +194,7 @@ class Detector:
 
     def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (unstandardised) cached features -> (maps (N, S, S), scores (N,)) on CPU."""
-        pipe, maps, scores = self.pipeline, [], []
-        with torch.inference_mode():
-            for chunk in torch.split(feats, self.config.infer.batch_size):
-                m, s = pipe.score_features(chunk.to(self.device))
-                maps.append(m.cpu())
-                scores.append(s.cpu())
-        return torch.cat(maps), torch.cat(scores)
+        return self.pipeline.score_cached(feats)
 
     def score_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, 3, S, S) in [0, 1], already resized -> (maps (N, S, S), scores (N,)) on CPU."""
@@ -173,78 +206,16 @@ class Detector:
         """uint8 RGB arrays of any size -> maps at the model input size and scores (CPU)."""
         return self.score_tensor(to_tensor_batch([resize_image(im, self.config.features.image_size) for im in images]))
 
-    # ------------------------------------------------------------------ fitting helpers
-    def fit_residual_stats(self, feats: torch.Tensor, quiet: bool = True) -> ResidualStats:
-        """Fit (and keep) the Mahalanobis residual statistics (:func:`stmae.fitting.fit_residual_stats`)."""
-        from .fitting import fit_residual_stats
-
-        self.residual_stats = fit_residual_stats(self, feats, quiet=quiet)
-        return self.residual_stats
-
-    def fit_memory(
-        self, train_feats: torch.Tensor, calib_feats: torch.Tensor, seed: int = 42, quiet: bool = True
-    ) -> PatchMemory:
-        """Build (and keep) the memory bank (:func:`stmae.fitting.fit_memory`)."""
-        from .fitting import fit_memory
-
-        self.memory = fit_memory(self, train_feats, calib_feats, seed=seed, quiet=quiet)
-        return self.memory
-
-    # ------------------------------------------------------------------ user API
-    def predict(
-        self,
-        images: ImageInput | Iterable[ImageInput],
-        *,
-        batch_size: int | None = None,
-        threshold: float | None = None,
-        full_resolution: bool = False,
-        quiet: bool = True,
-    ) -> list[Prediction]:
-        """Score images: paths, folders, PIL images, numpy arrays (one or a batch), tensors.
-
-        Returns one :class:`Prediction` per image. Maps are at the model input size, or at
-        each image's own size with ``full_resolution``. ``threshold`` overrides the image
-        threshold for these labels. Raises :class:`~stmae.data.DataError` naming the first
-        input that cannot be scored (use :meth:`iter_predict` to skip such inputs instead).
-        """
-        out = self.iter_predict(
-            images, batch_size=batch_size, threshold=threshold, full_resolution=full_resolution,
-            on_error="raise", quiet=quiet,
-        )
-        return [p for p in out if isinstance(p, Prediction)]
-
-    def iter_predict(
-        self,
-        images: ImageInput | Iterable[ImageInput],
-        *,
-        batch_size: int | None = None,
-        threshold: float | None = None,
-        full_resolution: bool = False,
-        on_error: str = "skip",
-        max_pixels: int | None = None,
-        keep_images: bool = False,
-        quiet: bool = True,
-    ) -> Iterator[Prediction | Skipped]:
-        """Stream predictions, in input order, with memory bounded by two batches.
-
-        Images are decoded and resized in worker threads while the previous batch is scored.
-        ``on_error="skip"`` yields a :class:`Skipped` (item, reason) for an input that cannot
-        be decoded; ``"raise"`` raises DataError naming it. ``max_pixels`` refuses larger
-        images from their header, before decoding. ``keep_images`` attaches the decoded image
-        to each prediction (for heat-map panels).
-        """
-        return stream_predictions(
-            images, self._score_uint8, image_size=self.config.features.image_size,
-            batch_size=batch_size or self.config.infer.batch_size,
-            threshold=self.threshold if threshold is None else float(threshold),
-            pixel_threshold=self.pixel_threshold, calibration=self.calibration, full_resolution=full_resolution,
-            on_error=on_error, max_pixels=max_pixels, keep_images=keep_images, quiet=quiet,
-        )
-
-    def _score_uint8(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score_uint8(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S, 3) -> (maps (N, S, S), scores (N,)) as numpy: the engine step of streaming."""
         maps, scores = self.score_tensor(to_tensor_batch(list(batch)))
         return maps.numpy(), scores.numpy()
+
+
+def calibration_from_meta(meta: dict[str, Any]) -> Calibration | None:
+    """The calibration a run's ``meta.json`` holds (None: uncalibrated)."""
+    stored = meta.get("calibration")
+    return Calibration.from_dict(stored) if stored else None
 
 
 def load(run_dir: str | os.PathLike, device: str = "auto", backbone_weights: str | None = None) -> Detector:

@@ -20,6 +20,7 @@ Why it is fast:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -31,11 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import InferConfig
-from .device import tracing
 from .features import FeatureExtractor, FeatureStats
 from .mapops import blur_operator, blur_radius, resize_operator
 from .model import STMAE, PatchMemory, ResidualStats, complementary_splits, feature_residual
-from .model.memory import nearest_distances, search_bank
+from .thresholds import Calibration
 
 if TYPE_CHECKING:
     from .config import Config
@@ -103,8 +103,9 @@ def reference_postprocess(grid: torch.Tensor, infer: InferConfig, image_size: in
     return maps, image_scores(maps, infer.score, infer.topk)
 
 
-def blend_scales(memory: PatchMemory, mode: str, pixel: bool = False) -> tuple[float, float, float, float]:
-    """(residual offset, residual scale, distance offset, distance scale) for :func:`blend`.
+def blend_scales(memory: PatchMemory, mode: str, pixel: bool = False) -> tuple[torch.Tensor, ...]:
+    """(residual offset, residual scale, distance offset, distance scale) for :func:`blend`,
+    as 0-d tensors read from the memory's buffers at every call (nothing to go stale).
 
     ``median``: each map divided by its median over held-out good images' grid cells.
     ``quantile``: each map mapped so that the 0.90 quantile of those cells is 0 and the
@@ -113,32 +114,34 @@ def blend_scales(memory: PatchMemory, mode: str, pixel: bool = False) -> tuple[f
     ``gated``: the same scales; :func:`blend` then also clips the residual at 0.
     ``pixel``: the residual is the pixel map's own (``infer.pixel_residual``), with its own scale.
     """
+    medians, ranges = memory.medians, memory.ranges
     if pixel:
-        r_median, r_range = memory.pixel_residual_median, memory.pixel_residual_range
-        if r_median is None or r_range is None:
+        if memory.pixel_residual is None:
             raise ValueError(
                 "infer.pixel_residual differs from infer.residual but this memory bank was calibrated "
-                "for one map (saved by an older stmae, or fitted with pixel_residual 'same'); refit, or "
-                "set infer.pixel_residual and infer.pixel_blend to 'same'"
+                "for one map (fitted with pixel_residual 'same'); refit, or set infer.pixel_residual "
+                "and infer.pixel_blend to 'same'"
             )
+        r_median, r_lo, r_hi = memory.pixel_residual.unbind()
     else:
-        r_median, r_range = memory.residual_median, memory.residual_range
+        r_median = medians[0]
+        r_lo, r_hi = (None, None) if ranges is None else (ranges[0], ranges[1])
     if mode == "median":
-        return 0.0, r_median, 0.0, memory.distance_median
-    if r_range is None or memory.distance_range is None:
+        zero = medians.new_zeros(())
+        return zero, r_median, zero, medians[1]
+    if ranges is None or r_lo is None:
         raise ValueError(
-            f"infer.blend is {mode!r} but this memory bank has no quantile ranges (saved by an older "
-            "stmae); refit, or set infer.blend to median"
+            f"infer.blend is {mode!r} but this memory bank has no quantile ranges (not calibrated); "
+            "calibrate it on held-out good images, or set infer.blend to median"
         )
-    (r_lo, r_hi), (d_lo, d_hi) = r_range, memory.distance_range
-    return r_lo, r_hi - r_lo, d_lo, d_hi - d_lo
+    return r_lo, r_hi - r_lo, ranges[2], ranges[3] - ranges[2]
 
 
 def blend(
     residual: torch.Tensor | None,
     distance: torch.Tensor,
     share: float,
-    scales: tuple[float, float, float, float],
+    scales: tuple[torch.Tensor, ...],
     gate: bool = False,
 ) -> torch.Tensor:
     """``(1 - share) * residual' + share * distance'``, each map put on the good images' scale first.
@@ -160,7 +163,20 @@ def blend(
 
 
 class MapPipeline(nn.Module):
-    """Images (N, 3, S, S) in [0, 1] at the model input size -> (maps (N, S, S), scores (N,)).
+    """The fitted scoring module: images (N, 3, S, S) in [0, 1] at the model input size ->
+    (maps (N, S, S), scores (N,)).
+
+    It holds every fitted part, once: the frozen ``extractor``, the transformer ``model``,
+    the ``feature_stats``, the ``residual_stats`` (Mahalanobis), the ``memory`` (bank and
+    blend statistics) as submodules whose tensors are buffers, and the ``calibration``
+    (thresholds are data: they are not in the graph an export traces). Its
+    :meth:`fitted_state` is the run folder's weights file, key for key. Nothing is copied
+    out of these parts: a blend scale or a bank changed in place is what the next call
+    reads, and the bank search follows a bank's version.
+
+    ``config`` is shared with the owner (a :class:`~stmae.infer.Detector`), and the
+    predict-time settings (``config.infer``: K, the residual, the blend, smoothing, the
+    score) are read at every call; the K split pairs are derived from them and cached.
 
     Stages, each callable on its own: :meth:`features` (standardised grid), :meth:`residual`,
     :meth:`distances`, :meth:`grid_pair` (or :meth:`grid_maps`), :meth:`postprocess`.
@@ -168,63 +184,39 @@ class MapPipeline(nn.Module):
     Two maps, one pass: the image score comes from the *score map* (``infer.residual``,
     ``infer.blend``) and the returned pixel map from the *pixel map* (``infer.pixel_residual``,
     ``infer.pixel_blend``), both at the share ``infer.memory``, from one transformer call and
-    one bank search. Why: on Magnetic Tile's ``mt_val`` the plain squared error localises
-    defects best and ``mse_cos`` ranks images best (research/results/pixel_map_val.json), so
-    each output takes the one that serves it. With ``same`` for both (or the memory alone)
-    the two maps are one.
+    one bank search (docs/design.md, "Two maps from one pass"). With ``same`` for both (or
+    the memory alone) the two maps are one.
     """
+
+    feature_stats: FeatureStats
+    residual_stats: ResidualStats | None
+    memory: PatchMemory | None
 
     def __init__(
         self,
         extractor: FeatureExtractor,
         model: STMAE | None,
         stats: FeatureStats,
-        splits: torch.Tensor,
-        infer: InferConfig,
-        image_size: int,
+        config: "Config",
         memory: PatchMemory | None = None,
         residual_stats: ResidualStats | None = None,
+        calibration: Calibration | None = None,
+        *,
+        check: bool = True,
     ) -> None:
         super().__init__()
-        if infer.memory > 0 and memory is None:
-            raise ValueError(
-                f"infer.memory is {infer.memory} but there is no memory bank; fit one on good training "
-                "features (stmae fit does this), or set infer.memory to 0"
-            )
-        if model is None and infer.memory < 1:
-            raise ValueError("a pipeline without a transformer scores by the memory alone: set infer.memory to 1")
-        if infer.residual == "mahalanobis" and residual_stats is None and infer.memory < 1:
-            raise ValueError(
-                "infer.residual is 'mahalanobis' but there are no residual statistics; fit them on good "
-                "training features (stmae fit does this)"
-            )
         self.extractor = extractor.eval()
-        self.model = model.eval() if model is not None else None
-        self.image_size = int(image_size)
-        self.infer = dataclasses.replace(infer)  # a private copy: the pipeline never changes under its owner
-        self.num_pairs = int(splits.shape[0])
-        self.register_buffer("feat_mean", stats.mean.float().view(1, -1, 1, 1).clone())
-        self.register_buffer("feat_std", stats.std.float().view(1, -1, 1, 1).clone())
-        self.register_buffer("splits", splits.long().clone())
-        if residual_stats is not None:
-            self.register_buffer("res_mean", residual_stats.mean.float().view(1, -1, 1, 1).clone())
-            self.register_buffer("res_precision", residual_stats.precision.float().clone())
-        self.pixel_residual = infer.residual if infer.pixel_residual == "same" else infer.pixel_residual
-        self.pixel_blend = infer.blend if infer.pixel_blend == "same" else infer.pixel_blend
-        share = infer.memory
-        #: True when the pixel map is not the score map (see the class docstring).
-        self.split_maps = share < 1.0 and (
-            self.pixel_residual != infer.residual or (share > 0.0 and self.pixel_blend != infer.blend)
-        )
-        if memory is not None:
-            bank = memory.bank.float()
-            self.register_buffer("bank", bank.clone())
-            self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
-            self.scales = blend_scales(memory, infer.blend)
-            if self.split_maps and share > 0.0:
-                self.pixel_scales = blend_scales(memory, self.pixel_blend, pixel=self.pixel_residual != infer.residual)
+        self.register_module("model", model.eval() if model is not None else None)
+        self.feature_stats = stats
+        self.register_module("residual_stats", residual_stats)
+        self.register_module("memory", memory)
+        self.config = config
+        self.calibration = calibration
+        self._splits: dict[tuple, torch.Tensor] = {}
         for p in self.parameters():
             p.requires_grad_(False)
+        if check:  # off while fitting: the parts are filled in afterwards (stmae.fitting)
+            self.check()
 
     @classmethod
     def build(
@@ -236,18 +228,81 @@ class MapPipeline(nn.Module):
         memory: PatchMemory | None = None,
         residual_stats: ResidualStats | None = None,
     ) -> "MapPipeline":
-        """The pipeline ``config`` describes: its K fixed test-time split pairs (seeded) included."""
-        splits = complementary_splits(
-            model.num_tokens, config.infer.num_pairs, seed=config.train.seed, block=config.model.split_block
-        )
-        return cls(extractor, model, stats, splits, config.infer, config.features.image_size, memory, residual_stats)
+        """The pipeline ``config`` describes (kept for callers of the earlier constructor)."""
+        return cls(extractor, model, stats, config, memory, residual_stats)
 
     @classmethod
     def knn(cls, extractor: FeatureExtractor, stats: FeatureStats, bank: torch.Tensor, config: "Config") -> "MapPipeline":
         """The kNN yardstick: the same recipe scored by the distance to ``bank`` alone (no transformer)."""
-        infer = dataclasses.replace(config.infer, memory=1.0, blend="median")  # raw distances: scale 1
-        memory = PatchMemory(bank, 1.0, 1.0)
-        return cls(extractor, None, stats, torch.zeros(0, 2, 1, dtype=torch.long), infer, config.features.image_size, memory)
+        cfg = copy.deepcopy(config)
+        cfg.infer = dataclasses.replace(cfg.infer, memory=1.0, blend="median")  # raw distances: scale 1
+        return cls(extractor, None, stats, cfg, PatchMemory(bank, 1.0, 1.0))
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def infer(self) -> InferConfig:
+        """The predict-time settings, read live from the shared config."""
+        return self.config.infer
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.features.image_size)
+
+    @property
+    def pixel_residual(self) -> str:
+        i = self.infer
+        return i.residual if i.pixel_residual == "same" else i.pixel_residual
+
+    @property
+    def pixel_blend(self) -> str:
+        i = self.infer
+        return i.blend if i.pixel_blend == "same" else i.pixel_blend
+
+    @property
+    def split_maps(self) -> bool:
+        """True when the pixel map is not the score map (see the class docstring)."""
+        i, share = self.infer, self.infer.memory
+        return share < 1.0 and (self.pixel_residual != i.residual or (share > 0.0 and self.pixel_blend != i.blend))
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.splits.shape[0])
+
+    @property
+    def splits(self) -> torch.Tensor:
+        """The K fixed test-time split pairs (K, 2, L/2), seeded by the run's seed."""
+        if self.model is None:
+            return torch.zeros(0, 2, 1, dtype=torch.long)
+        c, device = self.config, self.feature_stats.mean.device
+        key = (c.infer.num_pairs, c.train.seed, c.model.split_block, self.model.num_tokens, device)
+        if key not in self._splits:
+            self._splits[key] = complementary_splits(
+                self.model.num_tokens, c.infer.num_pairs, seed=c.train.seed, block=c.model.split_block
+            ).to(device)
+        return self._splits[key]
+
+    def check(self) -> None:
+        """Refuse settings the fitted parts cannot score (ValueError saying what is missing)."""
+        i = self.infer
+        if i.memory > 0 and self.memory is None:
+            raise ValueError(
+                f"infer.memory is {i.memory} but there is no memory bank; fit one on good training "
+                "features (stmae fit does this), or set infer.memory to 0"
+            )
+        if self.model is None and i.memory < 1:
+            raise ValueError("a pipeline without a transformer scores by the memory alone: set infer.memory to 1")
+        if i.residual == "mahalanobis" and self.residual_stats is None and i.memory < 1:
+            raise ValueError(
+                "infer.residual is 'mahalanobis' but there are no residual statistics; fit them on good "
+                "training features (stmae fit does this)"
+            )
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """Every fitted tensor (the extractor's frozen weights excluded: they come from the
+        backbone), on the CPU: the run folder's ``model.safetensors``."""
+        return {
+            k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("extractor.")
+        }
 
     # ------------------------------------------------------------------ stages
     def _autocast(self, x: torch.Tensor, on_cuda: bool) -> torch.autocast:
@@ -266,7 +321,7 @@ class MapPipeline(nn.Module):
 
     def standardize(self, feats: torch.Tensor) -> torch.Tensor:
         """Raw cached features -> standardised (training statistics)."""
-        return (feats.float() - self.feat_mean) / self.feat_std
+        return self.feature_stats.apply(feats.float())
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised features (N, C, G, G) -> mean residual over the K split pairs (N, G, G).
@@ -288,13 +343,8 @@ class MapPipeline(nn.Module):
 
     def _mean_residual(self, recon: torch.Tensor, xs: torch.Tensor, kind: str, n: int) -> torch.Tensor:
         """(K * N, C, G, G) reconstructions and inputs -> the ``kind`` residual averaged over the K pairs."""
-        if kind == "mahalanobis":
-            d = (recon - xs) - self.res_mean
-            pd = torch.einsum("cd,ndhw->nchw", self.res_precision, d)
-            res = (d * pd).sum(dim=1).clamp_min(0.0)
-        else:
-            res = feature_residual(recon, xs, kind)
-        return res.view(self.num_pairs, n, *res.shape[1:]).mean(dim=0)
+        res = feature_residual(recon, xs, kind, self.residual_stats)
+        return res.view(-1, n, *res.shape[1:]).mean(dim=0)
 
     def reconstructions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised features (N, C, G, G) -> (reconstructions, inputs), both (K * N, C, G, G).
@@ -302,9 +352,9 @@ class MapPipeline(nn.Module):
         Pair k of image i is row k * N + i. Autocast (bf16 on CUDA) covers the transformer
         only (and on the CPU only with ``infer.precision`` bf16); the residual is computed in float32.
         """
-        n, k = x.shape[0], self.num_pairs
-        xs = x.repeat(k, 1, 1, 1)
-        splits = self.splits.repeat_interleave(n, dim=0)
+        n, pairs = x.shape[0], self.splits
+        xs = x.repeat(pairs.shape[0], 1, 1, 1)
+        splits = pairs.repeat_interleave(n, dim=0)
         with self._autocast(x, on_cuda=True):
             recon = self.model(xs, splits)
         return recon.float(), xs
@@ -318,10 +368,7 @@ class MapPipeline(nn.Module):
         """
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)
-        if tracing():
-            return nearest_distances(rows, self.bank, self.bank_sq).view(n, h, w)
-        tf32 = self.infer.precision == "bf16"
-        return search_bank(self, rows, self.bank, self.bank_sq, tf32=tf32).view(n, h, w)
+        return self.memory.search(rows, tf32=self.infer.precision == "bf16").view(n, h, w)
 
     def grid_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised features -> (pixel map, score map) on the grid, each (N, G, G).
@@ -330,18 +377,20 @@ class MapPipeline(nn.Module):
         transformer call and one bank search serve both. The same tensor twice where the two
         maps are one (:attr:`split_maps` False).
         """
-        share = self.infer.memory
+        self.check()
+        share, infer = self.infer.memory, self.infer
         if share >= 1.0:
-            dist = blend(None, self.distances(x), 1.0, self.scales)
+            dist = blend(None, self.distances(x), 1.0, blend_scales(self.memory, infer.blend))
             return dist, dist
         score_res, pixel_res = self.residuals(x)
         if share <= 0.0:
             return pixel_res, score_res
         dist = self.distances(x)
-        score = blend(score_res, dist, share, self.scales, gate=self.infer.blend == "gated")
+        score = blend(score_res, dist, share, blend_scales(self.memory, infer.blend), gate=infer.blend == "gated")
         if not self.split_maps:
             return score, score
-        pixel = blend(pixel_res, dist, share, self.pixel_scales, gate=self.pixel_blend == "gated")
+        pixel_scales = blend_scales(self.memory, self.pixel_blend, pixel=self.pixel_residual != infer.residual)
+        pixel = blend(pixel_res, dist, share, pixel_scales, gate=self.pixel_blend == "gated")
         return pixel, score
 
     def grid_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,6 +411,17 @@ class MapPipeline(nn.Module):
     def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw cached features (N, C, G, G) -> (maps, scores): the recipe after the backbone."""
         return self.postprocess_pair(*self.grid_pair(self.standardize(feats)))
+
+    def score_cached(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw cached features (N, C, G, G), on any device -> (maps, scores) on the CPU, in
+        chunks of ``infer.batch_size``."""
+        device, maps, scores = self.feature_stats.mean.device, [], []
+        with torch.inference_mode():
+            for chunk in torch.split(feats, self.infer.batch_size):
+                m, s = self.score_features(chunk.to(device))
+                maps.append(m.cpu())
+                scores.append(s.cpu())
+        return torch.cat(maps), torch.cat(scores)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.postprocess_pair(*self.grid_pair(self.features(images)))

@@ -32,9 +32,10 @@ from .data import AnomalyDataset, DataError, Sample, open_dataset
 from .features import FeatureStats, extract_features
 from .device import autocast, resolve_device
 from .build import build_extractor, build_model
-from .fitting import bank_held_out_images, calibrate_detector
+from .fitting import fit_scoring
 from .inputs import Item, expand, load_rgb
 from .infer import Detector
+from .pipeline import MapPipeline
 from .model import STMAE, random_splits, reconstruction_loss
 from .provenance import code_revision
 from .resume import STATE_FILE, TrainState, fingerprint, starting_state
@@ -302,52 +303,45 @@ def fit(
     # A resumed fit reports the training time of all its sessions, not only the last one.
     train_seconds = time.perf_counter() - train_started + (start.train_seconds if start else 0.0)
 
-    detector = Detector(extractor, model, stats, cfg, device=device)
-    if cfg.infer.residual == "mahalanobis":
-        detector.fit_residual_stats(train_feats, quiet=quiet)
-    calib_idx = val_idx if len(val_idx) else train_idx
-    memory_seconds = None
-    if cfg.infer.memory > 0:
-        memory_started = time.perf_counter()
-        detector.fit_memory(train_feats, feats[torch.from_numpy(calib_idx)], seed=cfg.train.seed, quiet=quiet)
-        memory_seconds = round(time.perf_counter() - memory_started, 3)
-    calibration, calib_scores = calibrate_detector(
-        detector, feats[torch.from_numpy(calib_idx)], cfg.infer.threshold_rule, min_images=cfg.infer.min_calibration
-    )
-    calibrated_bank = None if detector.memory is None else int(detector.memory.bank.shape[0])
-    banked = detector.memory is not None and cfg.infer.memory_held_out and len(val_idx) > 0
-    if banked:
-        # Scored while unseen above; now the held-out good images join the bank like any other.
-        memory_started = time.perf_counter()
-        bank_held_out_images(detector, train_feats, feats[torch.from_numpy(val_idx)], seed=cfg.train.seed, quiet=quiet)
-        memory_seconds = round((memory_seconds or 0.0) + time.perf_counter() - memory_started, 3)
-    meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, torch.from_numpy(calib_scores), losses, device)
-    meta["threshold"] = calibration.image_threshold
+    scoring_started = time.perf_counter()
+    pipe = MapPipeline(extractor, model, stats, cfg, check=False)
+    held_out = feats[torch.from_numpy(val_idx)] if len(val_idx) else None
+    scoring = fit_scoring(pipe, train_feats, held_out, quiet=quiet)
+    scoring_seconds = round(time.perf_counter() - scoring_started, 3)
+    calibration, memory = scoring.calibration, pipe.memory
+    meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, losses, device)
     meta["calibration"] = calibration.to_dict()
+    meta["calibration_scores"] = _score_summary(scoring.calibration_scores)
     meta["threshold_source"] = threshold_source.replace("max score", f"{cfg.infer.threshold_rule} rule over the scores", 1)
     meta["train_seconds"] = round(train_seconds, 3)
-    if detector.memory is not None:
+    if memory is not None:
+        banked = scoring.held_out_images_banked
         meta["memory"] = {
-            "bank_patches": int(detector.memory.bank.shape[0]),
+            "bank_patches": int(memory.bank.shape[0]),
             # the patches the bank was chosen from (with infer.memory_held_out, the held-out images' too)
-            "train_patches": int(
-                (len(train_idx) + (len(val_idx) if banked else 0)) * train_feats.shape[2] * train_feats.shape[3]
-            ),
-            "held_out_images_banked": int(len(val_idx)) if banked else 0,
-            "bank_patches_at_calibration": calibrated_bank,
-            "residual_median": detector.memory.residual_median,
-            "distance_median": detector.memory.distance_median,
-            "pixel_residual_median": detector.memory.pixel_residual_median,  # None: one map
-            "seconds": memory_seconds,
+            "train_patches": int((len(train_idx) + banked) * train_feats.shape[2] * train_feats.shape[3]),
+            "held_out_images_banked": banked,
+            "bank_patches_at_calibration": scoring.bank_patches_at_calibration,
+            "residual_median": memory.residual_median,
+            "distance_median": memory.distance_median,
+            "pixel_residual_median": memory.pixel_residual_median,  # None: one map
+            "seconds": scoring_seconds,  # statistics, bank, calibration and banking together
         }
     if start is not None:
         meta["resumed_at_epoch"] = start.epoch
     meta["fit_seconds"] = round(time.perf_counter() - started + (start.train_seconds if start else 0.0), 3)
-    detector.meta = meta
     # The state is not carried into the new run folder: complete, it has nothing left to resume.
-    run = save_run(out_dir, cfg, model, stats, meta, detector.residual_stats, detector.memory, drop=(STATE_FILE,))
+    run = save_run(out_dir, pipe, meta, drop=(STATE_FILE,))
     state_path.unlink(missing_ok=True)
+    detector = Detector(pipe.extractor, pipe.model, pipe.feature_stats, cfg, meta=meta, device=device,
+                        residual_stats=pipe.residual_stats, memory=pipe.memory, calibration=calibration)
     return FitResult(run_dir=run, detector=detector, meta=meta, losses=losses)
+
+
+def _score_summary(scores: np.ndarray) -> dict[str, Any]:
+    """The held-out good images' scores the calibration rests on (meta.json ``calibration_scores``)."""
+    values = [float(v) for v in scores]
+    return {"min": min(values), "mean": float(np.mean(values)), "max": max(values), "all": values}
 
 
 def _meta(
@@ -357,12 +351,10 @@ def _meta(
     samples: Sequence[Sample],
     train_idx: np.ndarray,
     val_idx: np.ndarray,
-    calib_scores: torch.Tensor,
     losses: list[float],
     device: torch.device,
 ) -> dict[str, Any]:
     backbone = extractor.backbone
-    scores = calib_scores.tolist()
     return {
         "stmae_version": __version__,
         "code_revision": code_revision(),  # which code made the run (stmae.provenance)
@@ -385,13 +377,6 @@ def _meta(
         "n_train": int(len(train_idx)),
         "n_val": int(len(val_idx)),
         "val_images": [samples[i].name or str(samples[i].path) for i in val_idx],
-        "threshold": float(max(scores)),
-        "calibration_scores": {
-            "min": float(min(scores)),
-            "mean": float(np.mean(scores)),
-            "max": float(max(scores)),
-            "all": scores,
-        },
         "epochs": cfg.train.epochs,
         "final_loss": losses[-1],
         "losses": losses,

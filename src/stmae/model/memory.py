@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..device import tf32_products, tracing
@@ -430,9 +431,10 @@ def search_bank(
     :func:`nearest_distances`. The search is built once per bank tensor and kept on ``owner``
     (a pipeline, a memory), so scoring chunk after chunk does not sort and convert the bank
     again; a bank moved or replaced (another tensor) gets a new one."""
+    # Keyed on the tensor and its version: a bank changed in place gets a new search too.
     cached = getattr(owner, "_bank_search", None)
-    if cached is None or cached[0] is not bank:
-        cached = (bank, bank_search(bank))
+    if cached is None or cached[0] is not bank or cached[2] != bank._version:
+        cached = (bank, bank_search(bank), bank._version)
         object.__setattr__(owner, "_bank_search", cached)
     search = cached[1]
     return search(rows) if search is not None else nearest_distances(rows, bank, bank_sq, tf32=tf32)
@@ -442,44 +444,110 @@ def search_bank(
 BLEND_QUANTILES = (0.90, 0.995)
 
 
-@dataclass
-class PatchMemory:
+def _pair(values: torch.Tensor | None, first: int) -> tuple[float, float] | None:
+    return None if values is None else (float(values[first]), float(values[first + 1]))
+
+
+class PatchMemory(nn.Module):
     """A bank of good patch features and the statistics that put residual and distance on one scale.
+
+    Every value is a buffer, so the memory is one part of the fitted scoring module
+    (:class:`stmae.pipeline.MapPipeline`): a change here, in place or by assignment, is what
+    the next score reads. Its ``state_dict`` is the run folder's ``memory.*`` tensors.
 
     bank: (B, C) standardised patch features of good training images.
     residual_median, distance_median: medians of the residual map and of the distance map
         over the grid cells of held-out good images (:meth:`calibrate`); 1.0 until then.
     residual_range, distance_range: their 0.90 and 0.995 quantiles over the same cells
-        (:data:`BLEND_QUANTILES`), for the ``quantile`` blend; None for banks saved before it.
+        (:data:`BLEND_QUANTILES`), for the ``quantile`` and ``gated`` blends; None until calibrated.
     pixel_residual_median, pixel_residual_range: the same for the residual of the pixel map
-        (``infer.pixel_residual``) where it differs from the score's; None otherwise and for
-        banks saved before it.
+        (``infer.pixel_residual``) where it differs from the score's; None otherwise.
     """
 
     bank: torch.Tensor
-    residual_median: float = 1.0
-    distance_median: float = 1.0
-    residual_range: tuple[float, float] | None = None
-    distance_range: tuple[float, float] | None = None
-    pixel_residual_median: float | None = None
-    pixel_residual_range: tuple[float, float] | None = None
+    medians: torch.Tensor
+    ranges: torch.Tensor | None
+    pixel_residual: torch.Tensor | None
+
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        residual_median: float = 1.0,
+        distance_median: float = 1.0,
+        residual_range: tuple[float, float] | None = None,
+        distance_range: tuple[float, float] | None = None,
+        pixel_residual_median: float | None = None,
+        pixel_residual_range: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("bank", bank)
+        self.register_buffer("medians", torch.tensor([residual_median, distance_median], dtype=torch.float64))
+        self.register_buffer("ranges", None)
+        self.register_buffer("pixel_residual", None)
+        if residual_range is not None and distance_range is not None:
+            self.ranges = torch.tensor([*residual_range, *distance_range], dtype=torch.float64)
+        if pixel_residual_median is not None and pixel_residual_range is not None:
+            self.pixel_residual = torch.tensor([pixel_residual_median, *pixel_residual_range], dtype=torch.float64)
+
+    # The scalar statistics, read from (and written to) the buffers.
+    @property
+    def residual_median(self) -> float:
+        return float(self.medians[0])
+
+    @property
+    def distance_median(self) -> float:
+        return float(self.medians[1])
+
+    @property
+    def residual_range(self) -> tuple[float, float] | None:
+        return _pair(self.ranges, 0)
+
+    @property
+    def distance_range(self) -> tuple[float, float] | None:
+        return _pair(self.ranges, 2)
+
+    @property
+    def pixel_residual_median(self) -> float | None:
+        return None if self.pixel_residual is None else float(self.pixel_residual[0])
+
+    @pixel_residual_median.setter
+    def pixel_residual_median(self, value: float | None) -> None:
+        self._set_pixel(value, self.pixel_residual_range)
+
+    @property
+    def pixel_residual_range(self) -> tuple[float, float] | None:
+        return _pair(self.pixel_residual, 1)
+
+    @pixel_residual_range.setter
+    def pixel_residual_range(self, value: tuple[float, float] | None) -> None:
+        self._set_pixel(self.pixel_residual_median, value)
+
+    def _set_pixel(self, median: float | None, span: tuple[float, float] | None) -> None:
+        """The pixel map's scale is one (median, q90, q995) buffer: setting either half to None
+        clears it; a value replaces its half only where the other is there (:meth:`calibrate`
+        sets both)."""
+        if median is None or span is None:
+            self.pixel_residual = None
+            return
+        self.pixel_residual = torch.tensor([median, *span], dtype=torch.float64, device=self.medians.device)
 
     @classmethod
     def fit(cls, feats: torch.Tensor, ratio: float, seed: int = 42, quiet: bool = True) -> "PatchMemory":
         """Greedy coreset of ``max(1, int(ratio * patches))`` patches of standardised features (N, C, G, G)."""
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
-        patches = patch_rows(feats.float())
-        count = max(1, int(patches.shape[0] * ratio))
-        picked = greedy_coreset(patches, count, seed=seed, quiet=quiet).to(patches.device)
-        return cls(patches[picked].contiguous())
+        return cls(coreset_bank(feats, ratio, seed=seed, quiet=quiet))
 
     @torch.no_grad()
     def distances(self, feats: torch.Tensor) -> torch.Tensor:
         """Standardised features (N, C, G, G) -> distance of each position to its nearest bank patch (N, G, G)."""
         n, _, h, w = feats.shape
-        bank = self.bank.to(feats.device, torch.float32)
-        return search_bank(self, patch_rows(feats.float()), bank).view(n, h, w)
+        return self.search(patch_rows(feats.float()), tf32=False).view(n, h, w)
+
+    def search(self, rows: torch.Tensor, *, tf32: bool = False) -> torch.Tensor:
+        """Patch rows (Q, C) -> distance to the nearest bank row (Q,): :func:`search_bank` on this bank."""
+        bank = self.bank.to(rows.device, torch.float32)
+        if tracing():
+            return nearest_distances(rows, bank)
+        return search_bank(self, rows, bank, tf32=tf32)
 
     def calibrate(
         self, residual_maps: torch.Tensor, distance_maps: torch.Tensor, pixel_residual_maps: torch.Tensor | None = None
@@ -489,43 +557,43 @@ class PatchMemory:
         ``pixel_residual_maps``: the pixel map's residual of the same images, where the pixel
         map reads another residual than the image score (``infer.pixel_residual``).
         """
-        self.residual_median = _positive_median(residual_maps)
-        self.distance_median = _positive_median(distance_maps)
-        self.residual_range = _quantile_range(residual_maps)
-        self.distance_range = _quantile_range(distance_maps)
+        dev = self.medians.device
+        self.medians = torch.tensor(
+            [_positive_median(residual_maps), _positive_median(distance_maps)], dtype=torch.float64, device=dev
+        )
+        self.ranges = torch.tensor(
+            [*_quantile_range(residual_maps), *_quantile_range(distance_maps)], dtype=torch.float64, device=dev
+        )
         if pixel_residual_maps is None:
-            self.pixel_residual_median, self.pixel_residual_range = None, None
+            self.pixel_residual = None
         else:
-            self.pixel_residual_median = _positive_median(pixel_residual_maps)
-            self.pixel_residual_range = _quantile_range(pixel_residual_maps)
+            self.pixel_residual = torch.tensor(
+                [_positive_median(pixel_residual_maps), *_quantile_range(pixel_residual_maps)],
+                dtype=torch.float64, device=dev,
+            )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors for the run folder's safetensors file."""
-        out = {
-            "memory.bank": self.bank.detach().cpu().contiguous(),
-            "memory.medians": torch.tensor([self.residual_median, self.distance_median], dtype=torch.float64),
-        }
-        if self.residual_range is not None and self.distance_range is not None:
-            out["memory.ranges"] = torch.tensor([*self.residual_range, *self.distance_range], dtype=torch.float64)
-        if self.pixel_residual_median is not None and self.pixel_residual_range is not None:
-            out["memory.pixel_residual"] = torch.tensor(
-                [self.pixel_residual_median, *self.pixel_residual_range], dtype=torch.float64
-            )
-        return out
+        """The run folder's ``memory.*`` tensors (this module's state_dict, prefixed)."""
+        return {f"memory.{k}": v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "PatchMemory":
-        """Inverse of :meth:`to_tensors`; KeyError when the bank is missing."""
-        medians = tensors["memory.medians"].tolist()
-        ranges = tensors["memory.ranges"].tolist() if "memory.ranges" in tensors else None
-        pixel = tensors["memory.pixel_residual"].tolist() if "memory.pixel_residual" in tensors else None
-        return cls(
-            tensors["memory.bank"], float(medians[0]), float(medians[1]),
-            None if ranges is None else (float(ranges[0]), float(ranges[1])),
-            None if ranges is None else (float(ranges[2]), float(ranges[3])),
-            None if pixel is None else float(pixel[0]),
-            None if pixel is None else (float(pixel[1]), float(pixel[2])),
-        )
+        """Inverse of :meth:`to_tensors`; KeyError when the bank or the medians are missing."""
+        memory = cls(tensors["memory.bank"])
+        memory.medians = tensors["memory.medians"].to(torch.float64)
+        memory.ranges = tensors.get("memory.ranges")
+        memory.pixel_residual = tensors.get("memory.pixel_residual")
+        return memory
+
+
+def coreset_bank(feats: torch.Tensor, ratio: float, seed: int = 42, quiet: bool = True) -> torch.Tensor:
+    """(K, C) greedy coreset rows, ``K = max(1, int(ratio * patches))``, of standardised features (N, C, G, G)."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+    patches = patch_rows(feats.float())
+    count = max(1, int(patches.shape[0] * ratio))
+    picked = greedy_coreset(patches, count, seed=seed, quiet=quiet).to(patches.device)
+    return patches[picked].contiguous()
 
 
 def _quantile_range(maps: torch.Tensor) -> tuple[float, float]:

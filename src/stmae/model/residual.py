@@ -18,20 +18,27 @@ Two families:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import RESIDUALS
 
 
-@dataclass
-class ResidualStats:
-    """Mean (C,) and precision (C, C) of good images' residual vectors."""
+class ResidualStats(nn.Module):
+    """Mean (C,) and precision (C, C) of good images' residual vectors.
+
+    Buffers, one part of the fitted scoring module (:class:`stmae.pipeline.MapPipeline`);
+    its ``state_dict`` is the run folder's ``residual_stats.*`` tensors.
+    """
 
     mean: torch.Tensor
     precision: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, precision: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("precision", precision)
 
     def distance(self, recon: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance of ``recon - feats`` (N, C, G, G) -> (N, G, G)."""

@@ -23,12 +23,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ..prediction import Prediction, Skipped
-from ..streaming import stream_predictions
+from ..fileio import sha256_file
+from ..scorer import Scorer
 from ..thresholds import Calibration
 from .engines import ENGINES, Engine, EngineError, available, create, read_onnx_metadata
 
@@ -56,9 +56,7 @@ def run_fingerprint(run_dir: str | os.PathLike) -> str:
     """SHA-256 (16 hex digits) of a run's config.yaml and model.safetensors: which fit an export came from."""
     digest = hashlib.sha256()
     for name in FINGERPRINT_FILES:
-        with open(Path(run_dir) / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        sha256_file(Path(run_dir) / name, digest)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
 
@@ -69,16 +67,15 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".json")
 
 
-class ExportedModel:
-    """An exported detector on one engine, with the Detector's ``predict``/``iter_predict``.
+class ExportedModel(Scorer):
+    """An exported detector on one engine: a :class:`~stmae.scorer.Scorer`, so ``predict``,
+    ``iter_predict`` and the thresholds are the Detector's own code.
 
     Attributes:
         path: the model file; engine: ``onnxruntime`` or ``openvino``.
         meta: the export metadata (docs/export.md), config: the run's config as a dict.
         image_size: the model's input side S; input_layout: ``uint8_nhwc`` or ``float_nchw``.
         calibration: :class:`~stmae.thresholds.Calibration` or None (uncalibrated run).
-        threshold: the image threshold labels use (settable, like ``Detector.threshold``).
-        pixel_threshold: the threshold for map pixels (``Prediction.mask``).
     """
 
     def __init__(self, path: Path, engine: Engine, meta: dict[str, Any]) -> None:
@@ -87,77 +84,40 @@ class ExportedModel:
         self.engine = engine.name
         self.meta = meta
         self.config: dict[str, Any] = meta.get("config") or {}
-        self.image_size = int(meta["image_size"])
+        self._image_size = int(meta["image_size"])
         self.input_layout = str(meta["input_layout"])
         cal = meta.get("calibration")
         self.calibration = Calibration.from_dict(cal) if cal else None
         t = meta.get("threshold")
-        self.threshold: float | None = None if t is None else float(t)
-        pt = meta.get("pixel_threshold")
-        self.pixel_threshold: float | None = None if pt is None else float(pt)
+        if self.calibration is None and t is not None:  # an export without a calibration record
+            self.threshold = float(t)
 
     def __repr__(self) -> str:
         return f"ExportedModel({str(self.path)!r}, engine={self.engine!r}, image_size={self.image_size})"
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
 
     @property
     def batch_size(self) -> int:
         """Default images per engine call: the run's ``infer.batch_size``."""
         return int((self.config.get("infer") or {}).get("batch_size") or 16)
 
-    # ------------------------------------------------------------------ scoring
-    def score_batch(self, resized: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (S, S, 3) images, already resized -> (maps (N, S, S), scores (N,)) float32."""
-        batch = np.ascontiguousarray(np.stack(resized))
+    def score_uint8(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, S, S, 3) images at the model size -> (maps (N, S, S), scores (N,)) float32."""
+        batch = np.ascontiguousarray(batch)
         if batch.dtype != np.uint8 or batch.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(
-                f"score_batch expects uint8 ({self.image_size}, {self.image_size}, 3) images, got {batch.dtype} {batch.shape[1:]}"
+                f"score_uint8 expects uint8 ({self.image_size}, {self.image_size}, 3) images, got {batch.dtype} {batch.shape[1:]}"
             )
         if self.input_layout == "float_nchw":
             batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255.0)
         return self._engine.run(batch)
 
-    def predict(
-        self,
-        images: Any,
-        *,
-        batch_size: int | None = None,
-        threshold: float | None = None,
-        full_resolution: bool = False,
-        quiet: bool = True,
-    ) -> list[Prediction]:
-        """Score images (paths, folders, PIL images, numpy arrays); :meth:`stmae.Detector.predict`'s contract.
-
-        Raises :class:`~stmae.data.DataError` naming the first input that cannot be scored.
-        """
-        out = self.iter_predict(
-            images, batch_size=batch_size, threshold=threshold, full_resolution=full_resolution,
-            on_error="raise", quiet=quiet,
-        )
-        return [p for p in out if isinstance(p, Prediction)]
-
-    def iter_predict(
-        self,
-        images: Any,
-        *,
-        batch_size: int | None = None,
-        threshold: float | None = None,
-        full_resolution: bool = False,
-        on_error: str = "skip",
-        max_pixels: int | None = None,
-        keep_images: bool = False,
-        quiet: bool = True,
-    ) -> Iterator[Prediction | Skipped]:
-        """Stream predictions in input order; :meth:`stmae.Detector.iter_predict`'s contract.
-
-        The next batch is decoded and resized in worker threads while the engine scores the
-        current one, so memory stays bounded by two batches.
-        """
-        return stream_predictions(
-            images, self.score_batch, image_size=self.image_size, batch_size=batch_size or self.batch_size,
-            threshold=self.threshold if threshold is None else float(threshold),
-            pixel_threshold=self.pixel_threshold, calibration=self.calibration, full_resolution=full_resolution,
-            on_error=on_error, max_pixels=max_pixels, keep_images=keep_images, quiet=quiet,
-        )
+    def score_batch(self, resized: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (S, S, 3) images, already resized -> (maps (N, S, S), scores (N,)) float32."""
+        return self.score_uint8(np.stack(resized))
 
 
 def open_model(path: str | os.PathLike, engine: str | None = None, *, threads: int | None = None) -> ExportedModel:
