@@ -344,6 +344,7 @@ def _wait_for_saved_epoch(state: Path, epoch: int, proc: subprocess.Popen, timeo
     raise AssertionError(f"no training state for epoch {epoch} was saved")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_fit_killed_mid_epoch_resumes_to_the_uninterrupted_scores(tmp_path):
     rng = np.random.default_rng(1)
