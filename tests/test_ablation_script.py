@@ -86,6 +86,7 @@ def test_rows_compare_on_common_tasks_only():
     assert "| base | mse/max | 0.450 |" in text and "| x | mse/max | 0.400 |" in text  # per kind, common tasks
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "mnist_5k").is_dir(), reason="needs ../shared/data/mnist_5k")
 def test_tiny_run_writes_and_merges(tmp_path, monkeypatch):
     from stmae import provenance

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import tiny_config
 
 
@@ -16,6 +18,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_fit_predict_test(tiny_mvtec, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     tiny_config().save(cfg)
@@ -54,6 +57,7 @@ def test_cli_fit_predict_test(tiny_mvtec, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_cli_residual_ranks_defects_above_good(tmp_path):
     """The paper's residual alone (``--memory 0``), through the CLI, on the checkerboard set
     of ``test_detection.py``, whose grey defects a reconstruction of noise does not find
@@ -73,6 +77,7 @@ def test_cli_residual_ranks_defects_above_good(tmp_path):
     assert len(good) == len(grey) == 6 and min(grey) > max(good)
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["image_auroc"] == 1.0
 
+@pytest.mark.slow
 def test_cli_memory_option_turns_the_bank_off(tiny_mvtec, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     tiny_config().save(cfg)
@@ -84,6 +89,7 @@ def test_cli_memory_option_turns_the_bank_off(tiny_mvtec, tmp_path):
     assert r.returncode == 2 and "infer.memory must be in [0, 1]" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     r = run("predict", str(tmp_path / "missing_run"), str(tmp_path), "--out", str(tmp_path / "o"))
     assert r.returncode == 2
@@ -107,6 +113,7 @@ def test_cli_config_and_preset_conflict(tiny_mvtec, tmp_path):
     assert r.returncode == 2 and "either --config or --preset" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_unreadable_file_named_or_skipped(tiny_mvtec, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     tiny_config().save(cfg)
@@ -120,6 +127,7 @@ def test_cli_unreadable_file_named_or_skipped(tiny_mvtec, tmp_path):
     assert "skipped" in r.stderr and "999.png" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_oneclass_alone_adds_each_terms_column(tmp_path):
     import numpy as np
 

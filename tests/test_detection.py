@@ -150,6 +150,7 @@ def test_noise_memory_fails_the_memory_check(detector, monkeypatch):
     assert found.image_auroc < 0.9
 
 
+@pytest.mark.slow
 def test_hard_mined_training_finds_the_defects_too(tmp_path):
     """``train.hard_mining`` (Dinomaly's down-weighting of easy cells) still learns a residual that detects."""
     root = write_checkerboard_set(tmp_path / "cb")

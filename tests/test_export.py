@@ -70,7 +70,7 @@ def assert_same_predictions(ref, got, threshold: float) -> None:
         assert {k: row_b[k] for k in ("path", "label", "threshold")} == {k: row_a[k] for k in ("path", "label", "threshold")}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [v if v == "default" else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
 def test_exported_graph_matches_torch(variant, tiny_root, default_run, tmp_path, monkeypatch):
     """Torch vs onnxruntime and vs OpenVINO (the IR for the default model; OpenVINO's
     reading of the same ONNX graph for the others, which is what its converter does, to
@@ -266,6 +266,7 @@ def test_resize_map_equals_torch_interpolate(shape):
     np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=5e-6)
 
 
+@pytest.mark.slow
 def test_cli_export(default_run, tmp_path):
     from typer.testing import CliRunner
 

@@ -61,6 +61,7 @@ def cases(draw) -> "fuzz.Case":
     return fuzz.Case(kind, f"{kind}.{fmt.lower()}", data)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(case=cases())
 def test_decoding_and_predict_raise_only_data_error(ctx, case):

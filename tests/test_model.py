@@ -89,7 +89,19 @@ def test_block_splits_keep_square_blocks_together():
             for t in members:  # every token's 2x2 block lies in the same half
                 corner = (t // 8 // 2 * 2) * 8 + (t % 8) // 2 * 2
                 assert {corner, corner + 1, corner + 8, corner + 9} <= members
-    assert torch.equal(complementary_splits(64, 3, seed=1, block=4), complementary_splits(64, 3, seed=1, block=4))
+    # Inference splits in 4x4 blocks (16x16 tokens, 16 blocks): each pair halves the grid
+    # along whole blocks, and the pairs follow the seed.
+    fixed = complementary_splits(256, 3, seed=1, block=4)
+    assert fixed.shape == (3, 2, 128)
+    for s in fixed:
+        assert sorted(s.flatten().tolist()) == list(range(256))
+        for half in s:
+            members = set(half.tolist())
+            for t in members:
+                corner = (t // 16 // 4 * 4) * 16 + (t % 16) // 4 * 4
+                assert {corner + 16 * dr + dc for dr in range(4) for dc in range(4)} <= members
+    assert torch.equal(fixed, complementary_splits(256, 3, seed=1, block=4))  # not the global RNG
+    assert not torch.equal(fixed, complementary_splits(256, 3, seed=2, block=4))
 
 
 @pytest.mark.parametrize("tokens,block,match", [(64, 3, "multiple of 3"), (36, 2, "3x3 blocks"), (48, 2, "square")])
@@ -127,7 +139,17 @@ def test_loss_and_residuals():
     recon = f + torch.where(hard > 0, 2.0, 0.1)
     assert reconstruction_loss(recon, f, cos_weight=0.0).item() == pytest.approx((24 * 0.01 + 8 * 4) / 32, rel=1e-5)
     assert reconstruction_loss(recon, f, 0.0, hard_mining=0.75).item() == pytest.approx((24 * 0.1 * 0.01 + 8 * 4) / 32, rel=1e-5)
-    assert reconstruction_loss(-f, f, 1.0, hard_mining=0.0).item() == reconstruction_loss(-f, f).item()
+    # The plain loss against a hand computation in float64: the mean squared error plus
+    # cos_weight times the mean of 1 - cosine over the grid cells (cosine along channels).
+    # float32 sums of 192 terms against float64: rel 1e-5 is far above their rounding.
+    r = f + torch.randn(2, 6, 4, 4)
+    r64, f64 = r.double(), f.double()
+    mse = ((r64 - f64) ** 2).mean().item()
+    cosine = ((r64 * f64).sum(dim=1) / (r64.norm(dim=1) * f64.norm(dim=1))).mean().item()
+    for weight in (1.0, 0.5, 0.0):
+        expected = mse + weight * (1.0 - cosine)
+        assert reconstruction_loss(r, f, weight, hard_mining=0.0).item() == pytest.approx(expected, rel=1e-5)
+    assert reconstruction_loss(r, f).item() == pytest.approx(mse + 1.0 - cosine, rel=1e-5)  # the defaults
     r = f + 1.0
     mse = feature_residual(r, f, "mse")
     assert mse.shape == (2, 4, 4) and torch.allclose(mse, torch.ones(2, 4, 4))

@@ -238,6 +238,7 @@ def test_run_demo_writes_results_and_panels(tmp_path):
     assert len(list((tmp_path / "demo" / "report_images").glob("*.png"))) == n_test
 
 
+@pytest.mark.slow
 def test_demo_reaches_its_targets(tmp_path):
     """The real demo at its default settings (what `make demo` runs; ~80 s on 2 CPU threads)
     reaches the targets it promises: image and pixel AUROC >= 0.95 (src/stmae/demo.py)."""

@@ -232,6 +232,7 @@ def test_a_batch_survives_bad_files(run_dir, tiny_data, tmp_path):
     assert not (tmp_path / "out" / "predictions.csv.partial").exists()
 
 
+@pytest.mark.slow
 def test_cli_predict_skips_bad_files_and_strict_stops(run_dir, tiny_data, tmp_path):
     folder = mixed_folder(tmp_path, tiny_data / "test")
     exe = Path(sys.executable).with_name("stmae")
@@ -247,6 +248,7 @@ def test_cli_predict_skips_bad_files_and_strict_stops(run_dir, tiny_data, tmp_pa
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_streaming_2000_images_keeps_memory_flat(run_dir, tmp_path, monkeypatch):
     det = stmae.load(run_dir, device="cpu")
     rng = np.random.default_rng(0)
@@ -293,6 +295,7 @@ def test_fit_accepts_what_predict_accepts(tiny_data, tmp_path):
         stmae.fit(np.zeros((3, 8, 8, 3), dtype=np.int64), tmp_path / "d", cfg, quiet=True)
 
 
+@pytest.mark.slow
 def test_cli_fit_threshold_rule(tiny_data, tmp_path):
     exe = Path(sys.executable).with_name("stmae")
     cfg = tmp_path / "tiny.yaml"
