@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import atomic_write
+from .fileio import atomic_write, csv_cell, safe_name
 from .mapops import resize_map
 from .prediction import Prediction, Skipped
 from .report import panel, save_png
@@ -40,14 +40,6 @@ class BatchSummary:
     threshold: float | None = None
     predictions_csv: Path | None = None
     skipped_csv: Path | None = None
-
-
-def _fmt(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return value
 
 
 def predict_to_folder(
@@ -94,7 +86,7 @@ def predict_to_folder(
                     shown = resize_map(pred.anomaly_map, pred.image.shape[:2])
                     save_png(out / "heatmaps" / f"{name}.png", panel(pred.image, shown, pred.pixel_threshold or pred.threshold))
                     row["heatmap"] = f"heatmaps/{name}.png"
-            writer.writerow([_fmt(row.get(c)) for c in columns])
+            writer.writerow([csv_cell(row.get(c)) for c in columns])
             handle.flush()
             summary.scored += 1
             summary.flagged += int(pred.label == 1)
@@ -120,7 +112,7 @@ def _unique_name(path: str, seen: dict[str, int]) -> str:
     """``<parent>_<stem>`` of a path, made unique with a counter (heat-map file names)."""
     p = Path(path)
     base = f"{p.parent.name}_{p.stem}" if p.parent.name else p.stem
-    base = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base) or "image"
+    base = safe_name(base, empty="image")
     count = seen.get(base, 0)
     seen[base] = count + 1
     return base if count == 0 else f"{base}_{count}"

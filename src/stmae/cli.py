@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from . import __version__
-from .data.io import DEFAULT_MAX_PIXELS
+from .data.io import DEFAULT_MAX_PIXELS, SERVE_MAX_PIXELS
 
 app = typer.Typer(
     add_completion=False,
@@ -397,7 +397,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 = every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_request_mb: float = typer.Option(32.0, "--max-request-mb", help="Largest request body accepted, in MiB."),
-    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image accepted, in pixels (width x height)."),
+    max_pixels: int = typer.Option(SERVE_MAX_PIXELS, "--max-pixels", help="Largest image accepted, in pixels (width x height)."),
     workers: int = typer.Option(1, "--workers", help="Threads that score requests (requests queue for them)."),
     device: Optional[str] = DEVICE,
 ) -> None:

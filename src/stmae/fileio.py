@@ -63,6 +63,22 @@ def sha256_file(path: str | os.PathLike, digest: "hashlib._Hash | None" = None) 
     return h.hexdigest()
 
 
+def safe_name(name: str, empty: str = "_") -> str:
+    """``name`` as one file-name component: letters, digits, ``-_.`` kept, anything else ``_``
+    (``empty`` where nothing is left). The heat maps, reports and protocol folders use it."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or empty
+
+
+def csv_cell(value: Any) -> Any:
+    """One CSV cell of a results file: floats in full (``repr``, so a score reads back
+    exactly), None as an empty cell. ``predictions.csv`` and ``scores.csv`` both use it."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is a temp file :func:`atomic_write` creates (left behind by a kill)."""
     return name.startswith(".") and _TEMP_MARK in name

@@ -27,7 +27,7 @@ from .device import resolve_device
 from .evaluate import evaluate
 from .infer import Detector
 from .features import extract_features
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, safe_name
 from .build import build_extractor
 from .metrics import compute_metrics
 from .report import markdown_table, write_evaluation
@@ -122,7 +122,7 @@ def oneclass(
         name = ds.name.split("-", 1)[1]  # "<source>-<class name>"
         if test_feats is None:  # identical test split for every normal class
             test_feats = _test_features(cfg, ds, quiet)
-        fitted = fit(ds, out / _safe(name) / "run", cfg, quiet=quiet)
+        fitted = fit(ds, out / safe_name(name) / "run", cfg, quiet=quiet)
         _, scores = fitted.detector.score_features(test_feats)
         labels = np.array([s.label for s in ds.test])
         metrics = compute_metrics(labels, scores.numpy())
@@ -135,7 +135,7 @@ def oneclass(
             fit_seconds=fitted.meta["fit_seconds"],
             seconds=round(time.perf_counter() - started, 1),
         )
-        atomic_write_json(out / _safe(name) / "results.json", {**metrics, **row})
+        atomic_write_json(out / safe_name(name) / "results.json", {**metrics, **row})
         rows.append(row)
         log(_row_line(row, "class"))
     extra = {
@@ -229,8 +229,6 @@ def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("__", "."): v for k, v in overrides.items()}
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 __all__ = ["benchmark", "oneclass", "categories_of", "real_defect_indices", "split_real_defects"]

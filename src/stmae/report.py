@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .fileio import atomic_write, atomic_write_json, atomic_write_text
+from .fileio import atomic_write, atomic_write_json, atomic_write_text, csv_cell, safe_name
 
 if TYPE_CHECKING:
     from .evaluate import Evaluation
@@ -83,14 +83,9 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], columns: 
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in columns})
+        writer.writerow({k: csv_cell(row.get(k)) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
-
-def _fmt(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else value
 
 
 def html_report(
@@ -202,7 +197,7 @@ def write_evaluation(
     for i in sorted(evaluation.examples, key=lambda k: (evaluation.records[k]["defect_type"], k)):
         image, amap, mask = evaluation.examples[i]
         rec = evaluation.records[i]
-        file = out / "report_images" / f"{i:05d}_{_safe(rec['defect_type'])}.png"
+        file = out / "report_images" / f"{i:05d}_{safe_name(rec['defect_type'])}.png"
         save_png(file, panel(image, amap, evaluation.threshold, mask))
         verdict = "" if rec["predicted"] is None else (" flagged" if rec["predicted"] else " passed")
         figures.append((f"{rec['name']} score {rec['score']:.4g}{verdict}", rec["defect_type"], str(file)))
@@ -216,5 +211,3 @@ def write_evaluation(
     return results
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

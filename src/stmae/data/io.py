@@ -23,6 +23,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DECODED_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "SERVE_MAX_PIXELS",
     "DataError",
     "UnreadableImageError",
     "read_image",
@@ -58,6 +59,9 @@ DECODED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF",
 #: cost, not accuracy. Pass ``max_pixels=`` (CLI ``--max-pixels``) to change it; ``None``
 #: leaves only PIL's own hard limit (``2 * Image.MAX_IMAGE_PIXELS``).
 DEFAULT_MAX_PIXELS: int = 64_000_000
+#: The service's lower default (``stmae serve --max-pixels``): a request may carry many
+#: uploads, each decoded before scoring.
+SERVE_MAX_PIXELS: int = 40_000_000
 
 PathLike = str | os.PathLike[str]
 

@@ -1,20 +1,14 @@
 """Memory of good patches: a coreset of training patch features next to the residual.
 
-Why: on Magnetic Tile the residual of a good patch stays noisy where the tile's own fine
-texture cannot be predicted from the other half of the image, and faint defects at the
-image border drown in that noise (docs/research.md, "Probing the crack gap"). The distance of a patch
-to its nearest *stored* good patch (PatchCore's score) does not have that noise, but it has
-blind spots of its own. On all three Magnetic Tile validation sets, at two schedules, the
-sum of the two maps beat both alone (``research/probe_memory.py``), so the industrial
-presets score with
-
-    map = (1 - memory) * residual / median_residual + memory * distance / median_distance
-
-on the grid, before upsampling and smoothing. The medians come from the held-out good
-images of ``fit``, so the two terms are on one scale without any defect example.
-``infer.memory = 0`` is the paper's pure residual; nothing here touches the reconstruction,
-so the transition stays leakage-free (the distance of a patch depends only on the patch
-itself and the training images).
+Why: the residual of a good patch stays noisy where an image's own fine texture cannot be
+predicted from the other half of the image; the distance of a patch to its nearest *stored*
+good patch (PatchCore's score) has no such noise, but blind spots of its own. The presets
+blend the two maps on the grid (:func:`stmae.pipeline.blend`), each first put on the scale of
+held-out good images by the statistics stored here (:meth:`PatchMemory.calibrate`), so the
+blend needs no defect example. ``infer.memory = 0`` is the paper's pure residual; nothing here
+touches the reconstruction, so the transition stays leakage-free (a patch's distance depends
+only on the patch itself and the training images). How the blend was chosen:
+docs/design.md and docs/research.md.
 
 The bank is PatchCore's greedy k-center coreset (Roth et al. 2022) of the standardised
 training patch features; the same code is the kNN yardstick's in ``benchmarks/``.

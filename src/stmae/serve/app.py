@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..report import overlay
+from ..data.io import SERVE_MAX_PIXELS
 from .decode import UploadError, decode_upload
 from .model import as_served, model_info
 
@@ -51,7 +52,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 #: Defaults of the limits (``stmae serve`` options override them).
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
-MAX_PIXELS = 40_000_000
+MAX_PIXELS = SERVE_MAX_PIXELS
 MAX_FILES = 64
 MAX_PENDING = 64
 #: Longest side of a returned heat-map picture: enough to see a defect, small to send.
