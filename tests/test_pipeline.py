@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import stmae
@@ -142,7 +143,7 @@ def test_postprocess_as_two_matrix_products_equals_upsampling_then_blurring(grid
     """The fast post-processing (one (S, G) operator applied on both sides) is the same map as
     F.interpolate followed by gaussian_blur, reflect and replicate borders alike (radius 24 > 20)."""
     from stmae.config import InferConfig
-    from stmae.pipeline import postprocess, reference_postprocess
+    from stmae.pipeline import postprocess
 
     gen = torch.Generator().manual_seed(grid + size)
     g = torch.rand(3, grid, grid, generator=gen) * 5.0
@@ -286,3 +287,11 @@ def test_large_jpeg_predicts_from_a_reduced_decode_and_full_resolution_keeps_its
     assert fast.anomaly_map.shape == (64, 64)
     assert fast.score == pytest.approx(full.score, rel=0.05) and fast.label == full.label == 1
     assert det.predict(big, full_resolution=True)[0].anomaly_map.shape == (384, 512)
+
+
+def reference_postprocess(grid, infer, image_size):
+    """The test oracle: :func:`stmae.pipeline.postprocess` step by step, ``F.interpolate``
+    (bilinear) then :func:`gaussian_blur`."""
+    maps = F.interpolate(grid.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    maps = gaussian_blur(maps.squeeze(1), infer.sigma)
+    return maps, image_scores(maps, infer.score, infer.topk)

@@ -87,19 +87,12 @@ def postprocess(grid: torch.Tensor, infer: InferConfig, image_size: int) -> tupl
     recipe in the project (ST-MAE's and the kNN yardstick's). Both steps are linear and
     separable, so they run as ``A_H @ grid @ A_W.T`` with one (S, H) and one (S, W) matrix
     (built in numpy, constants in an exported graph): 0.1 ms at 256 px instead of 2 ms for
-    an upsampled map and two padded convolutions, equal to that path
-    (:func:`reference_postprocess`) within float32 rounding.
+    an upsampled map and two padded convolutions, equal to that path within float32
+    rounding (``tests/test_pipeline.py`` holds the step-by-step reference).
     """
     h, w = int(grid.shape[-2]), int(grid.shape[-1])
     op_h, op_w = (_post_operator_on(n, int(image_size), float(infer.sigma), grid.device, grid.dtype) for n in (h, w))
     maps = torch.matmul(torch.matmul(op_h, grid), op_w.T)
-    return maps, image_scores(maps, infer.score, infer.topk)
-
-
-def reference_postprocess(grid: torch.Tensor, infer: InferConfig, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`postprocess` step by step: ``F.interpolate`` (bilinear) then :func:`gaussian_blur`."""
-    maps = F.interpolate(grid.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
-    maps = gaussian_blur(maps.squeeze(1), infer.sigma)
     return maps, image_scores(maps, infer.score, infer.topk)
 
 
@@ -428,5 +421,5 @@ class MapPipeline(nn.Module):
 
 
 __all__ = [
-    "MapPipeline", "blend", "blend_scales", "gaussian_blur", "image_scores", "postprocess", "reference_postprocess",
+    "MapPipeline", "blend", "blend_scales", "gaussian_blur", "image_scores", "postprocess",
 ]
