@@ -10,11 +10,12 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test test-other-cpu clean
 
-$(BIN)/stmae: pyproject.toml
+$(BIN)/stmae: pyproject.toml research/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[torch,test,lite]"
+	$(BIN)/python -m pip install --quiet -e research/
 	touch $@
 
 install: $(BIN)/stmae
