@@ -150,13 +150,13 @@ def test_changing_a_loaded_models_bank_or_calibration_in_place_is_what_it_scores
     det = stmae.load(run_dir, device="cpu")
     assert det.memory is det.pipeline.memory and det.stats is det.pipeline.feature_stats  # one holder
     x = _grid_input(det)
-    before = det.grid_pair(x)[1].clone()
+    before = det.pipeline.grid_pair(x)[1].clone()
     # In place: the blend's statistics (as calibrate() does)...
     det.memory.calibrate(before * 3.0, before * 2.0, before * 4.0)
-    after_cal = det.grid_pair(x)[1]
+    after_cal = det.pipeline.grid_pair(x)[1]
     fresh = stmae.load(run_dir, device="cpu")
     fresh.memory = PatchMemory.from_tensors(det.memory.to_tensors())  # a model built from the changed state
-    torch.testing.assert_close(after_cal, fresh.grid_pair(x)[1])
+    torch.testing.assert_close(after_cal, fresh.pipeline.grid_pair(x)[1])
     assert (after_cal - before).abs().max() > 1e-3  # and it did change the scores
     # ...and the bank itself, in place: the bank search must not keep the old bank.
     det.memory.bank.mul_(0.0)
@@ -165,7 +165,7 @@ def test_changing_a_loaded_models_bank_or_calibration_in_place_is_what_it_scores
     # Replacing a part by assignment is scored too.
     det.memory = None
     det.config.infer.memory = 0.0
-    assert torch.equal(det.grid_pair(x)[1], det.pipeline.residual(x))
+    assert torch.equal(det.pipeline.grid_pair(x)[1], det.pipeline.residual(x))
 
 
 def test_fitted_state_is_one_state_dict_and_round_trips(run_dir):

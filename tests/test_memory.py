@@ -240,15 +240,15 @@ def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, 
 
     # The grid map is exactly the blend of the residual and the nearest-patch distance.
     x = det.stats.apply(torch.randn(2, det.stats.mean.shape[0], 8, 8))
-    expected = 0.2 * det.residual_maps(x) / det.memory.residual_median + 0.8 * det.memory.distances(x) / det.memory.distance_median
-    assert torch.allclose(det.grid_maps(x), expected)
+    expected = 0.2 * det.pipeline.residual(x) / det.memory.residual_median + 0.8 * det.memory.distances(x) / det.memory.distance_median
+    assert torch.allclose(det.pipeline.grid_maps(x), expected)
     # infer.memory = 0 on the same detector is the pure residual, and the threshold moved with the scale.
     det.config.infer.memory = 0.0
-    assert torch.equal(det.grid_maps(x), det.residual_maps(x))
+    assert torch.equal(det.pipeline.grid_maps(x), det.pipeline.residual(x))
     det.memory = None
     det.config.infer.memory = 0.5
     with pytest.raises(ValueError, match="no memory bank"):
-        det.grid_maps(x)
+        det.pipeline.grid_maps(x)
 
 
 def test_calibration_medians_come_from_the_held_out_images_which_can_then_join_the_bank(tiny_mvtec, tmp_path):
@@ -267,7 +267,7 @@ def test_calibration_medians_come_from_the_held_out_images_which_can_then_join_t
     train_x = det.stats.apply(extract_features(det.extractor, trained, 64, device="cpu", quiet=True))
     # The medians were measured while the held-out images were unseen: against the training images' bank.
     unseen = PatchMemory(patch_rows(train_x))
-    assert det.memory.residual_median == pytest.approx(float(det.residual_maps(feats).median()), rel=1e-5)
+    assert det.memory.residual_median == pytest.approx(float(det.pipeline.residual(feats).median()), rel=1e-5)
     assert det.memory.distance_median == pytest.approx(float(unseen.distances(feats).median()), rel=1e-5)
     # The pixel map's residual (plain squared error by default) got its own scale from the same images.
     from stmae.model.residual import feature_residual
@@ -306,7 +306,7 @@ def test_no_bank_without_memory_and_old_runs_load_as_pure_residual(tiny_mvtec, t
 def test_runs_written_before_the_pixel_map_load_with_one_map(tiny_mvtec, tmp_path):
     fitted = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"infer.memory": 0.8}), quiet=True)
     x = fitted.detector.stats.apply(torch.randn(2, fitted.detector.stats.mean.shape[0], 8, 8))
-    pixel, score = fitted.detector.grid_pair(x)
+    pixel, score = fitted.detector.pipeline.grid_pair(x)
     assert (pixel - score).abs().max() > 1e-3  # the default: two maps
     # Such a run's config.yaml has no pixel keys and its bank no pixel scale: it scored one map.
     path = fitted.run_dir / "config.yaml"
@@ -315,13 +315,13 @@ def test_runs_written_before_the_pixel_map_load_with_one_map(tiny_mvtec, tmp_pat
     path.write_text(yaml.safe_dump(data))
     old = stmae.load(fitted.run_dir, device="cpu")
     assert (old.config.infer.pixel_residual, old.config.infer.pixel_blend) == ("same", "same")
-    pixel, score = old.grid_pair(x)
-    assert pixel is score and torch.allclose(score, fitted.detector.grid_pair(x)[1])
+    pixel, score = old.pipeline.grid_pair(x)
+    assert pixel is score and torch.allclose(score, fitted.detector.pipeline.grid_pair(x)[1])
     # Asking that bank for a pixel map of its own is refused with what to do.
     old.memory.pixel_residual_median = old.memory.pixel_residual_range = None
     old.config.infer.pixel_residual = "mse"
     with pytest.raises(ValueError, match="calibrated for one map.*refit"):
-        old.grid_pair(x)
+        old.pipeline.grid_pair(x)
 
 
 def test_memory_settings_are_validated_and_chosen_per_preset():

@@ -13,7 +13,7 @@ from PIL import Image
 import stmae
 from stmae.checkpoint import CheckpointError
 from stmae.config import Config, ConfigError
-from stmae.infer import gaussian_blur, image_scores
+from stmae.pipeline import gaussian_blur, image_scores
 
 from .conftest import tiny_config
 

@@ -105,7 +105,7 @@ def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory
     feats = det.extractor(images)
     assert images.shape[0] > stmae.features.BACKBONE_CHUNK  # the backbone ran in chunks...
     torch.testing.assert_close(feats, det.extractor._features(images), rtol=0, atol=1e-5)  # ...as one call would
-    fast_pixel, fast_score = det.grid_pair(det.stats.apply(feats))
+    fast_pixel, fast_score = det.pipeline.grid_pair(det.stats.apply(feats))
     ref_pixel, ref_score = reference_grid_maps(det, feats)
     torch.testing.assert_close(fast_pixel, ref_pixel, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast_score, ref_score, rtol=0, atol=1e-5)

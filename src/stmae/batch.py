@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .fileio import atomic_write, csv_cell, safe_name
 from .mapops import resize_map
-from .prediction import Prediction, Skipped
+from .prediction import Skipped
 from .report import panel, save_png
 from .scorer import Scorer
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import math
 import os

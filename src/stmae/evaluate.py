@@ -108,16 +108,17 @@ def evaluate(
                     continue
                 loaded.append((i, image, mask))
             if loaded:
-                maps, batch_scores = detector.score_arrays([image for _, image, _ in loaded])
-                for j, (i, image, mask) in enumerate(loaded):
-                    amap = maps[j].numpy()
+                resized = np.stack([resize_image(image, size) for _, image, _ in loaded])
+                maps, batch_scores = detector.score_uint8(resized)
+                for j, (i, _, mask) in enumerate(loaded):
+                    amap = maps[j]
                     if pixel is not None:
                         pixel.update(mask, amap)
                     for name, acc in parts.items():
                         if i in members[name]:
                             acc.update(mask, amap)
                     if i in keep:
-                        examples[len(scored)] = (resize_image(image, size), amap, mask)
+                        examples[len(scored)] = (resized[j], amap, mask)
                     scored.append(samples[i])
                     scored_index.append(i)
                     scores.append(float(batch_scores[j]))

@@ -24,10 +24,8 @@ pipeline at a fixed image size and a symbolic batch axis and needs nothing else.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -39,6 +37,7 @@ from torch import nn
 
 from . import __version__
 from .fileio import atomic_write_json
+from .thresholds import normalize
 from .runtime import FORMAT_VERSION, run_fingerprint, sidecar_path
 
 #: Formats :func:`export_model` writes.
@@ -83,11 +82,7 @@ class ExportGraph(nn.Module):
         else:
             x = images.float()
         maps, scores = self.pipeline(x)
-        spread = threshold - center
-        fallback = torch.clamp(threshold.abs(), min=1.0) * 1e-6  # thresholds.normalize's guard
-        spread = torch.where(spread > 0, spread, fallback)
-        normalized = torch.clamp(0.5 + 0.5 * (scores - threshold) / spread, 0.0, 1.0)
-        return maps, scores, normalized
+        return maps, scores, normalize(scores, threshold, center, xp=torch)
 
 
 # --------------------------------------------------------------------------- public API

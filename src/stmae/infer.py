@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +26,11 @@ import torch
 from .build import build_extractor, build_model
 from .checkpoint import load_run
 from .config import FIT_TIME_INFER, Config, ConfigError
-from .data import resize_image, to_tensor_batch
+from .data import to_tensor_batch
 from .device import resolve_device
 from .features import FeatureExtractor, FeatureStats
 from .model import STMAE, PatchMemory, ResidualStats
-from .pipeline import MapPipeline, gaussian_blur, image_scores
+from .pipeline import MapPipeline
 from .prediction import Prediction, Skipped
 from .scorer import Scorer
 from .thresholds import Calibration
@@ -158,58 +158,16 @@ class Detector(Scorer):
     def batch_size(self) -> int:
         return int(self.config.infer.batch_size)
 
-    # ------------------------------------------------------------------ the recipe
     @property
     def splits(self) -> torch.Tensor:
         """The K fixed test-time split pairs (K, 2, L/2)."""
         return self.pipeline.splits
 
-    def grid_maps(self, feats: torch.Tensor) -> torch.Tensor:
-        """Standardised features (N, C, G, G) -> the pixel maps on the grid (N, G, G).
-
-        The image score comes from the score map, which can differ (:meth:`grid_pair`).
-        """
-        with torch.no_grad():
-            return self.pipeline.grid_maps(feats.to(self.device))
-
-    def grid_pair(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised features (N, C, G, G) -> (pixel maps, score maps) on the grid
-        (:meth:`stmae.pipeline.MapPipeline.grid_pair`)."""
-        with torch.no_grad():
-            return self.pipeline.grid_pair(feats.to(self.device))
-
-    def residual_maps(self, feats: torch.Tensor) -> torch.Tensor:
-        """Standardised features (N, C, G, G) -> mean residual over the K split pairs (N, G, G)."""
-        with torch.no_grad():
-            return self.pipeline.residual(feats.to(self.device))
-
-    def postprocess(self, grid_maps: torch.Tensor, score_maps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Grid maps (N, G, G) -> (maps (N, S, S) at the input size, scores (N,)).
-
-        ``score_maps``: the score maps of :meth:`grid_pair`, where the scores come from them.
-        """
-        if score_maps is None:
-            return self.pipeline.postprocess(grid_maps)
-        return self.pipeline.postprocess_pair(grid_maps, score_maps)
-
-    def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw (unstandardised) cached features -> (maps (N, S, S), scores (N,)) on CPU."""
-        return self.pipeline.score_cached(feats)
-
-    def score_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (N, 3, S, S) in [0, 1], already resized -> (maps (N, S, S), scores (N,)) on CPU."""
-        with torch.inference_mode():
-            maps, scores = self.pipeline(images.to(self.device))
-        return maps.cpu(), scores.cpu()
-
-    def score_arrays(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 RGB arrays of any size -> maps at the model input size and scores (CPU)."""
-        return self.score_tensor(to_tensor_batch([resize_image(im, self.config.features.image_size) for im in images]))
-
     def score_uint8(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S, 3) -> (maps (N, S, S), scores (N,)) as numpy: the engine step of streaming."""
-        maps, scores = self.score_tensor(to_tensor_batch(list(batch)))
-        return maps.numpy(), scores.numpy()
+        with torch.inference_mode():
+            maps, scores = self.pipeline(to_tensor_batch(list(batch)).to(self.device))
+        return maps.cpu().numpy(), scores.cpu().numpy()
 
 
 def calibration_from_meta(meta: dict[str, Any]) -> Calibration | None:
@@ -230,7 +188,5 @@ __all__ = [
     "build_extractor",
     "build_model",
     "calibration_from_meta",
-    "gaussian_blur",
-    "image_scores",
     "load",
 ]

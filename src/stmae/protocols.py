@@ -123,7 +123,7 @@ def oneclass(
         if test_feats is None:  # identical test split for every normal class
             test_feats = _test_features(cfg, ds, quiet)
         fitted = fit(ds, out / safe_name(name) / "run", cfg, quiet=quiet)
-        _, scores = fitted.detector.score_features(test_feats)
+        _, scores = fitted.detector.pipeline.score_cached(test_feats)
         labels = np.array([s.label for s in ds.test])
         metrics = compute_metrics(labels, scores.numpy())
         row = {"class": name, **{k: metrics[k] for k in ("image_auroc", "image_ap", "image_f1max")}}

@@ -71,13 +71,21 @@ def threshold_from(values: Sequence[float] | np.ndarray, rule: str = "max") -> f
     return float(np.quantile(arr, q))
 
 
-def normalize(scores: Any, threshold: float, center: float) -> np.ndarray:
-    """Raw scores -> [0, 1] with ``threshold`` at 0.5 and ``center`` (median good score) at 0."""
-    s = np.asarray(scores, dtype=np.float64)
+def normalize(scores: Any, threshold: Any, center: Any, xp: Any = np) -> Any:
+    """Raw scores -> [0, 1] with ``threshold`` at 0.5 and ``center`` (median good score) at 0.
+
+    ``xp`` is the array module that evaluates the formula: numpy (float64) for every scorer,
+    torch inside the exported graph (:class:`stmae.export.ExportGraph`, where ``threshold``
+    and ``center`` are graph inputs), so one formula serves both.
+    """
+    if xp is np:
+        scores = np.asarray(scores, dtype=np.float64)
     spread = threshold - center
-    if not spread > 0:
-        spread = max(abs(threshold), 1.0) * 1e-6
-    return np.clip(0.5 + 0.5 * (s - threshold) / spread, 0.0, 1.0)
+    # A threshold at or below the centre (all good scores equal): a tiny spread, so scores
+    # above the threshold still read 1 and those below 0.
+    fallback = xp.clip(xp.abs(threshold), 1.0, None) * 1e-6
+    spread = xp.where(spread > 0, spread, fallback)
+    return xp.clip(0.5 + 0.5 * (scores - threshold) / spread, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
