@@ -38,8 +38,8 @@ def tracing() -> bool:
 
 @contextlib.contextmanager
 def tf32_products(enabled: bool) -> Iterator[None]:
-    """CUDA float32 matrix products in TF32 inside the block (tensor cores: about 3x faster
-    on an H200, research/results/gpu_stages.json); the previous setting is restored after.
+    """CUDA float32 matrix products in TF32 inside the block (tensor cores; docs/research.md,
+    "Figures behind the code"); the previous setting is restored after.
     The setting is process-wide while the block runs."""
     if not enabled:
         yield

@@ -93,8 +93,8 @@ def bank_held_out_images(
 ) -> PatchMemory:
     """Rebuild the memory bank over the training *and* the held-out good images, after calibration.
 
-    Why: the held-out images are good images like any other, and PatchCore (and the kNN
-    yardstick) banks every one it is given (docs/research.md, "Round 2, step 3"). The blend's
+    Why: the held-out images are good images like any other, and PatchCore banks every one
+    it is given (docs/research.md, "Round 2, step 3"). The blend's
     medians and quantile ranges, and the thresholds set from the held-out scores, stay those
     measured while the images were unseen: a good image scores at most as high against the
     larger bank, so the thresholds err towards fewer false alarms.

@@ -141,9 +141,8 @@ def blend(
 
     ``gate`` (the ``gated`` blend) clips ``residual'`` at 0: below its good images' 0.90
     quantile the residual adds nothing, so it no longer adds its noise to the many good
-    cells, only evidence where it is high. On Magnetic Tile's ``mt_val`` this (at share 0.8)
-    scored above the memory alone on all three metrics, which no plain share did
-    (research/results/blend_val_default.json).
+    cells, only evidence where it is high: on real defects this beat the memory alone where
+    no plain share did (docs/research.md, "Real-defect validation").
     """
     r_off, r_scale, d_off, d_scale = scales
     dist = (distance - d_off) / d_scale

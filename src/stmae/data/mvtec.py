@@ -1,4 +1,4 @@
-"""MVTec AD layout, also used by MPDD and by the shared ``magnetic_tile`` copy.
+"""MVTec AD layout, also used by MPDD and by any data set repacked to it.
 
 ::
 
@@ -41,7 +41,7 @@ def load_mvtec(
     skip_unreadable: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> AnomalyDataset:
-    """Load one MVTec AD-style category (MVTec AD, MPDD, magnetic_tile, ...).
+    """Load one MVTec AD-style category (MVTec AD, MPDD, ...).
 
     Args:
         category_dir: the category folder, e.g. ``.../mvtec_anomaly_detection/bottle``.

@@ -11,7 +11,7 @@ only on the patch itself and the training images). How the blend was chosen:
 docs/design.md and docs/research.md.
 
 The bank is PatchCore's greedy k-center coreset (Roth et al. 2022) of the standardised
-training patch features; the same code is the kNN yardstick's in ``benchmarks/``.
+training patch features.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def greedy_coreset(
     at most as far as the largest value outside the list (``bound``); while the best
     candidate is farther than that, it is the true farthest row, exactly as in the
     textbook loop. When it is not, a batch update runs and the list is rebuilt. Same
-    picks in exact arithmetic; on one CPU thread 5x faster at 20k rows, 8x at 100k and 19x
-    at 205k Magnetic Tile patches (``benchmarks/results/coreset_speed.json``). In float32
-    the order of near-equal picks can differ from the row-by-row loop.
+    picks in exact arithmetic, and the speed-up grows with the number of rows
+    (docs/research.md, "Figures behind the code"). In float32 the order of near-equal picks
+    can differ from the row-by-row loop.
     """
     m = features.shape[0]
     if count >= m:
@@ -199,8 +199,8 @@ def nearest_distances(
 ) -> torch.Tensor:
     """L2 distance of each query row (Q, C) to its nearest bank row (B, C) -> (Q,).
 
-    ``tf32``: on CUDA, the products in TF32 (:func:`tf32_products`); distances then move by
-    up to about 5e-3 (nearest distances are about 10 on Magnetic Tile), for a search 2x faster.
+    ``tf32``: on CUDA, the products in TF32 (:func:`tf32_products`): faster, with distances
+    off by a few parts in 1e4 of their size (docs/research.md, "Figures behind the code").
 
     Written as matrix products, ``|q|^2 - 2 q.b + |b|^2`` (``bank_sq`` = ``|b|^2`` when the
     caller keeps it), because that is fast on every device and exports to ONNX, where
@@ -252,8 +252,8 @@ SEARCH_MIN_BANK = 2048
 #: Upper bound on elements of the (queries x bank) bf16 product of one block (64 MB).
 SEARCH_BLOCK = 1 << 25
 #: Past these many (query, chunk) pairs or rows per query left to check, a block is searched
-#: in float32 instead: checking them would cost more than the bf16 pass saves. Magnetic Tile
-#: keeps about 4 pairs and 4 rows per query; tight clusters in many dimensions keep hundreds.
+#: in float32 instead: checking them would cost more than the bf16 pass saves. Typical
+#: texture banks keep a handful per query; tight clusters in many dimensions keep hundreds.
 SEARCH_MAX_CHUNKS = 16
 SEARCH_MAX_ROWS = 32
 #: Blocks in a row that fall back to float32 before a BankSearch stops trying bf16.
@@ -305,7 +305,7 @@ class BankSearch:
     - ``ub(q) = min over chunks of (min a + E)`` is an upper bound on the true minimum;
     - a row with ``a(q, b) > ub(q) + E(q, chunk)`` is farther than the nearest row, so the
       true nearest row is among the rows at or below that line (ties included);
-    - those rows (about 3 per query on Magnetic Tile) are measured exactly in float32 as
+    - those rows (a few per query on texture banks) are measured exactly in float32 as
       ``|q - b|^2``, which is also closer to the float64 truth than the expanded
       ``|q|^2 - 2 q.b + |b|^2`` of :func:`nearest_distances` (2e-6 against 5e-5 there).
 

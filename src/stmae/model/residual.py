@@ -11,9 +11,9 @@ Two families:
   good images, while others are predicted almost perfectly, so a small error there is
   already telling. Whitening the residual with its own normal-image covariance weighs every
   direction by how surprising an error of that size is. It is still a residual of the
-  leakage-free reconstruction; the statistics only rescale it. On the one-class validation
-  classes of ``research/ablation.py`` it was the best residual alone (docs/research.md,
-  "Choosing the defaults"), so the ``lowres`` preset keeps it.
+  leakage-free reconstruction; the statistics only rescale it. It was the best residual
+  alone on one-class data, so the ``lowres`` preset keeps it (docs/research.md, "Choosing
+  the defaults").
 """
 
 from __future__ import annotations
