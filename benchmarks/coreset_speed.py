@@ -85,7 +85,7 @@ def mvtec_rows(root: Path, train_limit: int | None, seed: int = 42) -> tuple[tor
     """The kNN yardstick's coreset input for an MVTec-layout category: standardised patch
     rows (images x grid positions, channels) of ``train_limit`` seeded training images,
     and the number of images."""
-    import baseline_knn  # benchmarks/ is on sys.path when this script runs
+    from stmae_research import knn as baseline_knn
 
     from stmae.data import load_mvtec
     from stmae.model.memory import patch_rows

@@ -15,7 +15,7 @@ d. ``demo``: the built-in texture set (:func:`stmae.data.synthetic.make_demo_dat
 
 ST-MAE uses the library calls (:func:`stmae.fit` + :func:`stmae.evaluate`;
 :func:`stmae.protocols.oneclass` for one-class). The baseline is
-``benchmarks/baseline_knn.py``'s :func:`knn_baseline` (PatchCore-style greedy-coreset memory
+``stmae_research.knn``'s :func:`knn_baseline` (PatchCore-style greedy-coreset memory
 bank on exactly ST-MAE's features and map recipe), run on the same samples with the ST-MAE
 run's configuration. One-class rows are means over the classes run; per-class figures are
 in the JSON and in the Markdown's per-class tables. Note that ST-MAE holds out
@@ -121,7 +121,7 @@ STMAE = "ST-MAE"
 STMAE_RESIDUAL = "ST-MAE, residual only"  # the same trained model scored with infer.memory = 0 (the paper's map)
 STMAE_MEMORY = "ST-MAE, memory only"  # the same trained model scored with infer.memory = 1 (the bank alone)
 #: Magnetic Tile's test split cut into two seeded halves stratified by defect type
-#: (stmae.protocols.real_defect_indices): settings are chosen on mt_val, figures reported on mt_test.
+#: (stmae_research.protocols.real_defect_indices): settings are chosen on mt_val, figures reported on mt_test.
 REAL_DEFECT_SEED = 0
 KNN = "kNN baseline"
 KNN_SEED = 42
@@ -166,7 +166,7 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
 
 HALVES_NOTE = (
     "The same Magnetic Tile rows on the two seeded halves of the test split "
-    "(`stmae.protocols.real_defect_indices`, stratified by defect type): the package's settings were "
+    "(`stmae_research.protocols.real_defect_indices`, stratified by defect type): the package's settings were "
     "chosen on `mt_val`; `mt_test` is held back for reporting."
 )
 
@@ -184,20 +184,11 @@ class PageMarkerError(ValueError):
 # Helpers
 # --------------------------------------------------------------------------------------
 
-_KNN_MODULE: ModuleType | None = None
-
-
 def knn_module() -> ModuleType:
-    """``benchmarks/baseline_knn.py`` (not a package: loaded from its file, once)."""
-    global _KNN_MODULE
-    if _KNN_MODULE is None:
-        spec = importlib.util.spec_from_file_location("baseline_knn", HERE / "baseline_knn.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
-        spec.loader.exec_module(module)
-        _KNN_MODULE = module
-    return _KNN_MODULE
+    """The kNN yardstick (:mod:`stmae_research.knn`)."""
+    from stmae_research import knn
+
+    return knn
 
 
 def parse_only(text: str) -> list[str]:
@@ -315,7 +306,8 @@ def _finished_fit(run_dir: Path, cfg: Any, n_images: int) -> Any:
     from stmae.checkpoint import META_FILE, CheckpointError
     from stmae.train import FitResult
 
-    from stmae.provenance import ProvenanceError, code_revision
+    from stmae.provenance import code_revision
+    from stmae_research.provenance import ProvenanceError
 
     if not (run_dir / META_FILE).is_file():
         return None
@@ -333,6 +325,16 @@ def _finished_fit(run_dir: Path, cfg: Any, n_images: int) -> Any:
     if detector.config.to_dict() != cfg.to_dict() or meta.get("n_train", 0) + meta.get("n_val", 0) != n_images:
         return None
     return FitResult(run_dir=run_dir, detector=detector, meta=meta, losses=list(meta.get("losses", [])))
+
+
+def _evaluate(det: Any, dataset: Any, ctx: Context, subsets: dict[str, list[int]] | None) -> tuple[Any, dict[str, Any]]:
+    """``stmae.evaluate`` and, from the same pass, the metrics of each subset of the test split."""
+    import stmae
+    from stmae_research.protocols import evaluate_with_subsets
+
+    if not subsets:
+        return stmae.evaluate(det, dataset, quiet=ctx.quiet), {}
+    return evaluate_with_subsets(det, dataset, subsets, quiet=ctx.quiet)
 
 
 def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir: Path, cfg: Any, preset: str,
@@ -358,7 +360,7 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
     else:
         fitted = stmae.fit(dataset, run_dir, cfg, quiet=ctx.quiet, resume=ctx.resume, **extra)
     t1 = time.perf_counter()
-    evaluation = stmae.evaluate(fitted.detector, dataset, quiet=ctx.quiet, subsets=subsets)
+    evaluation, evaluation_subsets = _evaluate(fitted.detector, dataset, ctx, subsets)
     eval_seconds = time.perf_counter() - t1
     meta = fitted.meta
     memory = meta.get("memory")
@@ -374,7 +376,7 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
         key, dataset_key, row_name, STMAE, evaluation.metrics, meta["fit_seconds"], ctx.device_label, st_settings,
         eval_seconds=round(eval_seconds, 1), total_seconds=round(time.perf_counter() - t0, 1),
         metrics=evaluation.metrics, per_type=evaluation.per_type, final_loss=meta.get("final_loss"),
-        config=fitted.detector.config.to_dict(), subsets=evaluation.subsets,
+        config=fitted.detector.config.to_dict(), subsets=evaluation_subsets,
     )
     ctx.log("    " + _row_line(st_row))
     rows = [st_row]
@@ -391,13 +393,13 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
                                     (1.0, STMAE_MEMORY, "1 (the nearest-good-patch distance alone)")):
             det.config.infer.memory = share
             t1 = time.perf_counter()
-            alone = stmae.evaluate(det, dataset, quiet=ctx.quiet, subsets=subsets)
+            alone, alone_subsets = _evaluate(det, dataset, ctx, subsets)
             fit_s = meta["fit_seconds"] - (memory.get("seconds") or 0.0) if share == 0.0 else meta["fit_seconds"]
             rows.append(_row(
                 key, dataset_key, row_name, method, alone.metrics, round(fit_s, 3), ctx.device_label,
                 f"the ST-MAE row's model scored with `infer.memory` {what}; test {len(dataset.test)}",
                 eval_seconds=round(time.perf_counter() - t1, 1), metrics=alone.metrics,
-                per_type=alone.per_type, subsets=alone.subsets,
+                per_type=alone.per_type, subsets=alone_subsets,
             ))
             ctx.log("    " + _row_line(rows[-1]))
         det.config.infer.memory = cfg.infer.memory
@@ -428,7 +430,7 @@ def run_magnetic_tile(settings: dict[str, Any], ctx: Context) -> dict[str, Any]:
     data = ctx.data_root / DATA_PATHS["magnetic_tile"]
     dataset = load_mvtec(data)
     cfg = _stmae_config(settings["preset"], settings["epochs"], ctx, settings["coreset"])
-    from stmae.protocols import real_defect_indices
+    from stmae_research.protocols import real_defect_indices
 
     halves = real_defect_indices(dataset.test, seed=REAL_DEFECT_SEED)
     rows: list[dict[str, Any]] = []
@@ -461,7 +463,7 @@ def run_magnetic_tile(settings: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "data": str(data),
         "protocol": {"train": protocol_notes, "test": f"full test split ({len(dataset.test)} images)",
                      "image_size": cfg.features.image_size,
-                     "halves": f"stmae.protocols.real_defect_indices(test, seed={REAL_DEFECT_SEED}): "
+                     "halves": f"stmae_research.protocols.real_defect_indices(test, seed={REAL_DEFECT_SEED}): "
                                f"mt_val {len(halves['mt_val'])} images (settings are chosen here), "
                                f"mt_test {len(halves['mt_test'])} (reported)"},
         "rows": rows,
@@ -471,6 +473,7 @@ def run_magnetic_tile(settings: dict[str, Any], ctx: Context) -> dict[str, Any]:
 def _oneclass(key: str, protocol: str, settings: dict[str, Any], ctx: Context) -> dict[str, Any]:
     from stmae.data import load_oneclass, oneclass_classes
     from stmae.protocols import oneclass
+    from stmae_research.protocols import each_term_alone
 
     data = ctx.data_root / DATA_PATHS[key]
     classes = oneclass_classes(protocol, data, ONECLASS_SEED)
@@ -487,7 +490,7 @@ def _oneclass(key: str, protocol: str, settings: dict[str, Any], ctx: Context) -
     summary = oneclass(
         protocol, data, ctx.work_dir / key, wanted, cfg,
         seed=ONECLASS_SEED, quiet=ctx.quiet, log=lambda line: ctx.log("    " + line),
-        alone=settings.get("residual_row", True), **limits,
+        columns=each_term_alone if settings.get("residual_row", True) else None, **limits,
     )
     st_rows = summary["rows"]
 
@@ -552,7 +555,7 @@ def _oneclass(key: str, protocol: str, settings: dict[str, Any], ctx: Context) -
 def _oneclass_alone_rows(key: str, row_name: str, st_rows: list[dict[str, Any]], ctx: Context,
                         n_test: int) -> list[dict[str, Any]]:
     """The ST-MAE rows' models scored by the residual alone and the memory alone
-    (``stmae.protocols.oneclass(..., alone=True)``), as rows of their own; none when the
+    (``stmae.protocols.oneclass(..., columns=stmae_research.protocols.each_term_alone)``), as rows of their own; none when the
     protocol did not score them (no memory in the config, or ``residual_row`` off)."""
     rows = []
     for term, method, what in (("residual", STMAE_RESIDUAL, "0 (the paper's residual map)"),
@@ -1261,9 +1264,9 @@ def entry_provenance(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_same_code(recorded: dict[str, Any] | None, results: dict[str, Any], what: str) -> None:
-    """Refuse (:class:`stmae.provenance.ProvenanceError`, a ValueError) a part made by other
+    """Refuse (:class:`stmae_research.provenance.ProvenanceError`, a ValueError) a part made by other
     code than this run: another commit, or either side with uncommitted changes."""
-    from stmae.provenance import require_same_code
+    from stmae_research.provenance import require_same_code
 
     def code_changes(prov: dict[str, Any]) -> bool:
         # Results files written by earlier calls in the same checkout are outputs, not code.
@@ -1408,6 +1411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stmae import provenance as prov_mod
     from stmae.checkpoint import CheckpointError
     from stmae.device import resolve_device
+    from stmae_research.provenance import ProvenanceError
 
     torch.set_num_threads(args.threads)
     try:
@@ -1482,7 +1486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 entry = RUNNERS[key](settings[key], ctx)
                 entry = {"status": "ok", "settings": settings[key], **entry}
-            except (prov_mod.ProvenanceError, CheckpointError) as exc:  # --resume met other code: stop
+            except (ProvenanceError, CheckpointError) as exc:  # --resume met other code: stop
                 print(f"error: [{key}] {exc}", file=sys.stderr)
                 return 2
             except Exception as exc:  # noqa: BLE001 - one broken dataset must not lose the others' hours

@@ -65,9 +65,8 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import baseline_knn as knn  # noqa: E402
+from stmae_research import knn  # noqa: E402
 
 from stmae import Detector, fit, provenance  # noqa: E402
 from stmae.config import preset as preset_config  # noqa: E402
@@ -181,10 +180,10 @@ CUDA_BATCH = 64
 def time_cuda(det: Detector, bf: Detector, images: list[np.ndarray], calls: int, device: torch.device) -> dict[str, Any]:
     """On a GPU: the pipeline alone on images already resized and resident on the device, at
     batch 1 (latency) and batch 64 (throughput), run eagerly and replayed from CUDA graphs
-    (:class:`stmae.cuda_graphs.GraphedPipeline`), with the default precision and with
+    (:class:`stmae_research.cuda_graphs.GraphedPipeline`), with the default precision and with
     ``infer.precision = bf16`` (backbone autocast, TF32 bank search); each graph's largest map
     difference from its eager run, and bf16's from fp32, relative to the threshold."""
-    from stmae.cuda_graphs import GraphedPipeline
+    from stmae_research.cuda_graphs import GraphedPipeline
 
     size = det.config.features.image_size
     batch = to_tensor_batch([resize_image(im, size) for im in images_of_list(images, CUDA_BATCH)]).to(device)

@@ -91,6 +91,7 @@ def runtime_rows(
     """
     import torch
 
+    from stmae_research import scoring
     import stmae
     from stmae.data import resize_image, to_tensor_batch
     from stmae.export import export_model
@@ -107,7 +108,7 @@ def runtime_rows(
             rows["torch"] = {"engine": "torch", "load_s": round(time.perf_counter() - t, 3), "export_s": None}
 
             def torch_score(batch: list[np.ndarray], det: Any = det) -> tuple[np.ndarray, np.ndarray]:
-                maps, scores = det.score_tensor(to_tensor_batch(batch))
+                maps, scores = scoring.score_tensor(det, to_tensor_batch(batch))
                 return maps.numpy(), scores.numpy()
 
             scorers["torch"] = torch_score

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import baseline_knn as knn  # noqa: E402
+from stmae_research import knn  # noqa: E402
 from speed import DEFAULT_DATA  # noqa: E402
 
 from stmae.data import load_mvtec  # noqa: E402

@@ -23,13 +23,13 @@ data the quality benchmark never scores:
 ``mt_real``
     The same training subset, validated on Magnetic Tile's *real* defects: ``mt_val``, the
     seeded half of the test split that every setting is chosen on
-    (:func:`stmae.protocols.split_real_defects`). ``mt_test``, the other half, is never read.
+    (:func:`stmae_research.protocols.split_real_defects`). ``mt_test``, the other half, is never read.
 
 Rows. A *training* variant (a set of config overrides, :data:`TRAIN_VARIANTS`) trains a
 model; every trained model is then scored with every *scoring* variant
 (:data:`SCORING_VARIANTS`: residual function, image score, K split pairs, per-position
 normalisation), which costs inference only. The kNN yardstick
-(``benchmarks/baseline_knn.py``, same features) is scored on the same validation images for
+(``stmae_research.knn``, same features) is scored on the same validation images for
 reference. All settings are reduced to fit a 2-core CPU (see ``PROTOCOLS``) and every row
 says so; they rank recipes, they are not the quality figures.
 
@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,18 +58,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from stmae_research import scoring as stage
 from stmae.config import Config
 from stmae.data import Sample, load_mvtec, load_oneclass, resize_image
 from stmae.features import FeatureStats, extract_features
 from stmae import provenance
 from stmae.fileio import atomic_write_json, atomic_write_text
-from stmae.provenance import ProvenanceError, require_same_code
+from stmae_research.provenance import ProvenanceError, require_same_code
 from stmae.infer import Detector, build_extractor, build_model
 from stmae.evaluate import mask_at
 from stmae.metrics import auroc
 from stmae.fitting import fit_memory, fit_residual_stats
 from stmae.model import PatchMemory
-from stmae.protocols import split_real_defects
+from stmae_research.protocols import split_real_defects
 from stmae.train import make_config, train_model
 
 HERE = Path(__file__).resolve().parent
@@ -114,7 +113,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "mt_extended": {**_MT, "defect": "one long thin faint crack"},
     # The same again with short faint cracks that start at an image edge (:func:`edge_crack_defect`).
     "mt_edge": {**_MT, "defect": "one thin faint crack from an image edge"},
-    # Real defects: the mt_val half of the test split (stmae.protocols.split_real_defects,
+    # Real defects: the mt_val half of the test split (stmae_research.protocols.split_real_defects,
     # seed 0), the half every setting is chosen on; its other half (mt_test) is never read.
     "mt_real": {**_MT, "defect": "the real defects of mt_val"},
 }
@@ -407,12 +406,10 @@ class Task:
 
 
 def _knn_module() -> Any:
-    spec = importlib.util.spec_from_file_location("baseline_knn", REPO / "benchmarks" / "baseline_knn.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The kNN yardstick (:mod:`stmae_research.knn`)."""
+    from stmae_research import knn
+
+    return knn
 
 
 class FeatureCache:
@@ -492,11 +489,11 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
             if (residual, pairs) not in memories:
                 memories[(residual, pairs)] = fit_memory(det.pipeline, train_feats, train_feats, seed=det.config.train.seed)
             det.memory = memories[(residual, pairs)]
-        grid_val = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(val_feats, 64)])
+        grid_val = torch.cat([stage.grid_maps(det, det.stats.apply(c)) for c in torch.split(val_feats, 64)])
         if posnorm:
-            grid_train = torch.cat([det.grid_maps(det.stats.apply(c)) for c in torch.split(train_feats, 64)])
+            grid_train = torch.cat([stage.grid_maps(det, det.stats.apply(c)) for c in torch.split(train_feats, 64)])
             grid_val = (grid_val - grid_train.mean(0)) / grid_train.std(0).clamp_min(1e-6)
-        maps, scores = det.postprocess(grid_val)
+        maps, scores = stage.postprocess(det, grid_val)
         out[name] = validation_row(labels, types, masks, maps, scores)
     det.config.infer = base_infer
     det.memory = None
@@ -710,7 +707,7 @@ def probe_main(argv: Sequence[str] | None, doc: str, variants: Sequence[str], de
 def mergeable_variants(path: Path, setup: dict[str, Any], current: dict[str, Any] | None = None) -> dict[str, Any]:
     """The rows already in ``path``, if they were run on the same validation setup by the
     same code (``current``: this call's provenance; every kept row must have the same commit
-    and a clean tree, :func:`stmae.provenance.same_code`).
+    and a clean tree, :func:`stmae_research.provenance.same_code`).
 
     Why refuse rather than merge: rows scored on other validation images (``--val``), another
     base schedule (``--epochs``) or another training size are not comparable, and one table
@@ -754,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         setup["val"] = len(tasks[0][1].test)
         description = (f"Magnetic Tile: train on the 200-image protocol's subset (seed 42); validate on mt_val, "
                        f"the real-defect half of the test split ({setup['val']} images, "
-                       "stmae.protocols.split_real_defects, seed 0; mt_test is not read). "
+                       "stmae_research.protocols.split_real_defects, seed 0; mt_test is not read). "
                        f"Base: `{spec['preset']}` preset, {base.train.epochs} epochs, CPU 1 thread (reduced).")
     elif args.protocol in PAINTERS:
         tasks = mt_task(base.features.image_size, args.val, PAINTERS[args.protocol])

@@ -10,7 +10,7 @@ the true d known in advance, which no search has), for k-means clusterings of se
 If that share is near 1, cluster pruning cannot make the exact search cheaper here.
 
 Data: the default preset's bank (the kNN yardstick's coreset of 200 good training images,
-``benchmarks/baseline_knn.py``, the same features and ratio) and every patch of 32 test
+``stmae_research.knn``, the same features and ratio) and every patch of 32 test
 images spread evenly over the test split (good images and every defect type). Distances in
 float64.
 
@@ -31,9 +31,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import baseline_knn as knn  # noqa: E402
+from stmae_research import knn  # noqa: E402
 
 from stmae import provenance  # noqa: E402
 from stmae.config import preset  # noqa: E402

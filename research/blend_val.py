@@ -3,7 +3,7 @@
 Why: painted validation defects rated the median-calibrated blend above the memory alone;
 Magnetic Tile's real defects say the opposite (issue "Detection quality, round 2"). This
 script splits the Magnetic Tile test set into two seeded halves, stratified by defect type
-with the good images included (:func:`stmae.protocols.split_real_defects`), trains ONE model,
+with the good images included (:func:`stmae_research.protocols.split_real_defects`), trains ONE model,
 and scores it many ways from the same grid maps:
 
 - ``memory``: the distance to the nearest good patch alone (what a kNN would give);
@@ -38,9 +38,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import baseline_knn as knn  # noqa: E402
+from stmae_research import knn  # noqa: E402
 
 import stmae  # noqa: E402
 from stmae import provenance  # noqa: E402
@@ -51,7 +50,7 @@ from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
 from stmae.model.memory import BLEND_QUANTILES  # noqa: E402
 from stmae.pipeline import MapPipeline, blend, blend_scales, postprocess  # noqa: E402
-from stmae.protocols import split_real_defects  # noqa: E402
+from stmae_research.protocols import split_real_defects  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 MT_SUBSAMPLE_SEED = 42  # the 200-image protocol's training subset (benchmarks/quality.py)

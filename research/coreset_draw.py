@@ -27,9 +27,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import baseline_knn as knn  # noqa: E402
+from stmae_research import knn  # noqa: E402
 from blend_val import AUPRO_THRESHOLDS, DEFAULT_DATA, MT_SUBSAMPLE_SEED  # noqa: E402  (one protocol)
 
 import stmae  # noqa: E402
@@ -41,7 +40,7 @@ from stmae.features import FeatureStats, extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
 from stmae.model.memory import PatchMemory  # noqa: E402
 from stmae.pipeline import MapPipeline, postprocess  # noqa: E402
-from stmae.protocols import split_real_defects  # noqa: E402
+from stmae_research.protocols import split_real_defects  # noqa: E402
 
 
 

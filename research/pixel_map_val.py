@@ -39,9 +39,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import baseline_knn as knn  # noqa: E402
+from stmae_research import knn  # noqa: E402
 from blend_val import AUPRO_THRESHOLDS, DEFAULT_DATA, MT_SUBSAMPLE_SEED  # noqa: E402  (one protocol)
 
 import stmae  # noqa: E402
@@ -54,7 +53,7 @@ from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
 from stmae.model.memory import _quantile_range  # noqa: E402
 from stmae.pipeline import MapPipeline, blend, blend_scales, postprocess  # noqa: E402
-from stmae.protocols import split_real_defects  # noqa: E402
+from stmae_research.protocols import split_real_defects  # noqa: E402
 
 KINDS = ("mse_cos", "mse", "cos")
 BLENDS = ("quantile", "gated")

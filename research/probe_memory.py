@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from stmae_research import scoring
 from stmae.features import FeatureStats
 from stmae import provenance
 from stmae.fileio import atomic_write_json, atomic_write_text
@@ -59,7 +60,6 @@ from stmae.infer import Detector, build_model
 from stmae.train import make_config, train_model
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the MT tasks, feature cache and kNN come from ablation.py
 import ablation as ab  # noqa: E402
 
 PROTOCOLS = ("mt_edge", "mt", "mt_extended")
@@ -119,10 +119,10 @@ def score_protocol(det: Detector, bank: torch.Tensor, val: torch.Tensor, labels:
     rows: dict[str, dict[str, Any]] = {}
 
     def add(name: str, grid: torch.Tensor) -> None:
-        maps, scores = det.postprocess(grid)
+        maps, scores = scoring.postprocess(det, grid)
         rows[name] = ab.validation_row(labels, None, masks, maps, scores)
 
-    resid = torch.cat([det.grid_maps(c).cpu() for c in torch.split(x, 64)])
+    resid = torch.cat([scoring.grid_maps(det, c).cpu() for c in torch.split(x, 64)])
     add("residual", resid)
     nearest, guided = guided_distances(knn.patch_rows(x), knn.patch_rows(mean_reconstruction(det, x)), bank, GUIDED_K)
     knn_map = nearest.view(n, g, g)
@@ -213,7 +213,7 @@ def package_variant(cfg0: Any, train_samples: Sequence[Any], tasks: dict[str, An
         rows = {}
         for column, share in (("package_memory", PACKAGE_MEMORY), ("package_residual", 0.0)):
             det.config.infer.memory = share
-            rows[column] = ab.validation_row(labels, None, tasks[proto].masks, *det.score_features(feats))
+            rows[column] = ab.validation_row(labels, None, tasks[proto].masks, *scoring.score_features(det, feats))
         det.config.infer.memory = PACKAGE_MEMORY
         scores[proto] = rows
     log("package: " + ", ".join(f"{p} memory {r['package_memory']['image_auroc']:.3f} residual "

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stmae_research import scoring
 from stmae.data import Sample, resize_image
 from stmae.features import FeatureStats, extract_features
 from stmae import provenance
@@ -53,7 +54,6 @@ from stmae.model.stmae import _expand
 from stmae.train import make_config, train_model
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the mt_edge task, feature cache and kNN come from ablation.py
 import ablation as ab  # noqa: E402
 
 
@@ -143,7 +143,7 @@ def score_model(det: Detector, val: torch.Tensor, labels: np.ndarray, masks: np.
     rows: dict[str, dict[str, Any]] = {}
 
     def add(name: str, grid: torch.Tensor) -> None:
-        maps, scores = det.postprocess(grid)
+        maps, scores = scoring.postprocess(det, grid)
         rows[name] = ab.validation_row(labels, None, masks, maps, scores)
 
     for parts in (2, 4):

@@ -60,9 +60,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import baseline_knn as knn  # noqa: E402
+from stmae_research import knn  # noqa: E402
 
 import stmae  # noqa: E402
 import stmae.train as stmae_train  # noqa: E402
@@ -77,7 +76,7 @@ from stmae.model import STMAE, feature_residual  # noqa: E402
 from stmae.model.stmae import _expand  # noqa: E402
 from stmae.model.memory import BLEND_QUANTILES, greedy_coreset, nearest_distances, patch_rows  # noqa: E402
 from stmae.pipeline import blend, postprocess  # noqa: E402
-from stmae.protocols import split_real_defects  # noqa: E402
+from stmae_research.protocols import split_real_defects  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 MT_SUBSAMPLE_SEED = 42  # the 200-image protocol's training subset (benchmarks/quality.py)
@@ -297,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "script": "research/residual_val.py",
         "protocol": {
             "train": "200 Magnetic Tile train/good images (seeded subsample, seed 42); 20 held out by fit for calibration",
-            "mt_val": f"{len(parts['mt_val'])} test images (stmae.protocols.split_real_defects, seed 0)",
+            "mt_val": f"{len(parts['mt_val'])} test images (stmae_research.protocols.split_real_defects, seed 0)",
             "mt_test": f"{len(parts['mt_test'])} test images (the other half)",
             "models": f"{args.epochs} epochs each, K = 1; 'fast' preset unless the row says otherwise",
             "blend": f"quantile blend (ranges from held-out good images), memory share {SHARE} unless stated",

@@ -50,48 +50,23 @@ def test_oneclass_folder_protocol_rows_per_class(tmp_path):
     assert [r["class"] for r in one["rows"]] == ["mid"]
 
 
-def test_oneclass_scores_each_term_alone_where_the_config_blends(tmp_path):
-    """``alone=True``: each class's model is also scored by the residual alone and the memory
-    alone; both detect the grossly different classes, and the blend's own AUROC is unchanged
-    by scoring them (the detector's share is restored)."""
-    rng = np.random.default_rng(1)
-    for cls, level in {"dark": 40, "light": 215}.items():
-        for i in range(10):
-            write_png(tmp_path / "classes" / cls / f"{i}.png", np.clip(rng.normal(level, 8, (32, 32)), 0, 255).astype(np.uint8))
-    cfg = tiny_config(**{"infer.memory": 0.5})
-    plain = oneclass("folder", tmp_path / "classes", tmp_path / "plain", "all", cfg, quiet=True, log=lambda s: None)
-    both = oneclass("folder", tmp_path / "classes", tmp_path / "both", "all", cfg, quiet=True, log=lambda s: None, alone=True)
-    for p_row, row in zip(plain["rows"], both["rows"]):
-        assert "image_auroc_residual_alone" not in p_row
-        assert row["image_auroc"] == pytest.approx(p_row["image_auroc"], abs=1e-12)  # same seeded fit
-        assert row["image_auroc_residual_alone"] >= 0.95 and row["image_auroc_memory_alone"] >= 0.95, row
-    assert both["mean"]["image_auroc_memory_alone"] == pytest.approx(
-        np.mean([r["image_auroc_memory_alone"] for r in both["rows"]]))
-    # nothing to separate where the config does not blend
-    residual_only = oneclass("folder", tmp_path / "classes", tmp_path / "r", "dark", tiny_config(**{"infer.memory": 0.0}),
-                             quiet=True, log=lambda s: None, alone=True)
-    assert "image_auroc_memory_alone" not in residual_only["rows"][0]
-
-
 def test_markdown_table():
     md = markdown_table([{"a": "x", "b": 0.12345, "c": None}], ["a", "b", "c"])
     assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | 0.123 | n/a |"]
 
 
-def test_evaluate_subsets_equal_evaluating_each_subset_alone(tiny_mvtec, tmp_path):
-    """``evaluate(..., subsets=...)`` gives each half the metrics a separate evaluation of that half gives."""
-    import dataclasses
-
+def test_evaluate_hands_each_scored_image_to_on_image(tiny_mvtec, tmp_path):
+    """``on_image`` sees every scored image once, in test order, with the score the records
+    hold and a map of the input size; its mask is the image's own."""
     import stmae
     from stmae.data import load_mvtec
-    from stmae.protocols import real_defect_indices
 
     det = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(), quiet=True).detector
     ds = load_mvtec(tiny_mvtec)
-    halves = real_defect_indices(ds.test, seed=0)
-    assert sorted(halves["mt_val"] + halves["mt_test"]) == list(range(len(ds.test)))
-    both = stmae.evaluate(det, ds, quiet=True, subsets=halves)
-    for name, idx in halves.items():
-        alone = stmae.evaluate(det, dataclasses.replace(ds, test=[ds.test[i] for i in idx]), quiet=True)
-        for key in ("image_auroc", "pixel_auroc", "aupro", "n_images", "n_good"):
-            assert both.subsets[name][key] == pytest.approx(alone.metrics[key], abs=1e-9), (name, key)
+    seen = []
+    ev = stmae.evaluate(det, ds, quiet=True, on_image=lambda i, score, amap, mask: seen.append((i, score, amap, mask)))
+    assert [i for i, *_ in seen] == list(range(len(ds.test)))
+    assert [score for _, score, _, _ in seen] == [r["score"] for r in ev.records]
+    size = det.config.features.image_size
+    assert all(amap.shape == (size, size) and mask.shape == (size, size) for _, _, amap, mask in seen)
+    assert all(bool(mask.any()) == (ds.test[i].label == 1) for i, _, _, mask in seen)

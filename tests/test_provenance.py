@@ -1,4 +1,4 @@
-"""stmae.provenance: what a results file records, and when two parts count as the same code."""
+"""stmae.provenance: what a results file records."""
 
 from __future__ import annotations
 
@@ -39,37 +39,6 @@ def test_command_line_is_what_a_user_types_again():
     assert provenance.command_line(["benchmarks/quality.py", "--quick", "--out", "a b.json"]) == (
         "python benchmarks/quality.py --quick --out 'a b.json'")
     assert provenance.command_line(["/usr/bin/stmae", "fit", "x"]) == "stmae fit x"
-
-
-def test_same_code_needs_one_commit_and_clean_trees():
-    a = {"commit": "c1", "dirty": False, "code_revision": "r1"}
-    assert provenance.same_code(a, dict(a))
-    assert not provenance.same_code(a, {**a, "commit": "c2"})
-    assert not provenance.same_code(a, {**a, "dirty": True})
-    assert not provenance.same_code(None, a) and not provenance.same_code(a, {})
-    # without git the package's code revisions decide
-    assert provenance.same_code({"commit": None, "code_revision": "r1"}, {"commit": None, "code_revision": "r1"})
-    assert not provenance.same_code({"commit": None, "code_revision": "r1"}, {"commit": None, "code_revision": "r2"})
-
-
-def test_require_same_code_says_which_code_made_each_side():
-    here = {"commit": "b" * 40, "dirty": False}
-    provenance.require_same_code(dict(here), here, "x")  # same: no error
-    with pytest.raises(provenance.ProvenanceError, match=r"^f\.json: part 'a' was made at commit aaaaaaaaaa; "
-                                                         r"this run is at commit bbbbbbbbbb\. .*commit your changes"):
-        provenance.require_same_code({"commit": "a" * 40}, here, "f.json: part 'a'")
-    with pytest.raises(provenance.ProvenanceError, match="records no provenance"):
-        provenance.require_same_code(None, here, "f.json: part 'a'")
-    with pytest.raises(provenance.ProvenanceError, match=r"this run has uncommitted changes \(src/stmae/x.py\)"):
-        provenance.require_same_code(dict(here), {**here, "dirty": True, "modified": ["src/stmae/x.py"]}, "p")
-    assert issubclass(provenance.ProvenanceError, ValueError)
-
-
-def test_describe_is_one_line():
-    prov = {"command": "python q.py", "commit": "0123456789abcdef", "dirty": True, "created": "2026-11-30T01:02:03",
-            "device": {"cpu": "Some CPU", "torch_threads": 2}, "versions": {"stmae": "0.1.0"}, "seconds": 61.4}
-    assert provenance.describe(prov) == (
-        "`python q.py` at commit 0123456789 (dirty), 2026-11-30, on Some CPU, 2 thread(s); stmae 0.1.0; 61 s")
 
 
 def test_commit_comes_from_the_environment_when_given(tmp_path, monkeypatch):

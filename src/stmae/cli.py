@@ -373,9 +373,6 @@ def oneclass(
     epochs: Optional[int] = EPOCHS,
     device: Optional[str] = DEVICE,
     seed: int = typer.Option(0, help="Seed for subsets and splits."),
-    alone: bool = typer.Option(
-        False, "--alone", help="Also score each class by the residual alone and the memory alone (extra columns)."
-    ),
     set_: List[str] = SETS,
     quiet: bool = QUIET,
 ) -> None:
@@ -384,7 +381,7 @@ def oneclass(
 
     summary = run(
         protocol, data, out, normal_class, _base(config, preset), train_limit=train_limit, test_limit=test_limit,
-        seed=seed, quiet=quiet, log=typer.echo, alone=alone, **_overrides(epochs, device, set_),
+        seed=seed, quiet=quiet, log=typer.echo, **_overrides(epochs, device, set_),
     )
     typer.echo((out / "summary.md").read_text())
     typer.echo(f"wrote {out / 'summary.md'} and {out / 'summary.json'} ({len(summary['rows'])} classes)")

@@ -10,7 +10,7 @@ set are never all held in memory; only the maps of the images picked for the rep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -20,6 +20,10 @@ from .data.io import UnreadableImageError
 from .features import batched
 from .infer import Detector
 from .metrics import PixelMetricAccumulator, auroc, average_precision, compute_metrics
+
+
+#: ``on_image(index into dataset.test, score, anomaly map (S, S), mask (S, S) or None)``.
+ImageHook = Callable[[int, float, np.ndarray, "np.ndarray | None"], None]
 
 
 @dataclass
@@ -34,8 +38,6 @@ class Evaluation:
         for the images chosen for the report.
     skipped: ``(file, reason)`` for every test image left out because it or its mask could
         not be read (only with ``skip_unreadable``); metrics cover the other images.
-    subsets: subset name -> the same metrics over that subset of the test split (see
-        :func:`evaluate`'s ``subsets``), from the same maps and scores.
     """
 
     metrics: dict[str, Any]
@@ -44,7 +46,6 @@ class Evaluation:
     threshold: float | None
     examples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    subsets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def pick_examples(samples: Sequence[Sample], per_type: int) -> set[int]:
@@ -64,13 +65,14 @@ def evaluate(
     examples_per_type: int = 0,
     quiet: bool = False,
     skip_unreadable: bool = False,
-    subsets: Mapping[str, Sequence[int]] | None = None,
+    on_image: ImageHook | None = None,
 ) -> Evaluation:
     """Score ``dataset.test`` with ``detector`` and compute all metrics.
 
-    ``subsets`` (name -> indices into ``dataset.test``) adds the metrics of each subset from
-    the same pass, e.g. the two halves of :func:`stmae.protocols.split_real_defects`, so a
-    benchmark reports the whole split and its halves without scoring twice.
+    ``on_image(index, score, anomaly_map, mask)`` is called for every scored test image
+    (``index`` into ``dataset.test``; ``mask`` None without masks), from the same pass: a
+    caller that needs more than these metrics (maps saved elsewhere, metrics of parts of the
+    split) gets them without scoring twice. The maps are not kept here.
 
     With ``skip_unreadable``, a test image whose file or mask cannot be read (a
     :class:`~stmae.data.DataError`: empty, truncated, not an image, over the pixel limit,
@@ -85,11 +87,8 @@ def evaluate(
         raise ValueError(f"{dataset.root or dataset.name}: the test split is empty; nothing to evaluate")
     size = detector.config.features.image_size
     pixel = PixelMetricAccumulator() if dataset.has_masks else None
-    members = {name: set(int(i) for i in idx) for name, idx in (subsets or {}).items()}
-    parts = {name: PixelMetricAccumulator() for name in members} if pixel is not None else {}
     keep = pick_examples(samples, examples_per_type)
     scored: list[Sample] = []
-    scored_index: list[int] = []  # index into dataset.test of each scored image
     scores: list[float] = []
     skipped: list[tuple[str, str]] = []
     examples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
@@ -114,13 +113,11 @@ def evaluate(
                     amap = maps[j]
                     if pixel is not None:
                         pixel.update(mask, amap)
-                    for name, acc in parts.items():
-                        if i in members[name]:
-                            acc.update(mask, amap)
+                    if on_image is not None:
+                        on_image(i, float(batch_scores[j]), amap, mask)
                     if i in keep:
                         examples[len(scored)] = (resized[j], amap, mask)
                     scored.append(samples[i])
-                    scored_index.append(i)
                     scores.append(float(batch_scores[j]))
             bar.update(len(chunk))
     if not scored:
@@ -148,17 +145,7 @@ def evaluate(
         for i, s in enumerate(scored)
     ]
     per_type = per_type_breakdown(scored, score_array, threshold)
-    subset_metrics = {}
-    for name, member in members.items():
-        sel = np.array([i in member for i in scored_index], dtype=bool)
-        if not sel.any():
-            raise ValueError(f"subset {name!r}: none of its images was scored")
-        m = compute_metrics(labels[sel], score_array[sel])
-        if name in parts:
-            m.update(parts[name].result())
-        m.update(n_images=int(sel.sum()), n_anomalous=int(labels[sel].sum()), n_good=int((labels[sel] == 0).sum()))
-        subset_metrics[name] = m
-    return Evaluation(metrics, per_type, records, threshold, examples, skipped, subset_metrics)
+    return Evaluation(metrics, per_type, records, threshold, examples, skipped)
 
 
 def _skip_entry(sample: Sample, exc: DataError) -> tuple[str, str]:

@@ -20,8 +20,6 @@ Why it is fast:
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
 import math
 from typing import TYPE_CHECKING
@@ -76,7 +74,7 @@ def _post_operator(grid: int, image_size: int, sigma: float) -> torch.Tensor:
 @functools.lru_cache(maxsize=32)
 def _post_operator_on(grid: int, image_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """:func:`_post_operator` kept on ``device``: on a GPU no host-to-device copy per call,
-    which a CUDA graph could not capture (:mod:`stmae.cuda_graphs`)."""
+    which a CUDA graph could not capture (research code: stmae_research.cuda_graphs)."""
     return _post_operator(grid, image_size, sigma).to(device, dtype)
 
 
@@ -222,13 +220,6 @@ class MapPipeline(nn.Module):
     ) -> "MapPipeline":
         """The pipeline ``config`` describes (kept for callers of the earlier constructor)."""
         return cls(extractor, model, stats, config, memory, residual_stats)
-
-    @classmethod
-    def knn(cls, extractor: FeatureExtractor, stats: FeatureStats, bank: torch.Tensor, config: "Config") -> "MapPipeline":
-        """The kNN yardstick: the same recipe scored by the distance to ``bank`` alone (no transformer)."""
-        cfg = copy.deepcopy(config)
-        cfg.infer = dataclasses.replace(cfg.infer, memory=1.0, blend="median")  # raw distances: scale 1
-        return cls(extractor, None, stats, cfg, PatchMemory(bank, 1.0, 1.0))
 
     # ------------------------------------------------------------------ settings
     @property

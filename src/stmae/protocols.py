@@ -1,7 +1,6 @@
 """Benchmark protocols: many fits and tests in one call, one table out.
 
-- :func:`benchmark`: every category of an MVTec-style root (MVTec AD, MPDD, the Magnetic
-  Tile copy, ...): fit on ``train/good``, test on ``test/``, one row per category + mean.
+- :func:`benchmark`: every category of an MVTec-style root (MVTec AD, MPDD, ...): fit on ``train/good``, test on ``test/``, one row per category + mean.
 - :func:`oneclass`: semantic one-class detection (Fashion-MNIST, MNIST, CIFAR-10,
   class-per-folder): train on one class, test on the whole test split, one row per class
   + mean. The test split is the same for every normal class, so its features are
@@ -25,13 +24,15 @@ from .config import Config
 from .data import AnomalyDataset, DataError, load_mvtec, load_oneclass, oneclass_classes
 from .device import resolve_device
 from .evaluate import evaluate
-from .infer import Detector
 from .features import extract_features
 from .fileio import atomic_write_json, atomic_write_text, safe_name
 from .build import build_extractor
 from .metrics import compute_metrics
 from .report import markdown_table, write_evaluation
-from .train import fit, make_config
+from .train import FitResult, fit, make_config
+
+#: ``columns(fitted, test_features, labels) -> {column: value}``: extra columns of a one-class row.
+ClassColumns = Callable[[FitResult, torch.Tensor, np.ndarray], dict[str, Any]]
 
 LOWRES_PROTOCOLS = ("fashion-mnist", "mnist", "cifar10")
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap")
@@ -95,7 +96,7 @@ def oneclass(
     seed: int = 0,
     quiet: bool = False,
     log: Callable[[str], None] = print,
-    alone: bool = False,
+    columns: ClassColumns | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """One-class protocol: one row per normal class (image metrics) and a mean row.
@@ -103,10 +104,8 @@ def oneclass(
     ``normal_class``: "all", an index or name, or a comma-separated list of them.
     ``config``: None picks the ``lowres`` preset for the 28-32 px sources (Fashion-MNIST,
     MNIST, CIFAR-10) and the defaults for the ``folder`` protocol.
-    ``alone``: where the config blends the residual with the memory, also score each class's
-    model by each term alone (``infer.memory`` 0 and 1; no second training), as
-    ``image_auroc_residual_alone`` and ``image_auroc_memory_alone``: what the blend adds on
-    this data, and which setting to pick for it.
+    ``columns(fitted, test_features, labels)``: more columns for each class's row, from its
+    fitted model and the shared test split's raw features and labels (no second extraction).
     """
     if config is None and protocol in LOWRES_PROTOCOLS:
         config = "lowres"
@@ -127,8 +126,8 @@ def oneclass(
         labels = np.array([s.label for s in ds.test])
         metrics = compute_metrics(labels, scores.numpy())
         row = {"class": name, **{k: metrics[k] for k in ("image_auroc", "image_ap", "image_f1max")}}
-        if alone and 0.0 < cfg.infer.memory < 1.0:
-            row.update(_scored_alone(fitted.detector, test_feats, labels))
+        if columns is not None:
+            row.update(columns(fitted, test_feats, labels))
         row.update(
             n_train=fitted.meta["n_train"],
             n_test=len(labels),
@@ -149,35 +148,6 @@ def oneclass(
     return _write_summary(out, rows, "class", extra)
 
 
-def real_defect_indices(samples: Sequence[Any], seed: int = 0) -> dict[str, list[int]]:
-    """Indices of the two halves of :func:`split_real_defects` (``mt_val``, ``mt_test``), in input order."""
-    rng = np.random.default_rng(seed)
-    by_type: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_type.setdefault(s.defect_type, []).append(i)
-    val: set[int] = set()
-    for t in sorted(by_type):
-        idx = by_type[t]
-        order = rng.permutation(len(idx))
-        val.update(idx[j] for j in order[: (len(idx) + 1) // 2])
-    return {
-        "mt_val": [i for i in range(len(samples)) if i in val],
-        "mt_test": [i for i in range(len(samples)) if i not in val],
-    }
-
-
-def split_real_defects(samples: Sequence[Any], seed: int = 0) -> dict[str, list[Any]]:
-    """A labelled test split cut into two seeded halves, ``mt_val`` and ``mt_test``.
-
-    Why: settings chosen on painted defects did not hold on real ones; choosing them on real
-    defects needs real defects the final figures never see. Each defect type (``good``
-    included) is shuffled with ``seed`` and its first ceil(n / 2) images go to ``mt_val``,
-    so both halves hold every type in the same proportions. Order within a half follows the
-    input order.
-    """
-    return {name: [samples[i] for i in idx] for name, idx in real_defect_indices(samples, seed).items()}
-
-
 def _test_features(cfg: Config, dataset: AnomalyDataset, quiet: bool) -> torch.Tensor:
     """Features of the (shared) test split, extracted once."""
     device = resolve_device(cfg.train.device)
@@ -185,20 +155,6 @@ def _test_features(cfg: Config, dataset: AnomalyDataset, quiet: bool) -> torch.T
     return extract_features(
         extractor, dataset.test, cfg.features.image_size, batch_size=64, device=device, desc="test features", quiet=quiet
     )
-
-
-def _scored_alone(detector: "Detector", test_feats: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
-    """Image AUROC of ``detector`` scored by the residual alone and by the memory alone."""
-    share = detector.config.infer.memory
-    out = {}
-    try:
-        for alone_share, term in ((0.0, "residual"), (1.0, "memory")):
-            detector.config.infer.memory = alone_share  # the detector rebuilds its pipeline from it
-            _, scores = detector.score_features(test_feats)
-            out[f"image_auroc_{term}_alone"] = compute_metrics(labels, scores.numpy())["image_auroc"]
-    finally:
-        detector.config.infer.memory = share
-    return out
 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]], key: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +185,4 @@ def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("__", "."): v for k, v in overrides.items()}
 
 
-
-
-__all__ = ["benchmark", "oneclass", "categories_of", "real_defect_indices", "split_real_defects"]
+__all__ = ["ClassColumns", "benchmark", "oneclass", "categories_of"]

@@ -3,7 +3,7 @@
 Why: a figure is only worth quoting if one command at one commit reproduces it. Every
 results file the project writes (benchmarks, research scripts, run folders) embeds
 :func:`collect`'s dict, so a reader can tell which code, machine and library versions made
-it, and ``--merge``/``--resume`` can refuse parts made by other code (:func:`same_code`).
+it (the benchmark scripts also refuse to merge parts made by other code).
 
 :func:`code_revision` identifies the *code* without git: a digest of the package's own
 source files. It is what resumable fits fingerprint, so a state saved by other code is
@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -149,63 +149,6 @@ def collect(
     return prov
 
 
-def same_code(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
-    """True when two provenance blocks come from the same code: same commit, neither dirty.
-
-    Without a commit (no git), the package's code revisions must match.
-    """
-    if not a or not b:
-        return False
-    if a.get("dirty") or b.get("dirty"):
-        return False
-    if a.get("commit") and b.get("commit"):
-        return a["commit"] == b["commit"]
-    return bool(a.get("code_revision")) and a.get("code_revision") == b.get("code_revision")
-
-
-class ProvenanceError(ValueError):
-    """A part of a results file (or a saved state) was made by other code than this run."""
-
-
-def _code_of(prov: Mapping[str, Any]) -> str:
-    commit = prov.get("commit")
-    where = f"commit {commit[:10]}" if commit else f"code revision {prov.get('code_revision', '?')} (no git)"
-    return where + (" with uncommitted changes" if prov.get("dirty") else "")
-
-
-def require_same_code(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], what: str) -> None:
-    """Raise :class:`ProvenanceError` unless ``recorded`` and ``current`` pass :func:`same_code`.
-
-    ``what`` names the part (``"benchmarks/results/quality.json: dataset a"``); the message
-    says which code made each side and what to do.
-    """
-    if same_code(recorded, current):
-        return
-    if not recorded:
-        made = "records no provenance (written before results recorded their commit)"
-    else:
-        made = f"was made at {_code_of(recorded)}"
-    if current.get("dirty"):
-        now = f"this run has uncommitted changes ({', '.join(current.get('modified', [])[:5]) or 'tracked files'})"
-    else:
-        now = f"this run is at {_code_of(current)}"
-    raise ProvenanceError(
-        f"{what} {made}; {now}. Parts of one results file must come from one clean commit: "
-        "commit your changes and re-run those parts, or write to another output file"
-    )
-
-
-def describe(prov: Mapping[str, Any]) -> str:
-    """One line for a Markdown page: command, commit, device, versions, seconds."""
-    commit = (prov.get("commit") or "no git")[:10] + (" (dirty)" if prov.get("dirty") else "")
-    dev = prov.get("device", {})
-    where = dev.get("gpu") or f"{dev.get('cpu', '?')}, {dev.get('torch_threads', '?')} thread(s)"
-    vers = ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items())
-    secs = f"; {prov['seconds']:.0f} s" if isinstance(prov.get("seconds"), (int, float)) else ""
-    return f"`{prov.get('command', '?')}` at commit {commit}, {str(prov.get('created', '?'))[:10]}, on {where}; {vers}{secs}"
-
-
 __all__ = [
-    "ProvenanceError", "code_revision", "collect", "command_line", "describe", "device_info", "git_state",
-    "require_same_code", "same_code", "versions",
+    "code_revision", "collect", "command_line", "cpu_name", "device_info", "git_state", "versions",
 ]

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import load_benchmark
+from tests.conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 
 
 quality = load_benchmark("quality")
@@ -427,9 +427,9 @@ def test_mvtec_pair_with_memory_adds_residual_and_memory_rows_of_the_same_model_
     import torch
 
     from stmae.data import load_mvtec
-    from stmae.protocols import real_defect_indices
+    from stmae_research.protocols import real_defect_indices
 
-    from .conftest import tiny_config
+    from tests.conftest import tiny_config
 
     ctx = quality.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, lambda m: None)
     cfg = tiny_config(**{"infer.memory": 0.8})
@@ -461,7 +461,7 @@ def test_resume_reuses_a_finished_fit_and_needs_a_work_dir(tiny_mvtec, tmp_path:
     import stmae
     from stmae.data import load_mvtec
 
-    from .conftest import tiny_config
+    from tests.conftest import tiny_config
 
     logs: list[str] = []
     ctx = quality.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, logs.append,
@@ -486,7 +486,7 @@ def test_resume_reuses_a_finished_fit_and_needs_a_work_dir(tiny_mvtec, tmp_path:
     with pytest.raises(SystemExit):
         quality.parse_args(["--resume"])
     # A finished fit made by other code is refused, naming the folder (not silently reused).
-    from stmae.provenance import ProvenanceError
+    from stmae_research.provenance import ProvenanceError
 
     meta_path = tmp_path / "run" / "meta.json"
     meta_path.write_text(meta_path.read_text().replace(json.loads(meta_path.read_text())["code_revision"], "0" * 16))

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from stmae_research import scoring
 from stmae.model import random_splits
 
-from .conftest import RESEARCH, load_benchmark
-from .test_model import patch_slice, small_model
+from tests.conftest import RESEARCH, load_benchmark
+from tests.test_model import patch_slice, small_model
 
 probe = load_benchmark("probe_mt_edge", RESEARCH)
 
@@ -62,7 +63,7 @@ def test_two_halves_mean_column_is_the_packages_own_scoring():
     from stmae.features import FeatureStats
     from stmae.infer import Detector, build_extractor, build_model
 
-    from .conftest import tiny_config
+    from tests.conftest import tiny_config
 
     cfg = tiny_config(**{"infer.memory": 0.0, "infer.pixel_residual": "same"})  # the probes score the pure residual
     ext = build_extractor(cfg).eval()
@@ -74,6 +75,6 @@ def test_two_halves_mean_column_is_the_packages_own_scoring():
     masks[3:, :8, :8] = True
     rows = probe.score_model(det, feats, labels, masks, {"first": slice(0, 8)})
     assert set(rows) == {"P2/mean", "P2/min", "P2/recon_mean", "P2/mean/first", "P4/mean", "P4/min", "P4/recon_mean"}
-    expected = probe.ab.validation_row(labels, None, masks, *det.postprocess(det.grid_maps(det.stats.apply(feats))))
+    expected = probe.ab.validation_row(labels, None, masks, *scoring.postprocess(det, scoring.grid_maps(det, det.stats.apply(feats))))
     assert rows["P2/mean"]["image_auroc"] == pytest.approx(expected["image_auroc"])
     assert rows["P2/mean"]["pixel_auroc"] == pytest.approx(expected["pixel_auroc"])

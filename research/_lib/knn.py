@@ -19,9 +19,9 @@ subsampled by greedy k-center coreset selection (PatchCore, Roth et al. 2022), a
 patch's anomaly value is its L2 distance to the nearest bank entry.
 
 It is deliberately not part of the ``stmae`` package: it is a measuring stick, not a product.
-``benchmarks/quality.py`` imports :func:`knn_baseline`.
+``benchmarks/quality.py`` imports :func:`knn_baseline`; ``research/baseline_knn.py`` runs it alone.
 
-Protocol of the committed result (``results/baseline_knn_magnetic_tile.json``), the
+Protocol of the committed result (``benchmarks/results/baseline_knn_magnetic_tile.json``), the
 200-image protocol of docs/results.md: ``load_mvtec(.../magnetic_tile/magnetic_tile)``; ``train/good`` (in loader order,
 i.e. sorted file names) subsampled to 200 with
 ``sorted(np.random.default_rng(42).choice(len(train), 200, replace=False))``; the whole test
@@ -43,16 +43,14 @@ recipe; a scratch run, not committed) it gave 0.887 / 0.781 / 0.742 [prototype k
 the maximum of 99 % of the good test images on the two outermost grid rows/columns and
 dropped image AUROC to 0.800.
 
-Run: ``python benchmarks/baseline_knn.py [--data PATH (default ../shared/data/magnetic_tile/magnetic_tile)] [--train-limit 200] [--seed 42]
+Run: ``python research/baseline_knn.py [--data PATH (default ../shared/data/magnetic_tile/magnetic_tile)] [--train-limit 200] [--seed 42]
 [--coreset 0.1] [--image-size 256] [--grid-size 32] [--aggregate 3] [--out JSON] [--quiet]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
-import shlex
-import sys
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,15 +58,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stmae import provenance
 from stmae.config import Config
-from stmae.data import Sample, load_mvtec
+from stmae.data import Sample
 from stmae.evaluate import mask_at, per_type_breakdown
 from stmae.features import FeatureExtractor, FeatureStats, batched, extract_features
-from stmae.fileio import atomic_write_json
 from stmae.build import build_extractor
 from stmae.pipeline import MapPipeline, postprocess
 from stmae.metrics import PixelMetricAccumulator, compute_metrics
@@ -83,8 +78,8 @@ from stmae.model.memory import (
     sparse_random_projection,
 )
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
-RESULTS_PATH = Path(__file__).resolve().parent / "results" / "baseline_knn_magnetic_tile.json"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 #: The reference magnetic_tile rows this baseline is checked against (measured before this
 #: repository, with other code, on an H100; docs/results.md, "Reference figures").
 REFERENCE = {
@@ -96,7 +91,9 @@ REFERENCE = {
 TEST_CHUNK = 32
 
 __all__ = [
+    "PROJECTION_DIM",
     "knn_baseline",
+    "knn_pipeline",
     "fit_bank",
     "MemoryBank",
     "greedy_coreset",
@@ -116,6 +113,13 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # Maps (shared recipe with ST-MAE)
 # --------------------------------------------------------------------------------------
+
+
+def knn_pipeline(extractor: FeatureExtractor, stats: FeatureStats, bank: torch.Tensor, config: Config) -> MapPipeline:
+    """The package's recipe scored by the distance to ``bank`` alone (no transformer)."""
+    cfg = copy.deepcopy(config)
+    cfg.infer = dataclasses.replace(cfg.infer, memory=1.0, blend="median")  # raw distances: scale 1
+    return MapPipeline(extractor, None, stats, cfg, PatchMemory(bank, 1.0, 1.0))
 
 
 def anomaly_maps(grid_maps: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,12 +158,12 @@ class MemoryBank:
     def score(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (maps (n, S, S), scores (n,)) on CPU, S = ``cfg.features.image_size``.
 
-        Scored by ST-MAE's own pipeline with the memory share at 1 (:meth:`MapPipeline.knn`).
+        Scored by ST-MAE's own pipeline with the memory share at 1 (:func:`knn_pipeline`).
         """
         feats = extract_features(
             self.extractor, samples, self.cfg.features.image_size, device=self.device, desc="test features", quiet=True
         )
-        pipe = MapPipeline.knn(self.extractor, self.stats, self.bank, self.cfg).to(self.device)
+        pipe = knn_pipeline(self.extractor, self.stats, self.bank, self.cfg).to(self.device)
         maps, scores = [], []
         for chunk in torch.split(feats, 64):
             m, s = pipe.score_features(chunk.to(self.device))
@@ -326,82 +330,3 @@ def make_config(image_size: int, grid_size: int, aggregate: int, standardize: bo
         }
     )
     return cfg.validate()
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MVTec-style category folder")
-    p.add_argument("--train-limit", type=int, default=200, help="train/good images kept (<= 0: all)")
-    p.add_argument("--seed", type=int, default=42, help="seeds the train subsample and the coreset")
-    p.add_argument("--coreset", type=float, default=0.1, help="fraction of training patches in the bank")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--grid-size", type=int, default=32)
-    p.add_argument("--aggregate", type=int, default=3, help="odd k of the k x k local mean (1 = off)")
-    p.add_argument(
-        "--no-standardize", action="store_true", help="raw features instead of ST-MAE's per-channel standardisation"
-    )
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
-    p.add_argument("--out", type=Path, default=RESULTS_PATH, help="JSON results file")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    started = time.time()
-    torch.set_num_threads(args.threads)
-    cfg = make_config(args.image_size, args.grid_size, args.aggregate, standardize=not args.no_standardize)
-    dataset = load_mvtec(args.data)
-    limit = args.train_limit if args.train_limit > 0 else None
-    keep = subsample_indices(len(dataset.train), limit, args.seed)
-    train = [dataset.train[i] for i in keep]
-
-    results = knn_baseline(train, dataset.test, cfg, coreset_ratio=args.coreset, seed=args.seed, quiet=args.quiet)
-    scores = results.pop("scores")
-    per_type = results.pop("per_type")
-    report = {
-        "command": shlex.join(["python", "benchmarks/baseline_knn.py", *(sys.argv[1:] if argv is None else argv)]),
-        "method": "kNN memory bank (PatchCore-style greedy coreset) on stmae features",
-        "data": str(args.data),
-        "protocol": {
-            "train_subsample": (
-                f"sorted(np.random.default_rng({args.seed}).choice({len(dataset.train)}, {len(keep)}, "
-                "replace=False)) over dataset.train in loader order"
-                if limit is not None and limit < len(dataset.train)
-                else "all of train/good"
-            ),
-            "n_train_available": len(dataset.train),
-            "train_images": [s.display_name for s in train],
-            "test": "full test split",
-        },
-        "settings": {
-            "seed": args.seed,
-            "coreset_ratio": args.coreset,
-            "coreset_projection_dim": PROJECTION_DIM,
-            "distance": "L2 to nearest bank patch",
-            "threads": args.threads,
-            "config": {k: cfg.to_dict()[k] for k in ("backbone", "features", "infer")},
-        },
-        "device": "cpu",
-        "timing_note": f"{args.threads} torch thread(s) on a 2-core machine shared with other jobs",
-        "reference_before_this_repository": REFERENCE,
-        "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
-        "metrics": {k: v for k, v in results.items() if not k.endswith("seconds") and k != "predict_images_per_second"},
-        "timings": {k: v for k, v in results.items() if k.endswith("seconds") or k == "predict_images_per_second"},
-        "per_type": per_type,
-        "scores": [{"name": s.display_name, "label": s.label, "score": sc} for s, sc in zip(dataset.test, scores)],
-    }
-    report["provenance"] = provenance.collect("cpu", started=started)
-    atomic_write_json(args.out, report)
-    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap")
-    print("  ".join(f"{k} {results[k]:.4f}" for k in keys if results.get(k) is not None))
-    print(
-        f"fit {results['fit_seconds']:.1f} s  predict {results['predict_seconds']:.1f} s "
-        f"({results['predict_images_per_second']:.1f} img/s)  bank {results['bank_size']} of "
-        f"{results['n_train_patches']} patches  -> {args.out}"
-    )
-    return report
-
-
-if __name__ == "__main__":
-    main()

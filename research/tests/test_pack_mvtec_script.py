@@ -9,7 +9,7 @@ from PIL import Image
 
 from stmae.data import load_mvtec, resize_image, resize_mask
 
-from .conftest import load_benchmark
+from tests.conftest import load_benchmark
 
 pack_mvtec = load_benchmark("pack_mvtec")
 

@@ -1,4 +1,4 @@
-"""CUDA graphs of the map pipeline (stmae.cuda_graphs) and the pipeline on a GPU.
+"""CUDA graphs of the map pipeline (stmae_research.cuda_graphs) and the pipeline on a GPU.
 
 The GPU tests run where CUDA is (a lent GPU machine: ``bash benchmarks/device_speed.sh``)
 and are skipped elsewhere; the refusal of a CPU pipeline runs everywhere.
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from stmae_research import scoring
 import stmae
-from stmae.cuda_graphs import GraphedPipeline
+from stmae_research.cuda_graphs import GraphedPipeline
 from stmae.data import to_tensor_batch
 
-from .conftest import make_tiny_category, tiny_config
+from tests.conftest import make_tiny_category, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,9 +47,9 @@ def test_graphed_pipeline_refuses_a_cpu_pipeline(run_dir: Path) -> None:
 @needs_cuda
 def test_pipeline_on_cuda_matches_cpu_and_detects(run_dir: Path) -> None:
     images, labels = _test_images(run_dir.parent / "tiny")
-    cpu_maps, cpu_scores = stmae.load(run_dir, device="cpu").score_tensor(images)
+    cpu_maps, cpu_scores = scoring.score_tensor(stmae.load(run_dir, device="cpu"), images)
     gpu = stmae.load(run_dir, device="cuda")
-    maps, scores = gpu.score_tensor(images)
+    maps, scores = scoring.score_tensor(gpu, images)
     # The transformer runs in bf16 on CUDA: maps agree with the CPU's up to that rounding
     # (0.14 of the threshold at most when measured: 0.16 on Magnetic Tile, benchmarks/results/speed-cuda.json).
     t = gpu.threshold

@@ -28,7 +28,7 @@ from typing import Iterable
 
 import torch
 
-from .pipeline import MapPipeline
+from stmae.pipeline import MapPipeline
 
 
 class GraphedPipeline:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .conftest import RESEARCH, load_benchmark
+from tests.conftest import RESEARCH, load_benchmark
 
 bank_pruning = load_benchmark("bank_pruning", RESEARCH)
 

@@ -1,4 +1,4 @@
-"""The kNN yardstick in benchmarks/baseline_knn.py: coreset, exact-match behaviour, maps.
+"""The kNN yardstick (stmae_research.knn): coreset, exact-match behaviour, maps.
 
 The module lives outside the package (benchmarks/ is not importable), so it is loaded
 from its file. Data is a tiny generated MVTec-style folder of 64 x 64 noise textures.
@@ -16,12 +16,12 @@ from PIL import Image
 from stmae.config import Config
 from stmae.data import load_mvtec
 
-from .conftest import load_benchmark
+from tests.conftest import load_benchmark
 
 SQUARE = (slice(20, 36), slice(24, 40))  # the defect: rows 20-35, columns 24-39
 
 
-knn = load_benchmark("baseline_knn")
+from stmae_research import knn  # noqa: E402
 
 
 def _png(path: Path, array: np.ndarray) -> None:

@@ -14,7 +14,7 @@ import torch
 from stmae.model import STMAE
 import stmae.train as stmae_train
 
-from .conftest import RESEARCH, load_benchmark
+from tests.conftest import RESEARCH, load_benchmark
 
 residual_val = load_benchmark("residual_val", RESEARCH)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import RESEARCH, load_benchmark, tiny_config
+from tests.conftest import RESEARCH, load_benchmark, tiny_config
 
 probe = load_benchmark("probe_memory", RESEARCH)
 
@@ -44,6 +44,7 @@ def test_hybrid_puts_both_maps_on_their_median_scale():
 
 
 def test_residual_column_is_the_packages_scoring_and_knn_column_its_yardstick():
+    from stmae_research import scoring
     from stmae.features import FeatureStats
     from stmae.infer import Detector, build_extractor, build_model
 
@@ -61,7 +62,7 @@ def test_residual_column_is_the_packages_scoring_and_knn_column_its_yardstick():
     rows = probe.score_protocol(det, bank, feats, labels, masks, knn)
     assert set(rows) == {"residual", "knn", *(f"guided{k}" for k in probe.GUIDED_K),
                          *(f"hybrid_w{w:g}" for w in probe.HYBRID_W)}
-    expected = probe.ab.validation_row(labels, None, masks, *det.postprocess(det.grid_maps(det.stats.apply(feats))))
+    expected = probe.ab.validation_row(labels, None, masks, *scoring.postprocess(det, scoring.grid_maps(det, det.stats.apply(feats))))
     assert rows["residual"]["image_auroc"] == pytest.approx(expected["image_auroc"])
     dist = knn.nearest_distances(knn.patch_rows(det.stats.apply(feats)), bank).view(6, g, g)
     expected = probe.ab.validation_row(labels, None, masks, *knn.anomaly_maps(dist, cfg))

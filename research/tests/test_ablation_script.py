@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import RESEARCH, SHARED_DATA, load_benchmark
+from stmae_research import scoring
+from tests.conftest import RESEARCH, SHARED_DATA, load_benchmark
 
 ablation = load_benchmark("ablation", RESEARCH)
 
@@ -137,7 +138,7 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
     from stmae.features import FeatureStats
     from stmae.infer import Detector, build_extractor, build_model
 
-    from .conftest import tiny_config
+    from tests.conftest import tiny_config
 
     cfg = tiny_config(**{"infer.memory": 0.0, "infer.pixel_residual": "same"})
     ext = build_extractor(cfg).eval()
@@ -153,7 +154,7 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
     from stmae.fitting import fit_memory
 
     det.memory = fit_memory(det.pipeline, train, train, seed=cfg.train.seed)
-    expected = ablation.validation_row(labels, None, None, *det.score_features(val))
+    expected = ablation.validation_row(labels, None, None, *scoring.score_features(det, val))
     assert rows["mse_cos/max/memory0.8"]["image_auroc"] == pytest.approx(expected["image_auroc"])
     assert rows["mse_cos/max/memory0.8"]["image_auroc"] == 1.0  # the shifted corner is far from every banked patch
 
@@ -162,7 +163,7 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
                     reason="needs ../shared/data/magnetic_tile")
 def test_mt_real_validates_on_mt_val_only():
     from stmae.data import load_mvtec
-    from stmae.protocols import split_real_defects
+    from stmae_research.protocols import split_real_defects
 
     ablation.set_data_root(SHARED_DATA)
     [(name, task)] = ablation.mt_real_task(64)
