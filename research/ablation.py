@@ -65,13 +65,15 @@ from stmae.features import FeatureStats, extract_features
 from stmae import provenance
 from stmae.fileio import atomic_write_json, atomic_write_text
 from stmae_research.provenance import ProvenanceError, require_same_code
-from stmae.infer import Detector, build_extractor, build_model
+from stmae.infer import Detector, build_model
 from stmae.evaluate import mask_at
 from stmae.metrics import auroc
 from stmae.fitting import fit_memory, fit_residual_stats
 from stmae.model import PatchMemory
 from stmae_research.protocols import split_real_defects
-from stmae.train import make_config, train_model
+from stmae.train import make_config
+from stmae_research.variants import Knobs
+from stmae_research import variants
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -123,7 +125,10 @@ _ACCURATE_MODEL: dict[str, Any] = {"model.embed_dim": 256, "model.depth": 4, "mo
                                    "model.decoder_dim": 128, "model.decoder_depth": 2, "model.decoder_heads": 4}
 
 #: Training variants: overrides of the protocol's base config. ``epochs_x2`` doubles the
-#: protocol's reduced schedule. Keys that do not apply to a preset are skipped there.
+#: protocol's reduced schedule. Keys that do not apply to a preset are skipped there. The
+#: ablation-only switches (pad, split_block, ema, cos_weight, standardize) keep their old
+#: dotted keys but are research knobs, not config settings (:func:`resolve_variant`,
+#: ``stmae_research.variants``).
 TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     "epochs_x2": {"train.epochs": "x2"},
@@ -421,22 +426,24 @@ class FeatureCache:
         self._extractor: tuple[tuple, Any] | None = None
 
     @staticmethod
-    def feature_key(cfg: Config) -> tuple[str, str]:
+    def feature_key(cfg: Config, knobs: Knobs = Knobs()) -> tuple[str, str, str]:
         """Everything that decides the features (and their statistics): the whole ``backbone``
-        and ``features`` sections, so a new feature setting cannot be missed by the cache."""
-        return repr(cfg.backbone), repr(cfg.features)
+        and ``features`` sections, so a new feature setting cannot be missed by the cache,
+        and the feature knobs (pad, standardize)."""
+        return repr(cfg.backbone), repr(cfg.features), repr((knobs.pad, knobs.standardize))
 
-    def extractor(self, cfg: Config) -> Any:
+    def extractor(self, cfg: Config, knobs: Knobs = Knobs()) -> Any:
         """The frozen extractor for ``cfg`` (built once, replaced when the feature settings change)."""
-        fkey = self.feature_key(cfg)
+        fkey = self.feature_key(cfg, knobs)
         if self._extractor is None or self._extractor[0] != fkey:
-            self._extractor = (fkey, build_extractor(cfg).eval())
+            self._extractor = (fkey, variants.build_extractor(cfg, knobs).eval())
         return self._extractor[1]
 
-    def get(self, cfg: Config, task: str, split: str, samples: Sequence[Sample]) -> torch.Tensor:
-        key = (*self.feature_key(cfg), task, split)
+    def get(self, cfg: Config, task: str, split: str, samples: Sequence[Sample],
+            knobs: Knobs = Knobs()) -> torch.Tensor:
+        key = (*self.feature_key(cfg, knobs), task, split)
         if key not in self.store:
-            self.store[key] = extract_features(self.extractor(cfg), samples, cfg.features.image_size, quiet=True)
+            self.store[key] = extract_features(self.extractor(cfg, knobs), samples, cfg.features.image_size, quiet=True)
         return self.store[key]
 
 
@@ -527,47 +534,50 @@ def protocol_config(spec: dict[str, Any], epochs: int | None = None) -> Config:
     return make_config(spec["preset"], {**spec["base"], "train.epochs": epochs or spec["epochs"], "train.device": "cpu"})
 
 
-def resolve_variant(base: Config, overrides: dict[str, Any]) -> Config | None:
-    """The base config with a variant's overrides, or None when the variant is a no-op here."""
+def resolve_variant(base: Config, overrides: dict[str, Any]) -> tuple[Config, Knobs] | None:
+    """A variant's (config, research knobs): the base config with its config overrides, and
+    its ablation-only switches (:meth:`Knobs.split`); None when the variant is a no-op here."""
+    settings, knobs = Knobs.split(overrides)
     values = {}
-    for key, value in overrides.items():
+    for key, value in settings.items():
         if isinstance(value, str) and value.startswith("x") and key == "train.epochs":
             value = base.train.epochs * int(value[1:])
         values[key] = value
     cfg = make_config(base, values)
-    if overrides and cfg.to_dict() == base.to_dict():
+    knobs.validate(cfg)
+    if overrides and cfg.to_dict() == base.to_dict() and knobs == Knobs():
         return None
-    return cfg
+    return cfg, knobs
 
 
-def run_variant(name: str, cfg: Config, tasks: list[tuple[str, Any]], cache: FeatureCache, knn: Any,
-                log: Callable[[str], None], scorings: Sequence[str], with_knn: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` on every task and score it; ``with_knn`` adds the kNN yardstick on its features."""
+def run_variant(name: str, variant: tuple[Config, Knobs], tasks: list[tuple[str, Any]], cache: FeatureCache,
+                knn: Any, log: Callable[[str], None], scorings: Sequence[str],
+                with_knn: bool = False) -> dict[str, Any]:
+    """Train ``variant`` (:func:`resolve_variant`) on every task and score it; ``with_knn``
+    adds the kNN yardstick on its features."""
+    cfg, knobs = variant
     per_task: dict[str, Any] = {}
     started = time.perf_counter()
     for task_name, task in tasks:
-        train_feats = cache.get(cfg, task_name, "train", task.train)
-        val_feats = cache.get(cfg, task_name, "val", task.test)
+        train_feats = cache.get(cfg, task_name, "train", task.train, knobs)
+        val_feats = cache.get(cfg, task_name, "val", task.test, knobs)
         labels = np.array([s.label for s in task.test])
         types = np.array([s.defect_type if s.label else "good" for s in task.test])
         masks = task.masks
-        stats = FeatureStats.for_training(train_feats, cfg.features.standardize)
+        stats = variants.feature_stats(train_feats, knobs)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, train_feats.shape[1])
         t0 = time.perf_counter()
-        losses = train_model(
-            model, stats.apply(train_feats), cfg.train, torch.device("cpu"), quiet=True,
-            split_block=cfg.model.split_block,
-        )
+        losses = variants.train(model, stats.apply(train_feats), cfg, knobs, torch.device("cpu"))
         train_s = time.perf_counter() - t0
-        det = Detector(cache.extractor(cfg), model, stats, copy.deepcopy(cfg))
+        det = variants.detector(cache.extractor(cfg, knobs), model, stats, cfg, knobs)
         rows = score_variants(det, train_feats, val_feats, labels, masks, scorings, types)
         if with_knn:
             rows.update(knn_scores(cfg, stats, train_feats, val_feats, labels, masks, knn, types))
         per_task[task_name] = {"scores": rows, "train_seconds": round(train_s, 1), "final_loss": losses[-1]}
         best = max(((k, v) for k, v in rows.items() if not k.startswith("knn/")), key=lambda kv: kv[1]["image_auroc"])
         log(f"    {name} / {task_name}: train {train_s:.0f} s; best {best[0]} {best[1]['image_auroc']:.3f}")
-    return {"config": cfg.to_dict(), "per_task": per_task,
+    return {"config": cfg.to_dict(), "knobs": knobs.changed(), "per_task": per_task,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -772,16 +782,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["variants"] = mergeable_variants(out, setup, provenance.collect("cpu"))
     cache, knn = FeatureCache(), _knn_module()
     for name in names:
-        cfg = resolve_variant(base, TRAIN_VARIANTS[name])
-        if cfg is None:
+        variant = resolve_variant(base, TRAIN_VARIANTS[name])
+        if variant is None:
             print(f"{name}: same as base for this protocol, skipped", flush=True)
             continue
         print(f"{name}:", flush=True)
         started = time.time()
         # The kNN sees only the features: re-run it where a variant changes them, so a feature
         # change is judged against the yardstick on the same features, not only against base.
-        with_knn = name == "base" or cache.feature_key(cfg) != cache.feature_key(base)
-        row = run_variant(name, cfg, tasks, cache, knn, lambda m: print(m, flush=True), scorings, with_knn)
+        with_knn = name == "base" or cache.feature_key(*variant) != cache.feature_key(base)
+        row = run_variant(name, variant, tasks, cache, knn, lambda m: print(m, flush=True), scorings, with_knn)
         row["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         row["provenance"] = provenance.collect("cpu", started=started)
         results["variants"][name] = row

@@ -33,9 +33,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--grid-size", type=int, default=32)
     p.add_argument("--aggregate", type=int, default=3, help="odd k of the k x k local mean (1 = off)")
-    p.add_argument(
-        "--no-standardize", action="store_true", help="raw features instead of ST-MAE's per-channel standardisation"
-    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     p.add_argument("--out", type=Path, default=RESULTS_PATH, help="JSON results file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -46,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.time()
     torch.set_num_threads(args.threads)
-    cfg = make_config(args.image_size, args.grid_size, args.aggregate, standardize=not args.no_standardize)
+    cfg = make_config(args.image_size, args.grid_size, args.aggregate)
     dataset = load_mvtec(args.data)
     limit = args.train_limit if args.train_limit > 0 else None
     keep = subsample_indices(len(dataset.train), limit, args.seed)

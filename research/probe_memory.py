@@ -158,7 +158,7 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
     if any([(s.path, s.name) for s in t.train] != [(s.path, s.name) for s in train_samples] for t in tasks.values()):
         raise SystemExit("the MT protocols no longer share their training images; train per protocol")
     train = cache.get(cfg0, "magnetic_tile", "train", train_samples)
-    stats = FeatureStats.for_training(train, cfg0.features.standardize)
+    stats = FeatureStats.from_features(train)
     standardised = stats.apply(train)
     t0 = time.perf_counter()
     bank = ab.coreset_bank(standardised)

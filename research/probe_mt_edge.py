@@ -186,7 +186,7 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
         feats = torch.cat([train, view_features(cfg0, extractor, task.train, views)]) if views else train
         epochs = max(1, round(cfg0.train.epochs * mult / (1 + len(views))))
         cfg = make_config(cfg0, {"train.epochs": epochs})
-        stats = FeatureStats.for_training(feats, cfg.features.standardize)
+        stats = FeatureStats.from_features(feats)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, feats.shape[1])
         trained = model if parts == 2 else Partitioned(model, parts)

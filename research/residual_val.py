@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import sys
 import time
@@ -72,7 +73,7 @@ from stmae.evaluate import mask_at  # noqa: E402
 from stmae.fitting import fit_residual_stats  # noqa: E402
 from stmae.features import extract_features  # noqa: E402
 from stmae.metrics import aupro, auroc  # noqa: E402
-from stmae.model import STMAE, feature_residual  # noqa: E402
+from stmae.model import STMAE, feature_residual, reconstruction_loss  # noqa: E402
 from stmae.model.stmae import _expand  # noqa: E402
 from stmae.model.memory import BLEND_QUANTILES, greedy_coreset, nearest_distances, patch_rows  # noqa: E402
 from stmae.pipeline import blend, postprocess  # noqa: E402
@@ -94,7 +95,7 @@ SHARE = 0.9  # the default memory share
 
 
 # ---------------------------------------------------------------------- training variants
-def _group_cosine_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0) -> torch.Tensor:
+def _group_cosine_loss(recon: torch.Tensor, feats: torch.Tensor, hard_mining: float = 0.0) -> torch.Tensor:
     """Dinomaly's cosine per layer group (``hard_mining``: the training loop's argument, unused here)."""
     return torch.stack([
         (1.0 - F.cosine_similarity(recon[:, s], feats[:, s], dim=1, eps=1e-6)).mean() for s in LAYER_SLICES.values()
@@ -103,10 +104,14 @@ def _group_cosine_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: flo
 
 @contextlib.contextmanager
 def patched(loss: Callable[..., torch.Tensor] | None = None, jitter: float = 0.0) -> Iterator[None]:
-    """Swap the training loss and/or add Gaussian input jitter to STMAE in training mode, for one fit."""
-    old_loss, old_forward = stmae_train.reconstruction_loss, STMAE.forward
+    """Swap the training loss and/or add Gaussian input jitter to STMAE in training mode, for one fit.
+
+    The loss goes in through :func:`stmae.train.train_model`'s ``loss`` hook, bound for the
+    fits ``stmae.fit`` makes while the context lasts (``fit`` takes no loss of its own).
+    """
+    old_train, old_forward = stmae_train.train_model, STMAE.forward
     if loss is not None:
-        stmae_train.reconstruction_loss = loss
+        stmae_train.train_model = functools.partial(old_train, loss=loss)  # type: ignore[assignment]
     if jitter > 0:
         def forward(self: STMAE, x: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
             if self.training:
@@ -116,7 +121,7 @@ def patched(loss: Callable[..., torch.Tensor] | None = None, jitter: float = 0.0
     try:
         yield
     finally:
-        stmae_train.reconstruction_loss = old_loss
+        stmae_train.train_model = old_train  # type: ignore[assignment]
         STMAE.forward = old_forward  # type: ignore[method-assign]
 
 
@@ -139,15 +144,12 @@ def variance_out(on: bool = True) -> Iterator[None]:
         VARIANCE_OUT["on"] = False
 
 
-def _variance_loss(recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0) -> torch.Tensor:
+def _variance_loss(recon: torch.Tensor, feats: torch.Tensor, hard_mining: float = 0.0) -> torch.Tensor:
     """The package's loss on the reconstruction + the head's NLL on the detached per-cell error."""
     recon, log_var = recon[:, :-1], recon[:, -1]
     error = feature_residual(recon, feats, "mse").detach()
     nll = (log_var + error * torch.exp(-log_var)).mean()
-    return _PACKAGE_LOSS(recon, feats, cos_weight, hard_mining) + nll
-
-
-_PACKAGE_LOSS = stmae_train.reconstruction_loss
+    return reconstruction_loss(recon, feats, hard_mining) + nll
 
 
 @contextlib.contextmanager

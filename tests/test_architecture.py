@@ -206,3 +206,30 @@ def test_runs_of_the_first_schema_load_through_the_one_migration(run_dir, tmp_pa
     assert det.threshold == t and det.calibration.rule == "max" and "threshold" not in det.meta
     scores = np.array(meta["calibration_scores"]["all"])
     assert det.calibration.center == pytest.approx(float(np.sort(scores)[len(scores) // 2]))
+
+
+def test_runs_written_with_the_removed_ablation_settings_load_through_the_one_migration(run_dir, tmp_path):
+    """Run folders written before the ablation-only switches left the config hold them at their
+    old values: dropped on load, the run scores as before; a run that used one is refused by name."""
+    import shutil
+
+    import yaml
+
+    from stmae.checkpoint import CheckpointError
+    from stmae.config import REMOVED_SETTINGS
+
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    for key, (_, value) in REMOVED_SETTINGS.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    then, now = stmae.load(old, device="cpu"), stmae.load(run_dir, device="cpu")
+    assert then.config.to_dict() == now.config.to_dict()
+    assert [p.score for p in then.predict(images)] == [p.score for p in now.predict(images)]
+    cfg["train"]["ema"] = 0.99  # a run of the EMA variant: this stmae cannot score it as it was fitted
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with pytest.raises(CheckpointError, match=r"config.yaml: train.ema = 0.99: train.ema was an ablation-only switch"):
+        stmae.load(old, device="cpu")

@@ -30,8 +30,8 @@ VARIANTS = {
     "memory0": {"infer.memory": 0.0},
     "memory1": {"infer.memory": 1.0},
     "mahalanobis": {"infer.residual": "mahalanobis", "infer.memory": 0.0},
-    # non-default K, plus reflect padding of the image and a top-k score (both trace differently)
-    "k5_pad_topk": {"infer.num_pairs": 5, "infer.memory": 0.5, "features.pad": 1, "infer.score": "topk", "infer.topk": 0.05},
+    # non-default K and a top-k score (traces differently)
+    "k5_topk": {"infer.num_pairs": 5, "infer.memory": 0.5, "infer.score": "topk", "infer.topk": 0.05},
 }
 
 
@@ -61,8 +61,12 @@ def assert_same_predictions(ref, got, threshold: float) -> None:
     for a, b in zip(ref, got):
         assert a.path == b.path
         assert a.anomaly_map.shape == b.anomaly_map.shape and b.anomaly_map.dtype == np.float32
-        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-4 * threshold
-        assert b.score == pytest.approx(a.score, abs=1e-4 * threshold)
+        # Engines round float32 differently, relative to the values: a blended map (and a
+        # defect's score) reaches several units while a threshold may lie near 0, so the
+        # values' own scale counts too.
+        scale = max(threshold, float(np.abs(a.anomaly_map).max()))
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-4 * scale
+        assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-4 * threshold)  # likewise
         assert b.label == a.label and b.threshold == a.threshold
         assert b.pixel_threshold == pytest.approx(a.pixel_threshold)
         assert b.normalized == pytest.approx(a.normalized, abs=1e-4)

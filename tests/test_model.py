@@ -29,12 +29,12 @@ def test_patchify_round_trip_and_row_major_order():
     assert torch.equal(tokens[0, 5].view(6, 2, 2), feats[0, :, 2:4, 2:4])
 
 
-@pytest.mark.parametrize("patch,block", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_reconstruction_of_a_patch_never_sees_that_patch(patch, block):
+@pytest.mark.parametrize("patch", [1, 2])
+def test_reconstruction_of_a_patch_never_sees_that_patch(patch):
     """Changing one patch's input features leaves its own reconstruction (and its half's) unchanged."""
     m = small_model(patch)
     feats = torch.randn(3, 6, 8, 8)
-    split = random_splits(3, m.num_tokens, torch.Generator().manual_seed(1), block=block)
+    split = random_splits(3, m.num_tokens, torch.Generator().manual_seed(1))
     base = m(feats, split)
     for img, half in [(0, 0), (1, 1), (2, 0)]:
         token = int(split[img, half, 3])
@@ -79,42 +79,16 @@ def test_random_splits_are_disjoint_equal_halves():
     assert not torch.equal(split[0], split[1])
 
 
-def test_block_splits_keep_square_blocks_together():
-    split = random_splits(4, 64, torch.Generator().manual_seed(0), block=2)  # 8x8 tokens, 16 blocks
-    assert split.shape == (4, 2, 32)
-    for s in split:
-        assert sorted(s.flatten().tolist()) == list(range(64))
-        for half in s:
-            members = set(half.tolist())
-            for t in members:  # every token's 2x2 block lies in the same half
-                corner = (t // 8 // 2 * 2) * 8 + (t % 8) // 2 * 2
-                assert {corner, corner + 1, corner + 8, corner + 9} <= members
-    # Inference splits in 4x4 blocks (16x16 tokens, 16 blocks): each pair halves the grid
-    # along whole blocks, and the pairs follow the seed.
-    fixed = complementary_splits(256, 3, seed=1, block=4)
-    assert fixed.shape == (3, 2, 128)
-    for s in fixed:
-        assert sorted(s.flatten().tolist()) == list(range(256))
-        for half in s:
-            members = set(half.tolist())
-            for t in members:
-                corner = (t // 16 // 4 * 4) * 16 + (t % 16) // 4 * 4
-                assert {corner + 16 * dr + dc for dr in range(4) for dc in range(4)} <= members
-    assert torch.equal(fixed, complementary_splits(256, 3, seed=1, block=4))  # not the global RNG
-    assert not torch.equal(fixed, complementary_splits(256, 3, seed=2, block=4))
-
-
-@pytest.mark.parametrize("tokens,block,match", [(64, 3, "multiple of 3"), (36, 2, "3x3 blocks"), (48, 2, "square")])
-def test_block_splits_that_cannot_halve_are_rejected(tokens, block, match):
-    with pytest.raises(ValueError, match=match):
-        random_splits(1, tokens, block=block)
-
-
 def test_complementary_splits_deterministic():
     a = complementary_splits(16, 4, seed=7)
     assert torch.equal(a, complementary_splits(16, 4, seed=7))
     assert not torch.equal(a, complementary_splits(16, 4, seed=8))
     assert a.shape == (4, 2, 8)
+    # drawn by the drawer given, from a generator of that seed: the same as random_splits of it
+    assert torch.equal(a, random_splits(4, 16, torch.Generator().manual_seed(7)))
+    seen = []
+    flipped = complementary_splits(16, 4, seed=7, draw=lambda *args: seen.append(args[:2]) or random_splits(*args).flip(1))
+    assert seen == [(4, 16)] and torch.equal(flipped, a.flip(1))
 
 
 def test_odd_token_count_rejected():
@@ -131,25 +105,24 @@ def test_split_shape_checked():
 def test_loss_and_residuals():
     f = torch.randn(2, 6, 4, 4)
     assert reconstruction_loss(f, f).item() == pytest.approx(0.0, abs=1e-6)
-    assert reconstruction_loss(-f, f, cos_weight=1.0).item() == pytest.approx((4 * f.pow(2)).mean().item() + 2.0, rel=1e-4)
-    # Hard mining: 24 easy cells (squared error 0.01) and 8 hard ones (4.0); the easiest 75 %
-    # count at 0.1, so the loss is (24 * 0.1 * 0.01 + 8 * 4) / 32, not the plain mean.
+    assert reconstruction_loss(-f, f).item() == pytest.approx((4 * f.pow(2)).mean().item() + 2.0, rel=1e-4)
+    # Hard mining: 24 easy cells (squared error 0.01) and 8 hard ones (4.0), all with cosine 1
+    # (one positive channel); the easiest 75 % count at 0.1, so the loss is
+    # (24 * 0.1 * 0.01 + 8 * 4) / 32, not the plain mean.
+    one = torch.ones(2, 1, 4, 4)
     hard = torch.zeros(2, 1, 4, 4)
     hard[0, :, :2] = 1.0
-    recon = f + torch.where(hard > 0, 2.0, 0.1)
-    assert reconstruction_loss(recon, f, cos_weight=0.0).item() == pytest.approx((24 * 0.01 + 8 * 4) / 32, rel=1e-5)
-    assert reconstruction_loss(recon, f, 0.0, hard_mining=0.75).item() == pytest.approx((24 * 0.1 * 0.01 + 8 * 4) / 32, rel=1e-5)
-    # The plain loss against a hand computation in float64: the mean squared error plus
-    # cos_weight times the mean of 1 - cosine over the grid cells (cosine along channels).
+    recon = one + torch.where(hard > 0, 2.0, 0.1)
+    assert reconstruction_loss(recon, one).item() == pytest.approx((24 * 0.01 + 8 * 4) / 32, rel=1e-5)
+    assert reconstruction_loss(recon, one, hard_mining=0.75).item() == pytest.approx((24 * 0.1 * 0.01 + 8 * 4) / 32, rel=1e-5)
+    # The plain loss against a hand computation in float64: the mean squared error plus the
+    # mean of 1 - cosine over the grid cells (cosine along channels).
     # float32 sums of 192 terms against float64: rel 1e-5 is far above their rounding.
     r = f + torch.randn(2, 6, 4, 4)
     r64, f64 = r.double(), f.double()
     mse = ((r64 - f64) ** 2).mean().item()
     cosine = ((r64 * f64).sum(dim=1) / (r64.norm(dim=1) * f64.norm(dim=1))).mean().item()
-    for weight in (1.0, 0.5, 0.0):
-        expected = mse + weight * (1.0 - cosine)
-        assert reconstruction_loss(r, f, weight, hard_mining=0.0).item() == pytest.approx(expected, rel=1e-5)
-    assert reconstruction_loss(r, f).item() == pytest.approx(mse + 1.0 - cosine, rel=1e-5)  # the defaults
+    assert reconstruction_loss(r, f).item() == pytest.approx(mse + 1.0 - cosine, rel=1e-5)
     r = f + 1.0
     mse = feature_residual(r, f, "mse")
     assert mse.shape == (2, 4, 4) and torch.allclose(mse, torch.ones(2, 4, 4))
@@ -202,14 +175,43 @@ def test_training_reduces_loss():
     base = torch.randn(1, 6, 1, 1)
     feats = base.expand(12, 6, 8, 8) + 0.05 * torch.randn(12, 6, 8, 8)
     m = STMAE(6, 8, patch_size=2, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
-    init = {k: v.clone() for k, v in m.state_dict().items()}
     losses = train_model(m, feats, TrainConfig(epochs=15, batch_size=4, lr=3e-3, warmup_epochs=1), torch.device("cpu"), quiet=True)
     assert losses[-1] < 0.5 * losses[0]
     assert not m.training
-    # EMA weights: same trajectory, but the kept weights are the average, not the last step.
-    m2 = STMAE(6, 8, patch_size=2, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
-    m2.load_state_dict(init)
-    cfg = TrainConfig(epochs=15, batch_size=4, lr=3e-3, warmup_epochs=1, ema=0.9)
-    assert train_model(m2, feats, cfg, torch.device("cpu"), quiet=True) == losses
-    differs = [not torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters())]
-    assert all(differs)
+
+
+def test_training_goes_through_its_loss_split_and_step_hooks():
+    """train_model's extension points: each is what the loop uses, and the defaults are the package's."""
+    from stmae.config import TrainConfig
+    from stmae.train import train_model
+
+    def model() -> STMAE:
+        torch.manual_seed(0)
+        return small_model()
+
+    feats = torch.randn(6, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(epochs=2, batch_size=4, warmup_epochs=1, hard_mining=0.5)
+    plain = model()
+    losses = train_model(plain, feats, cfg, torch.device("cpu"), quiet=True)
+    calls: dict[str, list] = {"loss": [], "split": [], "step": []}
+
+    def loss(recon: torch.Tensor, x: torch.Tensor, hard_mining: float) -> torch.Tensor:
+        calls["loss"].append(hard_mining)
+        return reconstruction_loss(recon, x, hard_mining)
+
+    def draw(batch: int, tokens: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+        calls["split"].append(batch)
+        return random_splits(batch, tokens, gen, device)
+
+    hooked = model()
+    assert train_model(hooked, feats, cfg, torch.device("cpu"), quiet=True, loss=loss, draw_splits=draw,
+                       after_step=calls["step"].append) == losses  # the same training, step for step
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), hooked.state_dict().values()))
+    assert calls == {"loss": [0.5] * 4, "split": [4, 2, 4, 2], "step": [0, 1, 2, 3]}
+    # another loss and another split are what the loop then trains with
+    doubled = train_model(model(), feats, cfg, torch.device("cpu"), quiet=True,
+                          loss=lambda r, x, h: 2.0 * reconstruction_loss(r, x, h))
+    assert doubled[0] == pytest.approx(2.0 * losses[0], rel=1e-6)
+    reversed_halves = train_model(model(), feats, cfg, torch.device("cpu"), quiet=True,
+                                  draw_splits=lambda *args: random_splits(*args).flip(1))
+    assert reversed_halves != losses

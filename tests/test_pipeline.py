@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 import stmae
@@ -159,22 +160,6 @@ def test_postprocess_as_two_matrix_products_equals_upsampling_then_blurring(grid
     torch.testing.assert_close(postprocess(wide, infer, size)[0], reference_postprocess(wide, infer, size)[0], rtol=1e-6, atol=1e-5)
 
 
-def test_feature_padding_is_a_crop_of_the_reflected_image():
-    from stmae.backbones import build_backbone
-    from stmae.features import FeatureExtractor
-
-    torch.manual_seed(0)
-    backbone = build_backbone("efficientnet_lite0", layers=["stride4", "stride8"], pretrained=False).eval()
-    images = torch.rand(2, 3, 64, 64)
-    padded = FeatureExtractor(backbone, grid_size=8, aggregate=3, pad=2)(images)
-    assert padded.shape == FeatureExtractor(backbone, grid_size=8, aggregate=3)(images).shape == (2, 64, 8, 8)
-    # 2 cells of an 8-cell grid over 64 px = 16 px of reflected image on every side
-    big = FeatureExtractor(backbone, grid_size=12, aggregate=3)(torch.nn.functional.pad(images, (16,) * 4, mode="reflect"))
-    assert torch.allclose(padded, big[..., 2:10, 2:10], atol=1e-5)
-    with pytest.raises(ConfigError, match="features.pad"):
-        Config().override({"features.pad": 32}).validate()
-
-
 def test_image_scores_max_and_topk():
     m = torch.arange(100, dtype=torch.float32).view(1, 10, 10)
     assert image_scores(m, "max").item() == 99
@@ -192,8 +177,31 @@ def test_config_yaml_round_trip_and_errors(tmp_path):
         Config().override({"features.grid_size": 30, "model.patch_size": 4}).validate()
     with pytest.raises(ConfigError, match="cannot use"):
         Config().set("epochs", "many")
-    with pytest.raises(ConfigError, match="model.split_block.*even number of blocks"):
-        Config().override({"features.grid_size": 12, "model.patch_size": 2, "model.split_block": 2}).validate()
+
+
+
+def test_removed_ablation_settings_are_dropped_at_their_old_value_and_refused_otherwise(tmp_path):
+    from stmae.config import REMOVED_SETTINGS
+
+    # A config.yaml written before the removal holds every one of them, at its old value.
+    old = tiny_config().to_dict()
+    for key, (_, value) in REMOVED_SETTINGS.items():
+        section, name = key.split(".")
+        old[section][name] = value
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert Config.load(tmp_path / "old.yaml").to_dict() == tiny_config().to_dict()
+    assert Config().override({"train.ema": "0", "pad": 0}).to_dict() == Config().to_dict()  # by field name too
+    for key, value in {"features.pad": 2, "model.split_block": 2, "train.ema": 0.9, "train.cos_weight": 0.0,
+                       "features.standardize": False}.items():
+        with pytest.raises(ConfigError, match=rf"{key} = .*{key} was an ablation-only switch.*research/"):
+            Config().override({key: value})
+        section, name = key.split(".")
+        (tmp_path / "new.yaml").write_text(yaml.safe_dump({section: {name: value}}))
+        with pytest.raises(ConfigError, match=rf"new.yaml: {key} = .*ablation-only"):
+            Config.load(tmp_path / "new.yaml")
+    with pytest.raises(ConfigError, match="ema = 0.9: train.ema was an ablation-only"):
+        Config().override({"ema": 0.9})
+    assert not any(hasattr(getattr(Config(), k.split(".")[0]), k.split(".")[1]) for k in REMOVED_SETTINGS)
 
 
 def test_presets_are_valid_and_distinct():

@@ -40,7 +40,7 @@ def _weights(result) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_fit_equals_an_unstopped_one(tiny_mvtec, tmp_path, monkeypatch):
-    cfg = tiny_config(**{"train.epochs": EPOCHS, "train.ema": 0.9})
+    cfg = tiny_config(**{"train.epochs": EPOCHS})
     whole = stmae.fit(tiny_mvtec, tmp_path / "whole", cfg, quiet=True)
     # 7 training images (1 held out), batch 4: 2 steps per epoch; step 5 is inside epoch 3.
     run = tmp_path / "stopped"

@@ -9,7 +9,7 @@ worse" with "the pipeline differs". This baseline removes the second part: it us
 * the same frozen extractor (:func:`stmae.infer.build_extractor`: EfficientNet-Lite0,
   stride 4/8/16 layers resized bilinearly to one grid and concatenated, optional k x k local
   mean) and the same image loading/resizing (:mod:`stmae.data`);
-* the same per-channel standardisation as ST-MAE when ``cfg.features.standardize`` is on
+* the same per-channel standardisation as ST-MAE
   (:class:`stmae.features.FeatureStats` from the training features);
 * the same end of the map recipe, :func:`stmae.pipeline.postprocess` (bilinear upsampling of
   the grid map to the input size, smoothing, image score) and the same metrics (:mod:`stmae.metrics`);
@@ -182,7 +182,7 @@ def fit_bank(
     *,
     device: str | torch.device = "cpu",
 ) -> MemoryBank:
-    """Extract training features, standardise them like ST-MAE (if configured) and keep a
+    """Extract training features, standardise them like ST-MAE and keep a
     greedy coreset of ``max(1, int(coreset_ratio * patches))`` patches."""
     if not 0.0 < coreset_ratio <= 1.0:
         raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -203,7 +203,7 @@ def training_features(
     dev = torch.device(device)
     extractor = build_extractor(cfg).to(dev).eval()
     feats = extract_features(extractor, train_samples, cfg.features.image_size, device=dev, desc="train features", quiet=quiet)
-    return extractor, feats, FeatureStats.for_training(feats, cfg.features.standardize)
+    return extractor, feats, FeatureStats.from_features(feats)
 
 
 def knn_baseline(
@@ -224,7 +224,7 @@ def knn_baseline(
         test_samples: labelled test images; samples without a mask count as all-normal
             pixels (pixel metrics are None when no sample has a defect pixel).
         cfg: an stmae :class:`~stmae.config.Config`; only ``backbone``, ``features``
-            (image_size, grid_size, aggregate, standardize) and ``infer`` (sigma, score,
+            (image_size, grid_size, aggregate) and ``infer`` (sigma, score,
             topk) are used, so passing an ST-MAE run's config compares like with like.
         coreset_ratio: fraction of training patches kept in the bank (greedy k-center);
             1.0 keeps them all.
@@ -317,14 +317,13 @@ def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def make_config(image_size: int, grid_size: int, aggregate: int, standardize: bool = True) -> Config:
+def make_config(image_size: int, grid_size: int, aggregate: int) -> Config:
     """stmae defaults with the feature grid of this protocol (sigma 4, score max are defaults)."""
     cfg = Config().override(
         {
             "features.image_size": image_size,
             "features.grid_size": grid_size,
             "features.aggregate": aggregate,
-            "features.standardize": standardize,
             "infer.sigma": 4.0,
             "infer.score": "max",
         }

@@ -109,7 +109,8 @@ def test_tiny_run_writes_and_merges(tmp_path, monkeypatch):
     # digit 1 against all others is easy even after one epoch (written: 0.990 / 1.0 / 1.0 / 1.0)
     assert scores["knn/max"]["image_auroc"] == 1.0
     assert min(v["image_auroc"] for v in scores.values()) >= 0.95, scores
-    assert data["variants"]["ema_0.99"]["config"]["train"]["ema"] == 0.99
+    assert data["variants"]["ema_0.99"]["knobs"] == {"train.ema": 0.99}  # a research knob, not a setting
+    assert "ema" not in data["variants"]["ema_0.99"]["config"]["train"]
     md = out.with_suffix(".md").read_text()
     assert "| ema_0.99 | train.ema=0.99 |" in md
     assert "kNN yardstick (greedy 10 % coreset) on the features of `aggregate_3`: knn/max" in md
@@ -146,7 +147,7 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
     g = cfg.features.grid_size
     train, val = torch.randn(4, ext.out_channels, g, g), torch.randn(6, ext.out_channels, g, g)
     val[3:, :, :2, :2] += 3.0
-    det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.for_training(train, True), copy.deepcopy(cfg))
+    det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.from_features(train), copy.deepcopy(cfg))
     labels = np.array([0, 0, 0, 1, 1, 1])
     rows = ablation.score_variants(det, train, val, labels, None, ["mse_cos/max", "mse_cos/max/memory0.8"])
     assert det.memory is None and det.config.infer.memory == 0.0  # the detector is left as it was

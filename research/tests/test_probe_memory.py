@@ -53,7 +53,7 @@ def test_residual_column_is_the_packages_scoring_and_knn_column_its_yardstick():
     torch.manual_seed(0)
     g = cfg.features.grid_size
     feats = torch.randn(6, ext.out_channels, g, g)
-    det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.for_training(feats, True), copy.deepcopy(cfg))
+    det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.from_features(feats), copy.deepcopy(cfg))
     labels = np.array([0, 0, 0, 1, 1, 1])
     masks = np.zeros((6, cfg.features.image_size, cfg.features.image_size), bool)
     masks[3:, :8, :8] = True

@@ -69,7 +69,7 @@ def test_two_halves_mean_column_is_the_packages_own_scoring():
     ext = build_extractor(cfg).eval()
     torch.manual_seed(0)
     feats = torch.randn(6, ext.out_channels, cfg.features.grid_size, cfg.features.grid_size)
-    det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.for_training(feats, True), copy.deepcopy(cfg))
+    det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.from_features(feats), copy.deepcopy(cfg))
     labels = np.array([0, 0, 0, 1, 1, 1])
     masks = np.zeros((6, cfg.features.image_size, cfg.features.image_size), bool)
     masks[3:, :8, :8] = True

@@ -11,12 +11,13 @@ import copy
 
 import torch
 
-from stmae.model import STMAE
+from stmae.model import STMAE, reconstruction_loss
 import stmae.train as stmae_train
 
 from tests.conftest import RESEARCH, load_benchmark
 
 residual_val = load_benchmark("residual_val", RESEARCH)
+PACKAGE_TRAIN = stmae_train.train_model
 
 SIZE = dict(in_channels=8, grid_size=8, patch_size=2, embed_dim=32, depth=1, num_heads=2,
             decoder_dim=16, decoder_depth=1, decoder_heads=2)
@@ -44,14 +45,15 @@ def test_variance_head_leaves_the_reconstruction_training_unchanged():
             head.var_head.weight.normal_()
         out = head(x, splits)
         assert out.shape == (3, 9, 8, 8)  # the log-variance rides as one extra channel in training
-        loss = stmae_train.reconstruction_loss(out, x, 1.0, 0.9)  # the swapped-in loss
-        loss.backward()
-    residual_val._PACKAGE_LOSS(base(x, splits), x, 1.0, 0.9).backward()
+        swapped = stmae_train.train_model.keywords["loss"]  # the loss fit's training gets now
+        assert swapped is residual_val._variance_loss
+        swapped(out, x, 0.9).backward()
+    reconstruction_loss(base(x, splits), x, 0.9).backward()
     for (name, p), q in zip(base.named_parameters(), (q for n, q in head.named_parameters() if not n.startswith("var_head."))):
         assert torch.equal(p.grad, q.grad), name  # the head's loss reaches no shared weight
     assert float(head.var_head.weight.grad.abs().sum()) > 0  # ... but trains the head
-    # Outside the context the class and the training loss are the package's again.
-    assert stmae_train.reconstruction_loss is residual_val._PACKAGE_LOSS
+    # Outside the context the class and the training loop are the package's again.
+    assert stmae_train.train_model is PACKAGE_TRAIN
     assert head.eval()(x, splits).shape == (3, 8, 8, 8)
 
 

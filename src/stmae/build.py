@@ -35,7 +35,7 @@ def build_extractor(config: Config, weights: str | None = None) -> FeatureExtrac
     backbone = build_backbone(
         config.backbone.name, layers=config.backbone.layers, weights=weights or config.backbone.weights
     )
-    return FeatureExtractor(backbone, config.features.grid_size, config.features.aggregate, config.features.pad)
+    return FeatureExtractor(backbone, config.features.grid_size, config.features.aggregate)
 
 
 __all__ = ["build_extractor", "build_model"]

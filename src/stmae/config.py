@@ -9,7 +9,6 @@ one field changed".
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,25 +24,19 @@ from .thresholds import MIN_CALIBRATION_IMAGES, parse_rule
 RESIDUALS = ("mse", "cos", "mse_cos", "mahalanobis")
 
 
-def check_block(num_tokens: int, block: int) -> tuple[int, int]:
-    """(token grid side, blocks per side) for a split in ``block`` x ``block`` token blocks;
-    ValueError when it cannot split evenly. Pure arithmetic, so that :meth:`Config.validate`
-    needs no torch; :mod:`stmae.model.decoupling` uses the same function."""
-    side = math.isqrt(num_tokens)
-    if block < 1:
-        raise ValueError(f"split block must be >= 1, got {block}")
-    if side * side != num_tokens or side % block:
-        raise ValueError(
-            f"a split in {block}x{block} token blocks needs a square token grid whose side is a "
-            f"multiple of {block}; got {num_tokens} tokens"
-        )
-    per_side = side // block
-    if per_side**2 % 2:
-        raise ValueError(
-            f"{per_side}x{per_side} blocks of {block}x{block} tokens cannot be split into two equal "
-            "halves; choose a block size that leaves an even number of blocks"
-        )
-    return side, per_side
+#: Settings that are gone: ablation-only switches that no preset set, now research knobs
+#: (``research/_lib/variants.py``, docs/research.md, "Ablation switches"), with the value
+#: every run folder written before their removal holds. The one migration of old configs
+#: (:meth:`Config.set`, which every config file, dict and override goes through): such a key
+#: at that value is dropped, since the run was made without the switch; at any other value
+#: it is refused, since this stmae cannot make or score that run.
+REMOVED_SETTINGS: dict[str, tuple[str, Any]] = {
+    "features.standardize": ("bool", True),
+    "features.pad": ("int", 0),
+    "model.split_block": ("int", 1),
+    "train.cos_weight": ("float", 1.0),
+    "train.ema": ("float", 0.0),
+}
 
 
 class ConfigError(ValueError):
@@ -87,8 +80,6 @@ class FeatureConfig(_Section):
     image_size: int = 256  # images are resized to image_size x image_size
     grid_size: int = 32  # all layers are resized (bilinear) to grid_size x grid_size
     aggregate: int = 3  # k x k local mean of the grid (1 = off); helps (docs/research.md)
-    standardize: bool = True  # per-channel standardisation with training statistics
-    pad: int = 0  # grid cells of reflected image added around it before the backbone, then cropped
 
 
 @dataclass
@@ -103,7 +94,6 @@ class ModelConfig(_Section):
     decoder_depth: int = 1
     decoder_heads: int = 4
     mlp_ratio: float = 4.0
-    split_block: int = 1  # tokens split into halves in blocks of split_block^2 (1 = per token, as the paper)
 
 
 @dataclass
@@ -115,9 +105,7 @@ class TrainConfig(_Section):
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 5
-    cos_weight: float = 1.0  # loss = MSE + cos_weight * (1 - cosine)
     hard_mining: float = 0.9  # share of the easiest grid cells per batch whose loss counts at 0.1 (Dinomaly; 0 = off); chosen on mt_val
-    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     val_fraction: float = 0.1  # share of good images held out to calibrate the threshold
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -209,7 +197,6 @@ class Config:
         _check(f.image_size >= 32, "features.image_size must be >= 32")
         _check(f.grid_size >= 2, "features.grid_size must be >= 2")
         _check(f.aggregate >= 1 and f.aggregate % 2 == 1, "features.aggregate must be odd and >= 1")
-        _check(0 <= f.pad < f.grid_size, "features.pad must be in [0, grid_size)")
         _check(m.patch_size >= 1, "model.patch_size must be >= 1")
         _check(
             f.grid_size % m.patch_size == 0,
@@ -221,12 +208,6 @@ class Config:
             f"(grid_size / patch_size)^2 = {tokens} tokens; it must be even and >= 4 so the "
             "patches split into two equal halves",
         )
-        _check(m.split_block >= 1, "model.split_block must be >= 1")
-        if m.split_block > 1:
-            try:
-                check_block(tokens, m.split_block)
-            except ValueError as exc:
-                raise ConfigError(f"model.split_block: {exc}") from None
         _check(m.embed_dim % m.num_heads == 0, "model.embed_dim must be divisible by model.num_heads")
         _check(
             m.decoder_dim % m.decoder_heads == 0,
@@ -235,7 +216,6 @@ class Config:
         _check(m.depth >= 1 and m.decoder_depth >= 1, "model.depth and model.decoder_depth must be >= 1")
         _check(t.epochs >= 1, "train.epochs must be >= 1")
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
-        _check(0.0 <= t.ema < 1.0, "train.ema must be in [0, 1)")
         _check(0.0 <= t.hard_mining < 1.0, "train.hard_mining must be in [0, 1)")
         _check(0.0 <= t.val_fraction < 1.0, "train.val_fraction must be in [0, 1)")
         _check(t.checkpoint_seconds >= 0, "train.checkpoint_seconds must be >= 0")
@@ -279,7 +259,13 @@ class Config:
         return cfg
 
     def set(self, key: str, value: Any, source: str = "override") -> None:
-        """Set ``section.field`` (or a field name unique across sections) with type coercion."""
+        """Set ``section.field`` (or a field name unique across sections) with type coercion.
+
+        A removed setting (:data:`REMOVED_SETTINGS`) at its old value is dropped, at another
+        value refused, so old run folders load and nothing asks silently for a gone switch.
+        """
+        if _removed(key, value, source):
+            return
         section, name = self._resolve(key, source)
         obj = getattr(self, section)
         current = {f.name: f for f in fields(obj)}[name]
@@ -432,6 +418,22 @@ def _rule_ok(rule: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _removed(key: str, value: Any, source: str) -> bool:
+    """True when ``key`` is a removed setting (:data:`REMOVED_SETTINGS`, dotted or by its
+    field name) holding its old value; ConfigError naming it when it holds another."""
+    full = key if "." in key else next((k for k in REMOVED_SETTINGS if k.split(".", 1)[1] == key), key)
+    if full not in REMOVED_SETTINGS:
+        return False
+    type_name, old = REMOVED_SETTINGS[full]
+    if _coerce(value, type_name, f"{source}: {full}") == old:
+        return True
+    raise ConfigError(
+        f"{source}: {full} = {value!r}: {full} was an ablation-only switch and is no longer an stmae "
+        f"setting (only {full} = {old!r}, the way every preset ran, is accepted); its variants are "
+        "research knobs now (research/_lib/variants.py, run by research/ablation.py)"
+    )
 
 
 def _check(ok: bool, message: str) -> None:

@@ -39,18 +39,13 @@ class FeatureExtractor(nn.Module):
         backbone: a frozen :class:`stmae.backbones.Backbone` returning the chosen layers.
         grid_size: output side; every layer is resized to it.
         aggregate: odd k for a k x k local mean (1 = none).
-        pad: grid cells of reflected image added on every side before the backbone and
-            cropped off the grid afterwards (0 = none). Border cells then see image-like
-            context in the CNN and in the local mean instead of zero padding; the grid the
-            transformer sees, and so the anomaly map, still covers exactly the image.
     """
 
-    def __init__(self, backbone: Backbone, grid_size: int, aggregate: int = 1, pad: int = 0) -> None:
+    def __init__(self, backbone: Backbone, grid_size: int, aggregate: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
         self.grid_size = grid_size
         self.aggregate = aggregate
-        self.pad = pad
         self.out_channels = sum(backbone.channels[name] for name in backbone.layers)
 
     @torch.no_grad()
@@ -68,21 +63,23 @@ class FeatureExtractor(nn.Module):
         return self._features(images)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.pad
-        if p:
-            # p cells of the grid are p * H / grid pixels; reflect needs fewer than H.
-            # int(): under ONNX tracing a size is a tensor; the export's image size is fixed anyway
-            ph, pw = round(p * int(images.shape[-2]) / self.grid_size), round(p * int(images.shape[-1]) / self.grid_size)
-            images = F.pad(images, (pw, pw, ph, ph), mode="reflect")
+        return self.grid_features(images, self.grid_size).contiguous()
+
+    def grid_features(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """Every chosen layer of the backbone on ``images``, resized (bilinear) to a
+        ``size x size`` grid, concatenated on channels, then the local mean.
+
+        ``size`` is a parameter (not always ``grid_size``) so that a variant extractor
+        (research's padded one, docs/research.md) can run the same steps on a larger input.
+        """
         if not tracing():
             # Channels-last input: oneDNN's and cuDNN's faster kernels for this backbone, with
             # the same values on the CPU (bit for bit on Magnetic Tile). 1.7x faster on an H200
             # (research/results/gpu_stages.json), about 1.5x on this project's 2-core Xeon.
             images = images.contiguous(memory_format=torch.channels_last)
         outputs = self.backbone(images)
-        size = (self.grid_size + 2 * p, self.grid_size + 2 * p)
         maps = [
-            F.interpolate(outputs[name].float(), size=size, mode="bilinear", align_corners=False)
+            F.interpolate(outputs[name].float(), size=(size, size), mode="bilinear", align_corners=False)
             for name in self.backbone.layers
         ]
         feats = torch.cat(maps, dim=1)
@@ -92,9 +89,7 @@ class FeatureExtractor(nn.Module):
             # good image: the kNN yardstick fell from 0.925 to 0.800 image AUROC on Magnetic
             # Tile (benchmarks/results/baseline_knn_magnetic_tile.json notes).
             feats = F.avg_pool2d(feats, self.aggregate, stride=1, padding=self.aggregate // 2, count_include_pad=True)
-        if p:
-            feats = feats[..., p : p + self.grid_size, p : p + self.grid_size]
-        return feats.contiguous()
+        return feats
 
 
 class FeatureStats(nn.Module):
@@ -114,11 +109,6 @@ class FeatureStats(nn.Module):
         self.register_buffer("std", std)
 
     @classmethod
-    def identity(cls, channels: int) -> "FeatureStats":
-        """Statistics that leave features unchanged (standardisation off)."""
-        return cls(torch.zeros(channels), torch.ones(channels))
-
-    @classmethod
     def from_features(cls, feats: torch.Tensor, eps: float = 1e-6) -> "FeatureStats":
         """Channel statistics over all images and positions of (N, C, G, G) features.
 
@@ -128,11 +118,6 @@ class FeatureStats(nn.Module):
         mean = x.mean(dim=1)
         std = x.std(dim=1).clamp_min(eps)
         return cls(mean.float(), std.float())
-
-    @classmethod
-    def for_training(cls, feats: torch.Tensor, standardize: bool) -> "FeatureStats":
-        """Statistics of training features, or the identity when standardisation is off."""
-        return cls.from_features(feats) if standardize else cls.identity(feats.shape[1])
 
     def apply(self, feats: torch.Tensor) -> torch.Tensor:
         """Standardise (N, C, G, G) features (broadcast over N, G, G)."""

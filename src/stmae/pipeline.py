@@ -32,7 +32,8 @@ from torch import nn
 from .config import InferConfig
 from .features import FeatureExtractor, FeatureStats
 from .mapops import blur_operator, blur_radius, resize_operator
-from .model import STMAE, PatchMemory, ResidualStats, complementary_splits, feature_residual
+from .model import STMAE, PatchMemory, ResidualStats, complementary_splits, feature_residual, random_splits
+from .model.decoupling import SplitDrawer
 from .thresholds import Calibration
 
 if TYPE_CHECKING:
@@ -203,6 +204,9 @@ class MapPipeline(nn.Module):
         self.config = config
         self.calibration = calibration
         self._splits: dict[tuple, torch.Tensor] = {}
+        #: How the K test-time pairs are drawn (:data:`stmae.model.decoupling.SplitDrawer`):
+        #: per token, as in training; a study of other splits sets its own drawer here.
+        self.draw_splits: SplitDrawer = random_splits
         for p in self.parameters():
             p.requires_grad_(False)
         if check:  # off while fitting: the parts are filled in afterwards (stmae.fitting)
@@ -257,10 +261,10 @@ class MapPipeline(nn.Module):
         if self.model is None:
             return torch.zeros(0, 2, 1, dtype=torch.long)
         c, device = self.config, self.feature_stats.mean.device
-        key = (c.infer.num_pairs, c.train.seed, c.model.split_block, self.model.num_tokens, device)
+        key = (c.infer.num_pairs, c.train.seed, self.draw_splits, self.model.num_tokens, device)
         if key not in self._splits:
             self._splits[key] = complementary_splits(
-                self.model.num_tokens, c.infer.num_pairs, seed=c.train.seed, block=c.model.split_block
+                self.model.num_tokens, c.infer.num_pairs, seed=c.train.seed, draw=self.draw_splits
             ).to(device)
         return self._splits[key]
 

@@ -5,8 +5,8 @@ about 3 h on two cores), and even the default takes tens of minutes on a large t
 longer than a laptop stays awake or a shared machine's job slot lasts. ``fit`` therefore
 writes the training state into the run folder every few minutes
 (``train.checkpoint_seconds``, 300 by default; a few MB for the default model, ~40 MB for
-``accurate``'s, well under a second) as ``train_state.pt`` (weights, optimizer moments, the step, the random generators,
-the averaged weights and the losses so far), always at an epoch boundary, and ``fit(...,
+``accurate``'s, well under a second) as ``train_state.pt`` (weights, optimizer moments, the step, the random generators
+and the losses so far), always at an epoch boundary, and ``fit(...,
 resume=True)`` (``stmae fit --resume``) continues from it. Because the state includes the
 generator that draws the batches and the splits, a resumed fit on the same device produces
 the same weights as one that was never stopped (``tests/test_resume.py``).
@@ -69,7 +69,6 @@ class TrainState:
     generator: torch.Tensor
     torch_rng: torch.Tensor
     losses: list[float] = field(default_factory=list)
-    ema: list[torch.Tensor] | None = None
     train_seconds: float = 0.0  # training time spent before this state was saved, all sessions
 
     def save(self, path: str | os.PathLike) -> None:
@@ -84,7 +83,6 @@ class TrainState:
             "generator": self.generator,
             "torch_rng": self.torch_rng,
             "losses": list(self.losses),
-            "ema": None if self.ema is None else [t.detach().cpu() for t in self.ema],
             "train_seconds": float(self.train_seconds),
         }
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -114,7 +112,6 @@ class TrainState:
             generator=payload["generator"],
             torch_rng=payload["torch_rng"],
             losses=[float(x) for x in payload["losses"]],
-            ema=payload["ema"],
             train_seconds=float(payload.get("train_seconds", 0.0)),
         )
 

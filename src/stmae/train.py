@@ -37,6 +37,7 @@ from .inputs import Item, expand, load_rgb
 from .infer import Detector
 from .pipeline import MapPipeline
 from .model import STMAE, random_splits, reconstruction_loss
+from .model.decoupling import SplitDrawer
 from .provenance import code_revision
 from .resume import STATE_FILE, TrainState, fingerprint, starting_state
 
@@ -119,14 +120,21 @@ def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
     return base * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+#: A training loss: ``loss(reconstruction, features, hard_mining)`` -> scalar, where
+#: ``hard_mining`` is ``train.hard_mining`` (so a replacement can mine hard cells alike).
+LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
 def train_model(
     model: STMAE,
     feats: torch.Tensor,
     cfg: TrainConfig,
     device: torch.device,
     quiet: bool = False,
-    split_block: int = 1,
     *,
+    loss: LossFn = reconstruction_loss,
+    draw_splits: SplitDrawer = random_splits,
+    after_step: Callable[[int], None] | None = None,
     state_path: str | os.PathLike | None = None,
     state_fingerprint: str = "",
     start: TrainState | None = None,
@@ -135,10 +143,15 @@ def train_model(
     """Train ``model`` to reconstruct standardised features (N, C, G, G); returns epoch losses.
 
     Each step draws a fresh random split per image (the decoupling), so over training every
-    patch is reconstructed from many different halves of its image. With ``cfg.ema > 0`` an
-    exponential moving average of the weights (decay ``cfg.ema`` per step) replaces the
-    final weights: it smooths the noise of the random splits out of the last steps.
-    ``split_block`` > 1 splits in square blocks of tokens (see ``model.decoupling``).
+    patch is reconstructed from many different halves of its image.
+
+    Three extension points, so that a training variant (the ablation study's, in
+    ``research/_lib/variants.py``) reuses this loop instead of copying it; their defaults
+    are the package's training: ``loss`` (:data:`LossFn`, default
+    :func:`~stmae.model.reconstruction_loss`), ``draw_splits`` (the per-step splits,
+    :data:`~stmae.model.decoupling.SplitDrawer`, default per token), and ``after_step``,
+    called with the 0-based index of every optimizer step just taken (e.g. to average the
+    weights). A saved state holds none of them: resume with the same ones.
 
     With ``state_path``, the training state is written there (``stmae.resume``) at the
     first epoch boundary after every ``save_every`` seconds of training (default
@@ -156,7 +169,6 @@ def train_model(
     losses: list[float] = []
     step = 0
     first_epoch = 0
-    ema = [p.detach().clone() for p in model.parameters()] if cfg.ema > 0 else None
     earlier_seconds = 0.0
     if start is not None:
         model.load_state_dict(start.model)
@@ -164,8 +176,6 @@ def train_model(
         gen.set_state(start.generator)
         torch.set_rng_state(start.torch_rng)
         step, first_epoch, losses, earlier_seconds = start.step, start.epoch, list(start.losses), start.train_seconds
-        if ema is not None and start.ema is not None:
-            ema = [t.to(device) for t in start.ema]
     if save_every is None:
         save_every = cfg.checkpoint_seconds
     began = last_save = time.perf_counter()
@@ -175,7 +185,7 @@ def train_model(
         TrainState(
             fingerprint=state_fingerprint, epoch=epoch, step=step, model=model.state_dict(),
             optimizer=opt.state_dict(), generator=gen.get_state(), torch_rng=torch.get_rng_state(),
-            losses=losses, ema=ema, train_seconds=earlier_seconds + time.perf_counter() - began,
+            losses=losses, train_seconds=earlier_seconds + time.perf_counter() - began,
         ).save(state_path)  # type: ignore[arg-type]
 
     bar = tqdm(range(first_epoch, cfg.epochs), desc="train", unit="epoch", disable=quiet, leave=False,
@@ -186,22 +196,17 @@ def train_model(
         for first in range(0, n, cfg.batch_size):
             idx = order[first : first + cfg.batch_size]
             batch = feats[idx].to(device, non_blocking=True)
-            split = random_splits(len(idx), model.num_tokens, generator=gen, device=device, block=split_block)
+            split = draw_splits(len(idx), model.num_tokens, gen, device)
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, total, warmup, cfg.lr)
             with autocast(device):
-                loss = reconstruction_loss(model(batch, split).float(), batch, cfg.cos_weight, cfg.hard_mining)
+                value = loss(model(batch, split).float(), batch, cfg.hard_mining)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
-            if ema is not None:
-                # Warm-up of the decay (as TensorFlow's num_updates) so short runs do not
-                # average in the random initial weights.
-                decay = min(cfg.ema, (1.0 + step) / (10.0 + step))
-                with torch.no_grad():
-                    for avg, param in zip(ema, model.parameters()):
-                        avg.lerp_(param.detach(), 1.0 - decay)
-            running += loss.item() * len(idx)
+            if after_step is not None:
+                after_step(step)
+            running += value.item() * len(idx)
             step += 1
         losses.append(running / n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -210,10 +215,6 @@ def train_model(
             last_save, saved_epoch = time.perf_counter(), epoch + 1
     if state_path is not None and saved_epoch is not None and saved_epoch != cfg.epochs:
         save_state(cfg.epochs)
-    if ema is not None:  # the averaged weights are the ones kept
-        with torch.no_grad():
-            for param, avg in zip(model.parameters(), ema):
-                param.copy_(avg)
     model.eval()
     return losses
 
@@ -290,14 +291,14 @@ def fit(
         extractor, samples, cfg.features.image_size, batch_size=cfg.infer.batch_size, device=device, quiet=quiet
     )
     train_feats = feats[torch.from_numpy(train_idx)]
-    stats = FeatureStats.for_training(train_feats, cfg.features.standardize)
+    stats = FeatureStats.from_features(train_feats)
     model = build_model(cfg, extractor.out_channels)
     state_path = Path(out_dir) / STATE_FILE
     state_id = fingerprint(cfg.to_dict(), [str(samples[i].path or samples[i].name) for i in train_idx])
     start = starting_state(state_path, state_id, resume)
     train_started = time.perf_counter()
     losses = train_model(
-        model, stats.apply(train_feats), cfg.train, device, quiet=quiet, split_block=cfg.model.split_block,
+        model, stats.apply(train_feats), cfg.train, device, quiet=quiet,
         state_path=state_path, state_fingerprint=state_id, start=start,
     )
     # A resumed fit reports the training time of all its sessions, not only the last one.

@@ -3,7 +3,7 @@
 from .decoupling import complementary_splits, random_splits
 from .memory import PatchMemory
 from .residual import RESIDUALS, ResidualAccumulator, ResidualStats, feature_residual
-from .stmae import STMAE, reconstruction_loss
+from .stmae import STMAE, hard_mined_mean, reconstruction_loss
 
 __all__ = [
     "STMAE",
@@ -14,5 +14,6 @@ __all__ = [
     "complementary_splits",
     "random_splits",
     "feature_residual",
+    "hard_mined_mean",
     "reconstruction_loss",
 ]

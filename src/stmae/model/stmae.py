@@ -157,24 +157,29 @@ def _expand(index: torch.Tensor, dim: int) -> torch.Tensor:
 EASY_CELL_WEIGHT = 0.1
 
 
-def reconstruction_loss(
-    recon: torch.Tensor, feats: torch.Tensor, cos_weight: float = 1.0, hard_mining: float = 0.0
-) -> torch.Tensor:
-    """Training loss on the feature grid: mean squared error + cos_weight * (1 - cosine).
+def reconstruction_loss(recon: torch.Tensor, feats: torch.Tensor, hard_mining: float = 0.0) -> torch.Tensor:
+    """Training loss on the feature grid: mean squared error + (1 - cosine).
 
     The MSE term matches magnitudes; the cosine term matches the direction of each position's
     feature vector, which is what separates semantic content.
 
     ``hard_mining`` > 0 (Dinomaly, Guo et al. 2024): the easiest ``hard_mining`` share of
-    grid cells in the batch (lowest loss) count at :data:`EASY_CELL_WEIGHT`, so training
-    spends itself on the cells it still reconstructs badly, not on refining flat background.
+    grid cells in the batch count at :data:`EASY_CELL_WEIGHT` (:func:`hard_mined_mean`).
     With 0 every cell counts fully (the same value as the plain means above).
     """
     if hard_mining <= 0.0:
         mse = (recon - feats).pow(2).mean()
         cos = 1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6).mean()
-        return mse + cos_weight * cos
-    per_cell = (recon - feats).pow(2).mean(dim=1) + cos_weight * (1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6))
+        return mse + cos
+    per_cell = (recon - feats).pow(2).mean(dim=1) + (1.0 - F.cosine_similarity(recon, feats, dim=1, eps=1e-6))
+    return hard_mined_mean(per_cell, hard_mining)
+
+
+def hard_mined_mean(per_cell: torch.Tensor, hard_mining: float) -> torch.Tensor:
+    """Mean of a per-cell loss (N, G, G) whose lowest ``hard_mining`` share counts at
+    :data:`EASY_CELL_WEIGHT`: training spends itself on the cells it still reconstructs
+    badly, not on refining flat background. Its own function so that another loss (a
+    training variant, :func:`stmae.train.train_model`'s ``loss``) mines alike."""
     cut = torch.quantile(per_cell.detach().flatten().float(), hard_mining)
     weight = torch.where(per_cell.detach() < cut, EASY_CELL_WEIGHT, 1.0)
     return (per_cell * weight).mean()
