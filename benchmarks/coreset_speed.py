@@ -1,7 +1,7 @@
 """Speed of the greedy k-center coreset (``stmae.model.memory.greedy_coreset``) against the
 textbook loop, and whether both pick the same patches.
 
-Why: the memory bank (``infer.memory``) and the kNN yardstick select 10 % of all training
+Why: the memory bank (``infer.distance_weight``) and the kNN yardstick select 10 % of all training
 patches greedily. The textbook loop updates every patch's distance after every pick, a
 matrix-vector product per step bound by memory bandwidth: about an hour for the ~700k
 patches of Magnetic Tile's full train split on a 2-core CPU. The package keeps a short

@@ -52,10 +52,8 @@ Run: ``python benchmarks/speed.py [--data DIR] [--threads 2] [--device cpu]``; w
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -270,9 +268,9 @@ def time_stages(det: Detector, images: list[np.ndarray], calls: int) -> dict[str
             feats = pipe.features(x)
             grid = pipe.grid_maps(feats)
             stages: dict[str, Callable[[], Any]] = {"features": lambda: pipe.features(x)}
-            if pipe.model is not None and pipe.infer.memory < 1:  # stages the recipe skips are not timed
+            if pipe.model is not None and pipe.infer.distance_weight < 1:  # stages the recipe skips are not timed
                 stages["residual"] = lambda: pipe.residual(feats)
-            if pipe.infer.memory > 0:
+            if pipe.infer.distance_weight > 0:
                 stages["distances"] = lambda: pipe.distances(feats)
             stages.update(postprocess=lambda: pipe.postprocess(grid), whole=lambda: pipe(x))
             out[label] = {k: timed(fn, n_calls)["median_ms"] / n for k, fn in stages.items()}
@@ -369,7 +367,7 @@ def bench_knn(train: Sequence[Sample], test: Sequence[Sample], args: argparse.Na
     """The kNN yardstick (the default preset's features and coreset ratio), timed like ST-MAE."""
     cfg = preset_config("default")
     started = time.perf_counter()
-    bank = knn.fit_bank(list(train), cfg, coreset_ratio=cfg.infer.memory_coreset, device=device)
+    bank = knn.fit_bank(list(train), cfg, coreset_ratio=cfg.fit.bank_coreset, device=device)
     fit_seconds = time.perf_counter() - started
     pipe = MapPipeline.knn(bank.extractor, bank.stats, bank.bank, cfg).to(device)
     images = images_of(test, 32)

@@ -100,14 +100,14 @@ def data_path(spec: dict[str, Any]) -> Path:
 #: re-running a variant stays comparable.
 #: The Magnetic Tile protocols differ only in the validation defects (:data:`PAINTERS`).
 _MT: dict[str, Any] = {"data": "magnetic_tile/magnetic_tile", "kind": "mvtec", "preset": "fast",
-                       "epochs": 30, "val": 160, "base": {"infer.memory": 0.0}}
+                       "epochs": 30, "val": 160, "base": {"infer.distance_weight": 0.0}}
 PROTOCOLS: dict[str, dict[str, Any]] = {
-    # infer.memory 0: the residual columns stay the residual alone now that `lowres` blends the
+    # infer.distance_weight 0: the residual columns stay the residual alone now that `lowres` blends the
     # memory (0.9); the memory columns of SCORING_VARIANTS set their share themselves.
     "fmnist": {"data": "fashion_mnist", "kind": "fashion-mnist", "preset": "lowres", "epochs": 15,
-               "val": 400, "base": {"features.aggregate": 1, "infer.memory": 0.0}},
+               "val": 400, "base": {"features.aggregate": 1, "infer.distance_weight": 0.0}},
     "mnist": {"data": "mnist_5k/mnist_5k.csv.gz", "kind": "mnist", "preset": "lowres", "epochs": 15,
-              "val": 400, "base": {"features.aggregate": 1, "infer.memory": 0.0}},
+              "val": 400, "base": {"features.aggregate": 1, "infer.distance_weight": 0.0}},
     "mt": {**_MT, "defect": "one synthetic defect"},
     # Same training data and validation images as "mt"; the defects are long, thin, faint
     # cracks only (:func:`long_crack_defect`), the kind of extended defect where ST-MAE
@@ -188,32 +188,32 @@ SCORING_VARIANTS: dict[str, tuple] = {
     "mse_cos/max/sigma8": ("mse_cos", "max", 4, False, {"sigma": 8.0}),
     "mse_cos/max/sigma16": ("mse_cos", "max", 4, False, {"sigma": 16.0}),
     "mse_cos/top10%/sigma8": ("mse_cos", "topk", 4, False, {"sigma": 8.0, "topk": 0.1}),
-    # The residual blended with the memory of good patches (``infer.memory``, docs/design.md, "Design
+    # The residual blended with the memory of good patches (``infer.distance_weight``, docs/design.md, "Design
     # notes"); chosen on Magnetic Tile by probe_memory.py, checked on one-class data with these.
-    "mse_cos/max/memory0.8": ("mse_cos", "max", 4, False, {"memory": 0.8}),
-    "mse_cos/max/K1/memory0.9": ("mse_cos", "max", 1, False, {"memory": 0.9}),
-    "memory alone/max": ("mse_cos", "max", 1, False, {"memory": 1.0}),
-    "mahalanobis/topk/memory0.5": ("mahalanobis", "topk", 4, False, {"memory": 0.5}),
-    "mahalanobis/topk/memory0.8": ("mahalanobis", "topk", 4, False, {"memory": 0.8}),
-    "mahalanobis/topk/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9}),
-    "mahalanobis/topk/memory0.95": ("mahalanobis", "topk", 4, False, {"memory": 0.95}),
-    "memory alone/topk": ("mahalanobis", "topk", 4, False, {"memory": 1.0}),
+    "mse_cos/max/memory0.8": ("mse_cos", "max", 4, False, {"distance_weight": 0.8}),
+    "mse_cos/max/K1/memory0.9": ("mse_cos", "max", 1, False, {"distance_weight": 0.9}),
+    "memory alone/max": ("mse_cos", "max", 1, False, {"distance_weight": 1.0}),
+    "mahalanobis/topk/memory0.5": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.5}),
+    "mahalanobis/topk/memory0.8": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.8}),
+    "mahalanobis/topk/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9}),
+    "mahalanobis/topk/memory0.95": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.95}),
+    "memory alone/topk": ("mahalanobis", "topk", 4, False, {"distance_weight": 1.0}),
     # the blend `lowres` keeps, with other image scores and smoothing (one-class data)
-    "mahalanobis/max/memory0.9": ("mahalanobis", "max", 4, False, {"memory": 0.9}),
-    "mahalanobis/top3%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.03}),
-    "mahalanobis/top5%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.05}),
-    "mahalanobis/top20%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.2}),
-    "mahalanobis/top30%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.3}),
-    "mahalanobis/top40%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.4}),
-    "mahalanobis/top50%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.5}),
-    "mahalanobis/top70%/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 0.7}),
-    "mahalanobis/mean/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "topk": 1.0}),
-    "memory alone/top30%": ("mahalanobis", "topk", 4, False, {"memory": 1.0, "topk": 0.3}),
-    "mahalanobis/topk/sigma0.5/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "sigma": 0.5}),
-    "mahalanobis/topk/sigma2/memory0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "sigma": 2.0}),
+    "mahalanobis/max/memory0.9": ("mahalanobis", "max", 4, False, {"distance_weight": 0.9}),
+    "mahalanobis/top3%/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "topk": 0.03}),
+    "mahalanobis/top5%/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "topk": 0.05}),
+    "mahalanobis/top20%/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "topk": 0.2}),
+    "mahalanobis/top30%/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "topk": 0.3}),
+    "mahalanobis/top40%/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "topk": 0.4}),
+    "mahalanobis/top50%/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "topk": 0.5}),
+    "mahalanobis/top70%/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "topk": 0.7}),
+    "mahalanobis/mean/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "topk": 1.0}),
+    "memory alone/top30%": ("mahalanobis", "topk", 4, False, {"distance_weight": 1.0, "topk": 0.3}),
+    "mahalanobis/topk/sigma0.5/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "sigma": 0.5}),
+    "mahalanobis/topk/sigma2/memory0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "sigma": 2.0}),
     # the gated blend (the default preset's since 344ec6e, chosen on Magnetic Tile's mt_val)
-    "mahalanobis/topk/gated0.8": ("mahalanobis", "topk", 4, False, {"memory": 0.8, "blend": "gated"}),
-    "mahalanobis/topk/gated0.9": ("mahalanobis", "topk", 4, False, {"memory": 0.9, "blend": "gated"}),
+    "mahalanobis/topk/gated0.8": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.8, "blend": "gated"}),
+    "mahalanobis/topk/gated0.9": ("mahalanobis", "topk", 4, False, {"distance_weight": 0.9, "blend": "gated"}),
 }
 
 
@@ -492,7 +492,7 @@ def score_variants(det: Detector, train_feats: torch.Tensor, val_feats: torch.Te
             residual_stats[pairs] = fit_residual_stats(det.pipeline, train_feats)
         det.residual_stats = residual_stats.get(pairs) if residual == "mahalanobis" else None
         det.memory = None
-        if det.config.infer.memory > 0:
+        if det.config.infer.distance_weight > 0:
             if (residual, pairs) not in memories:
                 memories[(residual, pairs)] = fit_memory(det.pipeline, train_feats, train_feats, seed=det.config.train.seed)
             det.memory = memories[(residual, pairs)]

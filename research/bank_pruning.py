@@ -21,7 +21,6 @@ Writes ``research/results/bank_pruning.json``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -107,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = preset("default")
     ds = load_mvtec(args.data)
     train = [ds.train[i] for i in knn.subsample_indices(len(ds.train), args.train, seed=0)]
-    bank = knn.fit_bank(train, cfg, coreset_ratio=cfg.infer.memory_coreset, device=torch.device("cpu"))
+    bank = knn.fit_bank(train, cfg, coreset_ratio=cfg.fit.bank_coreset, device=torch.device("cpu"))
     pipe = MapPipeline.knn(bank.extractor, bank.stats, bank.bank, cfg)
     picks = np.linspace(0, len(ds.test) - 1, args.test).round().astype(int)
     images = [resize_image(ds.test[i].load_image(), cfg.features.image_size) for i in picks]

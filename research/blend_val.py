@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -156,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rows.setdefault(name, {})[split] = metrics(grid, labels, masks, cfg, score_grid)
             print(f"{split} {name:45s} {rows[name][split]}", flush=True)
 
-    bank = knn.fit_bank(fit_train, cfg, coreset_ratio=cfg.infer.memory_coreset)
+    bank = knn.fit_bank(fit_train, cfg, coreset_ratio=cfg.fit.bank_coreset)
     kpipe = MapPipeline.knn(bank.extractor, bank.stats, bank.bank, cfg)
     for split in ("mt_val", "mt_test"):
         labels, masks = truth[split]
@@ -178,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{len(calib)} held out by fit for calibration",
             "mt_val": f"{len(parts['mt_val'])} test images (seeded half, stratified by defect type, good included)",
             "mt_test": f"{len(parts['mt_test'])} test images (the other half)",
-            "model": f"preset {args.preset}, {args.epochs} epochs, K = {cfg.infer.num_pairs}, coreset {cfg.infer.memory_coreset}",
+            "model": f"preset {args.preset}, {args.epochs} epochs, K = {cfg.infer.num_pairs}, coreset {cfg.fit.bank_coreset}",
             "quantiles": BLEND_QUANTILES,
             "metrics": f"image and pixel AUROC exact; AUPRO on {AUPRO_THRESHOLDS} quantile thresholds",
         },

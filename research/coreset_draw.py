@@ -17,7 +17,6 @@ with ``RUN`` a default run folder fitted on the 200-image protocol (e.g. by
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for build, (stats, order, own_seed) in builds.items():
         per_seed = {}
         for seed in seeds:
-            memory = PatchMemory.fit(stats.apply(feats[order]), cfg.infer.memory_coreset, seed=seed)
+            memory = PatchMemory.fit(stats.apply(feats[order]), cfg.fit.bank_coreset, seed=seed)
             per_seed[str(seed)] = score(stats, memory.bank)
             print(build, seed, per_seed[str(seed)], flush=True)
         spread = {
@@ -110,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "protocol": {
             "train": "the 200-image protocol's training images (seeded subsample, seed 42)",
             "scoring": "each bank alone: distance to the nearest bank patch, the run's smoothing and image score",
-            "coreset": f"greedy, {cfg.infer.memory_coreset:g} of the patches, seeds {seeds}",
+            "coreset": f"greedy, {cfg.fit.bank_coreset:g} of the patches, seeds {seeds}",
             "metrics": f"image and pixel AUROC exact; AUPRO on {AUPRO_THRESHOLDS} quantile thresholds",
         },
         "run": str(args.run),

@@ -6,7 +6,7 @@ direction disagree); localising a defect needs one that is high over its whole e
 issue on detection quality saw the split on another data set (the residual localised better,
 the memory ranked images better) and put "a different share for the map than for the image
 score" in scope. This script keeps the image score as the default has it (``infer.residual``,
-``infer.blend``, ``infer.memory``) and scores the *pixel map* many ways from one trained model:
+``infer.blend``, ``infer.distance_weight``) and scores the *pixel map* many ways from one trained model:
 residual kind (``mse_cos``, ``mse``, ``cos``) x blend (``quantile``, ``gated``) x memory share
 (0.5 ... 0.9), plus the memory alone and the same-run kNN yardstick.
 
@@ -16,7 +16,7 @@ the scale the fit stored (measured before those images joined the bank). The scr
 its blend at the run's own settings equals the package's :meth:`MapPipeline.grid_pair`, both maps.
 
 Choice rule (mt_val only): the best mean of pixel AUROC and AUPRO among the rows at the run's
-memory share (so that one ``--memory`` moves both maps) that are at or above the memory alone
+memory share (so that one ``--distance-weight`` moves both maps) that are at or above the memory alone
 on both. The other shares are reported to show what a second share would buy.
 
 Run: ``python research/pixel_map_val.py [--run RUN] [--work DIR] [--data DIR] [--threads 2]``:
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -111,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{run}: its held-out images are not among the 200-image protocol's training images")
     size = cfg.features.image_size
     pipe: MapPipeline = det.pipeline
-    share, score_blend = cfg.infer.memory, cfg.infer.blend
+    share, score_blend = cfg.infer.distance_weight, cfg.infer.blend
     if not 0.0 < share < 1.0:
-        raise SystemExit(f"{run}: infer.memory is {share}; this study needs a blend")
+        raise SystemExit(f"{run}: infer.distance_weight is {share}; this study needs a blend")
 
     # The pixel residuals' scales, from the held-out good images (as the fit measures them).
     calib_res = mean_residuals(pipe, extract_features(det.extractor, calib, size, quiet=True))
@@ -175,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 add(f"{kind} {mode} {s}", lambda g, k=kind, m=mode, s=s: pixel_map(g, k, m, s))
 
     image = {name: image_auroc(g["package_score"], truth[name][0], cfg) for name, g in grids.items()}
-    bank = knn.fit_bank(train, cfg, coreset_ratio=cfg.infer.memory_coreset)  # all 200 banked, as quality.py's
+    bank = knn.fit_bank(train, cfg, coreset_ratio=cfg.fit.bank_coreset)  # all 200 banked, as quality.py's
     kpipe = MapPipeline.knn(bank.extractor, bank.stats, bank.bank, cfg)
     for name, g in grids.items():
         labels, masks = truth[name]

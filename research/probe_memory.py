@@ -20,11 +20,11 @@ without changing the package:
     scale; a deployment would take the medians from held-out good images).
 
 ``package`` (a variant, not a column)
-    The blend as the package adopted it (``infer.memory`` 0.8, i.e. ``hybrid_w0.25``
+    The blend as the package adopted it (``infer.distance_weight`` 0.8, i.e. ``hybrid_w0.25``
     rescaled): :func:`stmae.fit` on the same 200 training images, so 180 are trained on and
     banked and the medians come from the 20 held out, then :meth:`Detector.score_features`
     on each validation set. Columns ``package_memory`` and ``package_residual`` (the same
-    model with ``infer.memory`` 0). It checks that the package reproduces the probe's gain
+    model with ``infer.distance_weight`` 0). It checks that the package reproduces the probe's gain
     without the validation-position medians.
 
 The bank is the kNN yardstick's (``baseline_knn.py``: greedy 10 % coreset of the
@@ -43,7 +43,6 @@ Run: ``python research/probe_memory.py --variants base,epochs_x4,package``.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,7 +136,7 @@ def score_protocol(det: Detector, bank: torch.Tensor, val: torch.Tensor, labels:
 def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     specs = {p: ab.PROTOCOLS[p] for p in PROTOCOLS}
     first = specs[PROTOCOLS[0]]
-    cfg0 = ab.protocol_config(first)  # pins infer.memory 0: the residual column is the paper's map
+    cfg0 = ab.protocol_config(first)  # pins infer.distance_weight 0: the residual column is the paper's map
     setup = {"val": first["val"], "epochs": cfg0.train.epochs}
     results: dict[str, Any] = {
         "description": f"Magnetic Tile validation protocols of ablation.py ({', '.join(PROTOCOLS)}): "
@@ -198,12 +197,12 @@ def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> 
 
 def package_variant(cfg0: Any, train_samples: Sequence[Any], tasks: dict[str, Any], vals: dict[str, torch.Tensor],
                     log: Callable[[str], None]) -> dict[str, Any]:
-    """The ``package`` variant: :func:`stmae.fit` with ``infer.memory`` on, scored with and without it."""
+    """The ``package`` variant: :func:`stmae.fit` with ``infer.distance_weight`` on, scored with and without it."""
     import tempfile
 
     import stmae
 
-    cfg = make_config(cfg0, {"infer.memory": PACKAGE_MEMORY})
+    cfg = make_config(cfg0, {"infer.distance_weight": PACKAGE_MEMORY})
     with tempfile.TemporaryDirectory() as tmp:
         fitted = stmae.fit(list(train_samples), Path(tmp) / "run", cfg, quiet=True)
     det = fitted.detector
@@ -212,9 +211,9 @@ def package_variant(cfg0: Any, train_samples: Sequence[Any], tasks: dict[str, An
         labels = np.array([s.label for s in tasks[proto].test])
         rows = {}
         for column, share in (("package_memory", PACKAGE_MEMORY), ("package_residual", 0.0)):
-            det.config.infer.memory = share
+            det.config.infer.distance_weight = share
             rows[column] = ab.validation_row(labels, None, tasks[proto].masks, *scoring.score_features(det, feats))
-        det.config.infer.memory = PACKAGE_MEMORY
+        det.config.infer.distance_weight = PACKAGE_MEMORY
         scores[proto] = rows
     log("package: " + ", ".join(f"{p} memory {r['package_memory']['image_auroc']:.3f} residual "
                                 f"{r['package_residual']['image_auroc']:.3f}" for p, r in scores.items()))
@@ -233,7 +232,7 @@ def render(results: dict[str, Any]) -> str:
               "`guided<k>` the distance to the closest of the k bank patches nearest the reconstruction; "
               "`hybrid_w<w>` the kNN map plus w times the residual map (each divided by its median); "
               "`package_memory` / `package_residual` the `package` row's `stmae.fit` model (180 trained + 20 "
-              "held out) scored with `infer.memory` 0.8 / 0. "
+              "held out) scored with `infer.distance_weight` 0.8 / 0. "
               "Cells: image AUROC / pixel AUROC; the best image AUROC of a row in bold. `mean` rows: "
               "image AUROC averaged over the three protocols.")
     lines = ["# Memory probes: ST-MAE residual, kNN and their combinations (validation data only)", "",

@@ -33,7 +33,6 @@ Run: ``python research/probe_mt_edge.py --variants base,flip,partitions_4``.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,7 +159,7 @@ def score_model(det: Detector, val: torch.Tensor, labels: np.ndarray, masks: np.
 
 def run(names: Sequence[str], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     spec = ab.PROTOCOLS["mt_edge"]
-    cfg0 = ab.protocol_config(spec)  # pins infer.memory 0: the probes score the paper's map
+    cfg0 = ab.protocol_config(spec)  # pins infer.distance_weight 0: the probes score the paper's map
     setup = {"val": spec["val"], "epochs": cfg0.train.epochs}
     results: dict[str, Any] = {
         "description": f"mt_edge validation (as ablation.py): {spec['val'] // 2} good + {spec['val'] // 2} images with "

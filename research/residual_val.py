@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     keep = knn.subsample_indices(len(ds.train), 200, MT_SUBSAMPLE_SEED)
     train = [ds.train[i] for i in keep]
     parts = split_real_defects(ds.test, seed=0)
-    base = preset_config("fast").override({"train.epochs": args.epochs, "train.device": "cpu", "infer.memory": 0.0})
+    base = preset_config("fast").override({"train.epochs": args.epochs, "train.device": "cpu", "infer.distance_weight": 0.0})
     size = base.features.image_size
     result: dict[str, Any] = {
         "script": "research/residual_val.py",
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def fit_model(name: str) -> Any:
         preset_name, overrides, loss, jitter, _ = MODELS[name]
         cfg = preset_config(preset_name).override(
-            {"train.epochs": args.epochs, **overrides, "train.device": "cpu", "infer.memory": 0.0})
+            {"train.epochs": args.epochs, **overrides, "train.device": "cpu", "infer.distance_weight": 0.0})
         run = args.work / name.replace(" ", "_")
         with variance_head() if name == "variance head" else contextlib.nullcontext():
             if (run / "meta.json").is_file():

@@ -52,7 +52,7 @@ def tiny_config(**overrides) -> Config:
         "train.device": "cpu",
         "infer.num_pairs": 2,
         "infer.sigma": 1.0,
-        "infer.min_calibration": 1,  # tiny sets hold out one or two images on purpose
+        "fit.min_calibration": 1,  # tiny sets hold out one or two images on purpose
     }
     values.update(overrides)
     return cfg.override(values).validate()
@@ -89,7 +89,7 @@ def fit_noise_run(root: Path) -> tuple[Path, np.random.Generator]:
     rng = np.random.default_rng(0)
     for i in range(10):
         write_png(root / "data" / "train" / "good" / f"{i:03d}.png", rng.integers(90, 160, (64, 64, 3), dtype=np.uint8))
-    run = stmae.fit(root / "data", root / "run", tiny_config(**{"train.val_fraction": 0.4}), quiet=True).run_dir
+    run = stmae.fit(root / "data", root / "run", tiny_config(**{"fit.held_out": 0.4}), quiet=True).run_dir
     return run, rng
 
 

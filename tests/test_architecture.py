@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory) -> Path:
     """A tiny fitted run with the memory on (the default blend, two maps)."""
     root = tmp_path_factory.mktemp("arch")
     data = make_tiny_category(root / "tiny", n_train=10, seed=2, masks=False)
-    cfg = tiny_config(**{"train.epochs": 2, "train.val_fraction": 0.3, "infer.memory": 0.8})
+    cfg = tiny_config(**{"train.epochs": 2, "fit.held_out": 0.3, "infer.distance_weight": 0.8})
     return stmae.fit(data, root / "run", cfg, quiet=True).run_dir
 
 
@@ -164,7 +164,7 @@ def test_changing_a_loaded_models_bank_or_calibration_in_place_is_what_it_scores
     assert torch.allclose(dist, x.norm(dim=1), atol=1e-4)  # distance to the zero rows
     # Replacing a part by assignment is scored too.
     det.memory = None
-    det.config.infer.memory = 0.0
+    det.config.infer.distance_weight = 0.0
     assert torch.equal(det.pipeline.grid_pair(x)[1], det.pipeline.residual(x))
 
 
@@ -183,12 +183,12 @@ def test_fit_time_settings_are_locked_on_a_loaded_model(run_dir):
     det = stmae.load(run_dir, device="cpu")
     det.config.infer.num_pairs = 3  # predict-time: allowed, and followed
     assert det.splits.shape[0] == 3
-    for section, key, value in [("infer", "memory_coreset", 0.5), ("infer", "threshold_rule", "fpr:0.1"),
-                                ("features", "image_size", 128), ("train", "val_fraction", 0.3)]:
+    for section, key, value in [("fit", "bank_coreset", 0.5), ("fit", "threshold_rule", "fpr:0.1"),
+                                ("features", "image_size", 128), ("fit", "held_out", 0.3)]:
         with pytest.raises(ConfigError, match=f"{section}.{key} is a fit-time setting"):
             setattr(getattr(det.config, section), key, value)
     with pytest.raises(ConfigError, match="fit-time"):
-        det.config.set("infer.memory_held_out", False)
+        det.config.set("fit.bank_held_out", False)
 
 
 def test_runs_of_the_first_schema_load_through_the_one_migration(run_dir, tmp_path):
@@ -206,6 +206,33 @@ def test_runs_of_the_first_schema_load_through_the_one_migration(run_dir, tmp_pa
     assert det.threshold == t and det.calibration.rule == "max" and "threshold" not in det.meta
     scores = np.array(meta["calibration_scores"]["all"])
     assert det.calibration.center == pytest.approx(float(np.sort(scores)[len(scores) // 2]))
+
+
+def test_runs_written_before_the_renames_load_and_score_the_same(run_dir, tmp_path):
+    """A run folder whose config.yaml holds the settings under their old names (infer.memory,
+    infer.memory_coreset, train.val_fraction, ...) loads through the one migration and scores
+    exactly as the same run under the new names (the very same computation twice)."""
+    import shutil
+
+    import yaml
+
+    from stmae.config import RENAMED_SETTINGS
+
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    for was, now in RENAMED_SETTINGS.items():
+        section, name = now.split(".")
+        value = cfg[section].pop(name)
+        cfg.setdefault(was.split(".")[0], {})[was.split(".")[1]] = value
+    if not cfg["fit"]:
+        del cfg["fit"]
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert "memory" in cfg["infer"] and "val_fraction" in cfg["train"]
+    images = np.random.default_rng(1).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    then, now = stmae.load(old, device="cpu"), stmae.load(run_dir, device="cpu")
+    assert then.config.to_dict() == now.config.to_dict()
+    assert [p.score for p in then.predict(images)] == [p.score for p in now.predict(images)]
 
 
 def test_runs_written_with_the_removed_ablation_settings_load_through_the_one_migration(run_dir, tmp_path):

@@ -59,7 +59,7 @@ def test_cli_fit_predict_test(tiny_mvtec, tmp_path):
 
 @pytest.mark.slow
 def test_cli_residual_ranks_defects_above_good(tmp_path):
-    """The paper's residual alone (``--memory 0``), through the CLI, on the checkerboard set
+    """The paper's residual alone (``--distance-weight 0``), through the CLI, on the checkerboard set
     of ``test_detection.py``, whose grey defects a reconstruction of noise does not find
     (the red squares above are found by any score that grows with the feature norm)."""
     from .test_detection import DETECTION_SETTINGS, write_checkerboard_set
@@ -67,7 +67,7 @@ def test_cli_residual_ranks_defects_above_good(tmp_path):
     root = write_checkerboard_set(tmp_path / "cb")
     cfg = tmp_path / "tiny.yaml"
     tiny_config(**DETECTION_SETTINGS).save(cfg)
-    r = run("fit", str(root), "--out", str(tmp_path / "run"), "--config", str(cfg), "--memory", "0", "-q")
+    r = run("fit", str(root), "--out", str(tmp_path / "run"), "--config", str(cfg), "--distance-weight", "0", "-q")
     assert r.returncode == 0, r.stderr
     r = run("test", str(tmp_path / "run"), str(root), "--out", str(tmp_path / "eval"), "-q")
     assert r.returncode == 0, r.stderr
@@ -78,15 +78,15 @@ def test_cli_residual_ranks_defects_above_good(tmp_path):
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["image_auroc"] == 1.0
 
 @pytest.mark.slow
-def test_cli_memory_option_turns_the_bank_off(tiny_mvtec, tmp_path):
+def test_cli_distance_weight_option_turns_the_bank_off(tiny_mvtec, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     tiny_config().save(cfg)
-    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "run"), "--config", str(cfg), "--memory", "0", "-q")
+    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "run"), "--config", str(cfg), "--distance-weight", "0", "-q")
     assert r.returncode == 0, r.stderr
     assert "memory:" not in r.stdout
-    assert "memory: 0.0" in (tmp_path / "run" / "config.yaml").read_text()
-    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "bad"), "--config", str(cfg), "--memory", "2", "-q")
-    assert r.returncode == 2 and "infer.memory must be in [0, 1]" in r.stderr
+    assert "distance_weight: 0.0" in (tmp_path / "run" / "config.yaml").read_text()
+    r = run("fit", str(tiny_mvtec), "--out", str(tmp_path / "bad"), "--config", str(cfg), "--distance-weight", "2", "-q")
+    assert r.returncode == 2 and "infer.distance_weight must be in [0, 1]" in r.stderr
 
 
 @pytest.mark.slow
@@ -138,7 +138,7 @@ def test_cli_oneclass_writes_one_detecting_row_per_class(tmp_path):
         for i in range(10):
             write_png(tmp_path / "classes" / cls / f"{i}.png", np.clip(rng.normal(level, 8, (32, 32)), 0, 255).astype(np.uint8))
     cfg = tmp_path / "tiny.yaml"
-    tiny_config(**{"infer.memory": 0.5}).save(cfg)
+    tiny_config(**{"infer.distance_weight": 0.5}).save(cfg)
     r = run("oneclass", "folder", str(tmp_path / "classes"), "--normal-class", "dark", "--config", str(cfg),
             "-q", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr

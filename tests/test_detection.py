@@ -13,7 +13,7 @@ replace the reconstruction, or the memory bank, by random features and check tha
 same assertions then fail.
 
 One small model (64 px, 8 x 8 grid, 16 tokens, 40 epochs; about 3 s on one CPU thread) is
-trained once for the module and scored two ways by changing ``infer.memory`` on the
+trained once for the module and scored two ways by changing ``infer.distance_weight`` on the
 detector: 0 (the residual alone) and 1 (the memory alone). Checked robust over train seeds
 0, 1 and 2 (image AUROC 1.0 and every maximum inside its mask, both scorers).
 """
@@ -83,15 +83,15 @@ class Detection:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Detector, Path]:
     root = write_checkerboard_set(tmp_path_factory.mktemp("checkerboard") / "cb")
-    # infer.memory 0.5 builds the bank and its medians; each test picks its own share
-    cfg = tiny_config(**DETECTION_SETTINGS, **{"infer.memory": 0.5})
+    # infer.distance_weight 0.5 builds the bank and its medians; each test picks its own share
+    cfg = tiny_config(**DETECTION_SETTINGS, **{"infer.distance_weight": 0.5})
     result = stmae.fit(root, tmp_path_factory.mktemp("run") / "run", cfg, quiet=True)
     return result.detector, root
 
 
-def detection(detector: Detector, root: Path, memory: float) -> Detection:
-    """Score the test split with ``infer.memory`` = ``memory``; image AUROC and map maxima."""
-    detector.config = detector.config.override({"infer.memory": memory})
+def detection(detector: Detector, root: Path, weight: float) -> Detection:
+    """Score the test split with ``infer.distance_weight`` = ``weight``; image AUROC and map maxima."""
+    detector.config = detector.config.override({"infer.distance_weight": weight})
     good = sorted((root / "test" / "good").glob("*.png"))
     bad = sorted((root / "test" / "grey").glob("*.png"))
     preds = detector.predict(good + bad)
@@ -113,14 +113,14 @@ def detector(trained):
 
 def test_residual_alone_finds_the_defects(detector):
     det, root = detector
-    found = detection(det, root, memory=0.0)
+    found = detection(det, root, weight=0.0)
     assert found.image_auroc >= 0.9
     assert found.max_inside_mask == [True] * N_DEFECT_TEST
 
 
 def test_memory_alone_finds_the_defects(detector):
     det, root = detector
-    found = detection(det, root, memory=1.0)
+    found = detection(det, root, weight=1.0)
     assert found.image_auroc >= 0.9
     assert found.max_inside_mask == [True] * N_DEFECT_TEST
 
@@ -133,7 +133,7 @@ def test_noise_reconstruction_fails_the_residual_check(detector, monkeypatch):
         det.model, "forward",
         lambda feats, *args, **kwargs: torch.randn(feats.shape, generator=generator).to(feats),
     )
-    found = detection(det, root, memory=0.0)
+    found = detection(det, root, weight=0.0)
     assert not found.passes, found
     assert found.image_auroc < 0.9
 
@@ -145,7 +145,7 @@ def test_noise_memory_fails_the_memory_check(detector, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(det.memory.bank.shape, generator=generator).to(det.memory.bank)
     monkeypatch.setattr(det.memory, "bank", noise)
-    found = detection(det, root, memory=1.0)
+    found = detection(det, root, weight=1.0)
     assert not found.passes, found
     assert found.image_auroc < 0.9
 
@@ -154,9 +154,9 @@ def test_noise_memory_fails_the_memory_check(detector, monkeypatch):
 def test_hard_mined_training_finds_the_defects_too(tmp_path):
     """``train.hard_mining`` (Dinomaly's down-weighting of easy cells) still learns a residual that detects."""
     root = write_checkerboard_set(tmp_path / "cb")
-    cfg = tiny_config(**DETECTION_SETTINGS, **{"infer.memory": 0.0, "train.hard_mining": 0.9})
+    cfg = tiny_config(**DETECTION_SETTINGS, **{"infer.distance_weight": 0.0, "train.hard_mining": 0.9})
     result = stmae.fit(root, tmp_path / "run", cfg, quiet=True)
     plain = stmae.fit(root, tmp_path / "plain", cfg.override({"train.hard_mining": 0.0}), quiet=True)
     assert result.losses[-1] < plain.losses[-1]  # easy cells count at 0.1: a smaller loss on the same data
-    found = detection(result.detector, root, memory=0.0)
+    found = detection(result.detector, root, weight=0.0)
     assert found.passes, found

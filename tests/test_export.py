@@ -27,11 +27,11 @@ from .conftest import make_tiny_category, tiny_config
 
 VARIANTS = {
     "default": {},
-    "memory0": {"infer.memory": 0.0},
-    "memory1": {"infer.memory": 1.0},
-    "mahalanobis": {"infer.residual": "mahalanobis", "infer.memory": 0.0},
+    "memory0": {"infer.distance_weight": 0.0},
+    "memory1": {"infer.distance_weight": 1.0},
+    "mahalanobis": {"infer.residual": "mahalanobis", "infer.distance_weight": 0.0},
     # non-default K and a top-k score (traces differently)
-    "k5_topk": {"infer.num_pairs": 5, "infer.memory": 0.5, "infer.score": "topk", "infer.topk": 0.05},
+    "k5_topk": {"infer.num_pairs": 5, "infer.distance_weight": 0.5, "infer.score": "topk", "infer.topk": 0.05},
 }
 
 
@@ -45,7 +45,7 @@ def tiny_root(tmp_path_factory) -> Path:
 def default_run(tiny_root, tmp_path_factory) -> Path:
     """A fitted default tiny run, exported as model.onnx and model.xml (read-only for the tests)."""
     # 3 held-out images (not 1): a threshold from one image left every test image above it
-    cfg = tiny_config(**{"train.val_fraction": 0.4})
+    cfg = tiny_config(**{"fit.held_out": 0.4})
     run = stmae.fit(tiny_root, tmp_path_factory.mktemp("runs") / "default", cfg, quiet=True).run_dir
     export_model(run)
     export_model(run, format="openvino")
@@ -123,7 +123,7 @@ def test_graph_inputs_outputs_metadata_and_threshold_override(tiny_root, default
     det = stmae.load(run, device="cpu")
     assert float(props["threshold"]) == pytest.approx(det.threshold)
     assert props["image_size"] == "64" and props["input_layout"] == "uint8_nhwc" and props["opset"] == "18"
-    assert meta["config"]["infer"]["memory"] == det.config.infer.memory
+    assert meta["config"]["infer"]["distance_weight"] == det.config.infer.distance_weight
     assert meta["stmae_version"] == stmae.__version__ and "provenance" in meta
     assert json.loads(sidecar_path(path).read_text()) == meta
     # threshold and center are initializers *and* inputs: defaults that can be overridden

@@ -1,4 +1,4 @@
-"""The memory of good patches (``infer.memory``): bank, scaling, blend, run folders, presets."""
+"""The memory of good patches (``infer.distance_weight``): bank, scaling, blend, run folders, presets."""
 
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def test_memory_tensors_round_trip():
 
 
 def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, tmp_path):
-    cfg = tiny_config(**{"infer.memory": 0.8, "infer.memory_coreset": 0.5, "infer.blend": "median",
+    cfg = tiny_config(**{"infer.distance_weight": 0.8, "fit.bank_coreset": 0.5, "infer.blend": "median",
                          "infer.pixel_residual": "same", "infer.pixel_blend": "same"})
     fitted = stmae.fit(tiny_mvtec, tmp_path / "run", cfg, quiet=True)
     det = fitted.detector
@@ -242,18 +242,18 @@ def test_fit_stores_the_bank_and_scores_blend_residual_and_distance(tiny_mvtec, 
     x = det.stats.apply(torch.randn(2, det.stats.mean.shape[0], 8, 8))
     expected = 0.2 * det.pipeline.residual(x) / det.memory.residual_median + 0.8 * det.memory.distances(x) / det.memory.distance_median
     assert torch.allclose(det.pipeline.grid_maps(x), expected)
-    # infer.memory = 0 on the same detector is the pure residual, and the threshold moved with the scale.
-    det.config.infer.memory = 0.0
+    # infer.distance_weight = 0 on the same detector is the pure residual, and the threshold moved with the scale.
+    det.config.infer.distance_weight = 0.0
     assert torch.equal(det.pipeline.grid_maps(x), det.pipeline.residual(x))
     det.memory = None
-    det.config.infer.memory = 0.5
+    det.config.infer.distance_weight = 0.5
     with pytest.raises(ValueError, match="no memory bank"):
         det.pipeline.grid_maps(x)
 
 
 def test_calibration_medians_come_from_the_held_out_images_which_can_then_join_the_bank(tiny_mvtec, tmp_path):
-    cfg = tiny_config(**{"infer.memory": 0.5, "train.val_fraction": 0.25, "infer.memory_coreset": 1.0,
-                         "infer.memory_held_out": True})
+    cfg = tiny_config(**{"infer.distance_weight": 0.5, "fit.held_out": 0.25, "fit.bank_coreset": 1.0,
+                         "fit.bank_held_out": True})
     det = stmae.fit(tiny_mvtec, tmp_path / "run", cfg, quiet=True).detector
     from stmae.data import open_dataset
     from stmae.features import extract_features
@@ -285,26 +285,26 @@ def test_calibration_medians_come_from_the_held_out_images_which_can_then_join_t
 
 
 def test_no_bank_without_memory_and_old_runs_load_as_pure_residual(tiny_mvtec, tmp_path):
-    fitted = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"infer.memory": 0.0}), quiet=True)
+    fitted = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"infer.distance_weight": 0.0}), quiet=True)
     assert fitted.detector.memory is None and "memory" not in fitted.meta
     run = load_run(fitted.run_dir)
-    assert run.memory is None and run.config.infer.memory == 0.0
-    # A config.yaml written before infer.memory existed: those runs scored the pure residual.
+    assert run.memory is None and run.config.infer.distance_weight == 0.0
+    # A config.yaml written before infer.distance_weight existed: those runs scored the pure residual.
     path = fitted.run_dir / "config.yaml"
     data = yaml.safe_load(path.read_text())
-    del data["infer"]["memory"], data["infer"]["memory_coreset"]
+    del data["infer"]["distance_weight"], data["fit"]["bank_coreset"]
     path.write_text(yaml.safe_dump(data))
-    assert Config().infer.memory > 0  # the default would otherwise ask for a bank
-    assert load_run(fitted.run_dir).config.infer.memory == 0.0
+    assert Config().infer.distance_weight > 0  # the default would otherwise ask for a bank
+    assert load_run(fitted.run_dir).config.infer.distance_weight == 0.0
     # A config that asks for the memory without a stored bank is refused, naming the file.
-    data["infer"]["memory"] = 0.8
+    data["infer"]["distance_weight"] = 0.8
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*no memory bank"):
         load_run(fitted.run_dir)
 
 
 def test_runs_written_before_the_pixel_map_load_with_one_map(tiny_mvtec, tmp_path):
-    fitted = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"infer.memory": 0.8}), quiet=True)
+    fitted = stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"infer.distance_weight": 0.8}), quiet=True)
     x = fitted.detector.stats.apply(torch.randn(2, fitted.detector.stats.mean.shape[0], 8, 8))
     pixel, score = fitted.detector.pipeline.grid_pair(x)
     assert (pixel - score).abs().max() > 1e-3  # the default: two maps
@@ -325,15 +325,15 @@ def test_runs_written_before_the_pixel_map_load_with_one_map(tiny_mvtec, tmp_pat
 
 
 def test_memory_settings_are_validated_and_chosen_per_preset():
-    with pytest.raises(ConfigError, match="infer.memory must be in"):
-        Config().override({"infer.memory": 1.5}).validate()
-    with pytest.raises(ConfigError, match="memory_coreset"):
-        Config().override({"infer.memory_coreset": 0.0}).validate()
-    assert Config().infer.memory == preset("accurate").infer.memory == preset("fast").infer.memory == 0.8
+    with pytest.raises(ConfigError, match="infer.distance_weight must be in"):
+        Config().override({"infer.distance_weight": 1.5}).validate()
+    with pytest.raises(ConfigError, match="fit.bank_coreset"):
+        Config().override({"fit.bank_coreset": 0.0}).validate()
+    assert Config().infer.distance_weight == preset("accurate").infer.distance_weight == preset("fast").infer.distance_weight == 0.8
     assert preset("default").to_dict() == Config().to_dict()
     assert Config().infer.blend == preset("fast").infer.blend == "gated"
-    assert preset("demo").infer.memory == 0.0
-    assert (preset("lowres").infer.memory, preset("lowres").infer.blend) == (0.9, "quantile")
+    assert preset("demo").infer.distance_weight == 0.0
+    assert (preset("lowres").infer.distance_weight, preset("lowres").infer.blend) == (0.9, "quantile")
     with pytest.raises(ConfigError, match="infer.blend must be median, quantile or gated"):
         Config().override({"infer.blend": "max"}).validate()
     assert (Config().infer.pixel_residual, Config().infer.pixel_blend) == ("mse", "quantile")

@@ -23,7 +23,7 @@ from .conftest import tiny_config
 def fitted(tiny_mvtec, tmp_path):
     # The held-out image stays out of the bank, so that scoring it afresh reproduces the
     # threshold (banking it after calibration is tested in test_memory.py).
-    return stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"infer.memory_held_out": False}), quiet=True)
+    return stmae.fit(tiny_mvtec, tmp_path / "run", tiny_config(**{"fit.bank_held_out": False}), quiet=True)
 
 
 def test_fit_writes_self_describing_run(fitted, tiny_mvtec):
@@ -204,6 +204,35 @@ def test_removed_ablation_settings_are_dropped_at_their_old_value_and_refused_ot
     assert not any(hasattr(getattr(Config(), k.split(".")[0]), k.split(".")[1]) for k in REMOVED_SETTINGS)
 
 
+def test_renamed_settings_are_read_under_their_new_names_and_both_at_once_is_refused(tmp_path):
+    from stmae.config import RENAMED_SETTINGS, current_name
+
+    # A config.yaml written before the rename: the old names, with values other than the defaults.
+    values = {"infer.memory": 0.3, "infer.memory_coreset": 0.25, "infer.memory_held_out": False,
+              "infer.shrinkage": 0.2, "infer.threshold_rule": "fpr:0.05", "infer.min_calibration": 7,
+              "train.val_fraction": 0.2}
+    assert set(values) == set(RENAMED_SETTINGS)
+    old: dict = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        old.setdefault(section, {})[name] = value
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    cfg = Config.load(tmp_path / "old.yaml")
+    for key, value in values.items():
+        section, name = RENAMED_SETTINGS[key].split(".")
+        assert getattr(getattr(cfg, section), name) == value, key
+    saved = cfg.to_dict()  # written back under the new names only
+    assert "memory" not in saved["infer"] and "val_fraction" not in saved["train"]
+    assert saved["fit"]["threshold_rule"] == "fpr:0.05" and saved["infer"]["distance_weight"] == 0.3
+    # Overrides and bare field names go through the same migration.
+    assert Config().override({"memory": 0.1, "infer.memory_coreset": 0.5}).infer.distance_weight == 0.1
+    assert current_name("memory_held_out") == "fit.bank_held_out" and current_name("infer.sigma") == "infer.sigma"
+    # Old and new names of one setting in one file: refused, naming both.
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump({"infer": {"memory": 0.1, "distance_weight": 0.2}}))
+    with pytest.raises(ConfigError, match=r"both.yaml: sets infer.distance_weight twice.*infer.memory"):
+        Config.load(tmp_path / "both.yaml")
+
+
 def test_presets_are_valid_and_distinct():
     from stmae.config import PRESETS, preset
 
@@ -225,7 +254,7 @@ def test_fit_accepts_preset_name(tiny_mvtec, tmp_path):
 
 def test_explicit_validation_images_set_the_threshold(tiny_mvtec, tmp_path):
     val = tiny_mvtec / "test" / "good"
-    res = stmae.fit(tiny_mvtec, tmp_path / "v", tiny_config(**{"infer.memory_held_out": False}), val_data=val, quiet=True)
+    res = stmae.fit(tiny_mvtec, tmp_path / "v", tiny_config(**{"fit.bank_held_out": False}), val_data=val, quiet=True)
     meta = res.meta
     assert meta["n_train"] == 8 and meta["n_val"] == 3
     assert "validation images" in meta["threshold_source"]

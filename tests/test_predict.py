@@ -34,7 +34,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    stmae.fit(tiny_data, out, tiny_config(**{"train.epochs": 3, "train.val_fraction": 0.3}), quiet=True)
+    stmae.fit(tiny_data, out, tiny_config(**{"train.epochs": 3, "fit.held_out": 0.3}), quiet=True)
     return out
 
 
@@ -91,7 +91,7 @@ def test_fast_path_equals_reference_path(monkeypatch, run_dir, tiny_data, memory
     monkeypatch.setattr(memory_module, "bf16_matmul_is_fast", lambda: bf16_search)
     monkeypatch.setattr(memory_module, "SEARCH_MIN_BANK", 1)
     det = stmae.load(run_dir, device="cpu")
-    det.config.infer.memory, det.config.infer.num_pairs, det.config.infer.residual = memory, pairs, residual
+    det.config.infer.distance_weight, det.config.infer.num_pairs, det.config.infer.residual = memory, pairs, residual
     det.config.infer.blend = blend
     det.config.infer.pixel_residual, det.config.infer.pixel_blend = (pixel + "/same").split("/")[:2]
     if residual == "mahalanobis":
@@ -188,7 +188,7 @@ def test_fit_threshold_rule_and_warning(tiny_data, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fitted = stmae.fit(
-            tiny_data, tmp_path / "q", tiny_config(**{"infer.threshold_rule": "quantile:0.5", "infer.min_calibration": 10, "train.val_fraction": 0.3}),
+            tiny_data, tmp_path / "q", tiny_config(**{"fit.threshold_rule": "quantile:0.5", "fit.min_calibration": 10, "fit.held_out": 0.3}),
             quiet=True,
         )
     assert any(issubclass(w.category, ThresholdWarning) for w in caught)
@@ -299,7 +299,7 @@ def test_fit_accepts_what_predict_accepts(tiny_data, tmp_path):
 def test_cli_fit_threshold_rule(tiny_data, tmp_path):
     exe = Path(sys.executable).with_name("stmae")
     cfg = tmp_path / "tiny.yaml"
-    tiny_config(**{"train.epochs": 1, "train.val_fraction": 0.3}).save(cfg)
+    tiny_config(**{"train.epochs": 1, "fit.held_out": 0.3}).save(cfg)
     r = subprocess.run([str(exe), "fit", str(tiny_data), "--out", str(tmp_path / "r"), "--config", str(cfg),
                         "--threshold-rule", "fpr:0.5", "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

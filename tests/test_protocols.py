@@ -36,7 +36,7 @@ def test_oneclass_folder_protocol_rows_per_class(tmp_path):
             write_png(tmp_path / "classes" / cls / f"{i}.png", img)
     lines: list[str] = []
     # memory 0: the quality bar below is the residual's, not the memory bank's
-    cfg = tiny_config(**{"infer.memory": 0.0})
+    cfg = tiny_config(**{"infer.distance_weight": 0.0})
     summary = oneclass("folder", tmp_path / "classes", tmp_path / "out", "all", cfg, quiet=True, log=lines.append)
     assert [r["class"] for r in summary["rows"]] == ["dark", "light", "mid"]
     assert len(lines) == 3

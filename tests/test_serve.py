@@ -20,7 +20,7 @@ import stmae
 from stmae.scorer import Scorer
 from stmae.report import overlay
 
-from .conftest import fit_noise_run, write_png
+from .conftest import fit_noise_run
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")

@@ -118,7 +118,7 @@ __all__ = [
 def knn_pipeline(extractor: FeatureExtractor, stats: FeatureStats, bank: torch.Tensor, config: Config) -> MapPipeline:
     """The package's recipe scored by the distance to ``bank`` alone (no transformer)."""
     cfg = copy.deepcopy(config)
-    cfg.infer = dataclasses.replace(cfg.infer, memory=1.0, blend="median")  # raw distances: scale 1
+    cfg.infer = dataclasses.replace(cfg.infer, distance_weight=1.0, blend="median")  # raw distances: scale 1
     return MapPipeline(extractor, None, stats, cfg, PatchMemory(bank, 1.0, 1.0))
 
 

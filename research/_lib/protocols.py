@@ -90,22 +90,22 @@ def evaluate_with_subsets(
 
 def each_term_alone(fitted: FitResult, test_feats: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
     """Columns for :func:`stmae.protocols.oneclass` (``columns=``): the image AUROC of a
-    blended model scored by the residual alone and by the memory alone (``infer.memory`` 0
+    blended model scored by the residual alone and by the memory alone (``infer.distance_weight`` 0
     and 1; no second training): what the blend adds on this data. No columns where the
     config does not blend.
     """
     detector = fitted.detector
-    share = detector.config.infer.memory
+    share = detector.config.infer.distance_weight
     if not 0.0 < share < 1.0:
         return {}
     out = {}
     try:
         for alone_share, term in ((0.0, "residual"), (1.0, "memory")):
-            detector.config.infer.memory = alone_share  # the pipeline reads its share at each call
+            detector.config.infer.distance_weight = alone_share  # the pipeline reads its share at each call
             _, scores = detector.pipeline.score_cached(test_feats)
             out[f"image_auroc_{term}_alone"] = compute_metrics(labels, scores.numpy())["image_auroc"]
     finally:
-        detector.config.infer.memory = share
+        detector.config.infer.distance_weight = share
     return out
 
 

@@ -141,7 +141,7 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
 
     from tests.conftest import tiny_config
 
-    cfg = tiny_config(**{"infer.memory": 0.0, "infer.pixel_residual": "same"})
+    cfg = tiny_config(**{"infer.distance_weight": 0.0, "infer.pixel_residual": "same"})
     ext = build_extractor(cfg).eval()
     torch.manual_seed(0)
     g = cfg.features.grid_size
@@ -150,8 +150,8 @@ def test_memory_scoring_variant_blends_with_a_bank_of_the_training_features():
     det = Detector(ext, build_model(cfg, ext.out_channels), FeatureStats.from_features(train), copy.deepcopy(cfg))
     labels = np.array([0, 0, 0, 1, 1, 1])
     rows = ablation.score_variants(det, train, val, labels, None, ["mse_cos/max", "mse_cos/max/memory0.8"])
-    assert det.memory is None and det.config.infer.memory == 0.0  # the detector is left as it was
-    det.config.infer.memory = 0.8
+    assert det.memory is None and det.config.infer.distance_weight == 0.0  # the detector is left as it was
+    det.config.infer.distance_weight = 0.8
     from stmae.fitting import fit_memory
 
     det.memory = fit_memory(det.pipeline, train, train, seed=cfg.train.seed)

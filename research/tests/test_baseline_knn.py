@@ -16,7 +16,6 @@ from PIL import Image
 from stmae.config import Config
 from stmae.data import load_mvtec
 
-from tests.conftest import load_benchmark
 
 SQUARE = (slice(20, 36), slice(24, 40))  # the defect: rows 20-35, columns 24-39
 

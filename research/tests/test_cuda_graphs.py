@@ -26,7 +26,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cuda")
     data = make_tiny_category(root / "tiny")
-    return stmae.fit(data, root / "run", tiny_config(**{"infer.memory": 0.5}), quiet=True).run_dir
+    return stmae.fit(data, root / "run", tiny_config(**{"infer.distance_weight": 0.5}), quiet=True).run_dir
 
 
 def _test_images(data: Path) -> tuple[torch.Tensor, np.ndarray]:

@@ -48,7 +48,7 @@ def test_residual_column_is_the_packages_scoring_and_knn_column_its_yardstick():
     from stmae.features import FeatureStats
     from stmae.infer import Detector, build_extractor, build_model
 
-    cfg = tiny_config(**{"infer.memory": 0.0, "infer.pixel_residual": "same"})  # the probes score the pure residual
+    cfg = tiny_config(**{"infer.distance_weight": 0.0, "infer.pixel_residual": "same"})  # the probes score the pure residual
     ext = build_extractor(cfg).eval()
     torch.manual_seed(0)
     g = cfg.features.grid_size
@@ -80,7 +80,7 @@ def test_package_variant_scores_the_fitted_model_with_and_without_its_memory(tin
     from stmae.infer import build_extractor
 
     ds = load_mvtec(tiny_mvtec)
-    cfg = tiny_config(**{"infer.memory": 0.0, "infer.pixel_residual": "same"})
+    cfg = tiny_config(**{"infer.distance_weight": 0.0, "infer.pixel_residual": "same"})
     feats = extract_features(build_extractor(cfg).eval(), ds.test, 64, quiet=True)
     masks = np.stack([mask_at(s, 64) for s in ds.test])
     tasks = {"p": SimpleNamespace(test=ds.test, masks=masks)}

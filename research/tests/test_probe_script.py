@@ -65,7 +65,7 @@ def test_two_halves_mean_column_is_the_packages_own_scoring():
 
     from tests.conftest import tiny_config
 
-    cfg = tiny_config(**{"infer.memory": 0.0, "infer.pixel_residual": "same"})  # the probes score the pure residual
+    cfg = tiny_config(**{"infer.distance_weight": 0.0, "infer.pixel_residual": "same"})  # the probes score the pure residual
     ext = build_extractor(cfg).eval()
     torch.manual_seed(0)
     feats = torch.randn(6, ext.out_channels, cfg.features.grid_size, cfg.features.grid_size)

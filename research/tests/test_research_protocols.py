@@ -48,7 +48,7 @@ def test_each_term_alone_adds_columns_where_the_config_blends(tmp_path):
     for cls, level in {"dark": 40, "light": 215}.items():
         for i in range(10):
             write_png(tmp_path / "classes" / cls / f"{i}.png", np.clip(rng.normal(level, 8, (32, 32)), 0, 255).astype(np.uint8))
-    cfg = tiny_config(**{"infer.memory": 0.5})
+    cfg = tiny_config(**{"infer.distance_weight": 0.5})
     quiet = {"quiet": True, "log": lambda s: None}
     plain = oneclass("folder", tmp_path / "classes", tmp_path / "plain", "all", cfg, **quiet)
     both = oneclass("folder", tmp_path / "classes", tmp_path / "both", "all", cfg, columns=each_term_alone, **quiet)
@@ -60,6 +60,6 @@ def test_each_term_alone_adds_columns_where_the_config_blends(tmp_path):
         np.mean([r["image_auroc_memory_alone"] for r in both["rows"]]))
     assert "image_auroc_memory_alone" in (tmp_path / "both" / "summary.md").read_text()
     # nothing to separate where the config does not blend
-    residual_only = oneclass("folder", tmp_path / "classes", tmp_path / "r", "dark", tiny_config(**{"infer.memory": 0.0}),
+    residual_only = oneclass("folder", tmp_path / "classes", tmp_path / "r", "dark", tiny_config(**{"infer.distance_weight": 0.0}),
                              columns=each_term_alone, **quiet)
     assert "image_auroc_memory_alone" not in residual_only["rows"][0]

@@ -7,7 +7,7 @@ A run folder holds
                          (:meth:`stmae.pipeline.MapPipeline.fitted_state`): transformer
                          weights (``model.*``), feature statistics (``feature_stats.*``),
                          for the ``mahalanobis`` residual ``residual_stats.*``, and with
-                         ``infer.memory`` > 0 the memory bank and its blend statistics
+                         ``infer.distance_weight`` > 0 the memory bank and its blend statistics
                          (``memory.*``),
 - ``meta.json``          backbone, layers, image size, normalisation, the calibration (the
                          one place the thresholds are written), seed, training summary and
@@ -45,7 +45,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, current_name
 from .features import FeatureStats
 from .model import PatchMemory, ResidualStats
 from .fileio import atomic_write_json, fsync_dir, fsync_path, is_temp_name, sha256_file
@@ -284,9 +284,9 @@ def load_run(run_dir: str | os.PathLike) -> RunContents:
     memory = None
     if "memory.bank" in tensors and "memory.medians" in tensors:
         memory = PatchMemory.from_tensors({k: tensors.pop(k) for k in list(tensors) if k.startswith("memory.")})
-    elif config.infer.memory > 0:
+    elif config.infer.distance_weight > 0:
         raise CheckpointError(
-            f"{run / WEIGHTS_FILE}: config.yaml sets infer.memory = {config.infer.memory} but no memory "
+            f"{run / WEIGHTS_FILE}: config.yaml sets infer.distance_weight = {config.infer.distance_weight} but no memory "
             "bank is stored (refit with `stmae fit`)"
         )
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -322,15 +322,17 @@ def migrate_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 #: ``infer`` settings newer than some run folders, and how those older runs scored.
 _INFER_BEFORE_THE_OPTION: dict[str, object] = {
-    "memory": 0.0, "blend": "median", "pixel_residual": "same", "pixel_blend": "same",
+    "distance_weight": 0.0, "blend": "median", "pixel_residual": "same", "pixel_blend": "same",
 }
 
 
 def _infer_keys(config_file: Path) -> set[str]:
-    """The ``infer`` keys a run's config.yaml sets (older runs lack the newer options)."""
+    """The ``infer`` keys a run's config.yaml sets, by their current names (older runs lack
+    the newer options)."""
     data = yaml.safe_load(config_file.read_text()) or {}
     infer = data.get("infer") if isinstance(data, dict) else None
-    return set(infer) if isinstance(infer, dict) else set()
+    keys = {current_name(f"infer.{k}") for k in infer} if isinstance(infer, dict) else set()
+    return {k.split(".", 1)[1] for k in keys if k.startswith("infer.")}
 
 
 # Keys of meta.json that stmae reads back, with the JSON types they must have.

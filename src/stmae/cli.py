@@ -152,8 +152,8 @@ def fit(
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the run)."),
-    memory: Optional[float] = typer.Option(
-        None, help="Share of the nearest-good-patch distance in the map, 0-1 (default: the preset's, 0.8 for default; 0 = the paper's residual alone, 1 = the memory alone)."
+    distance_weight: Optional[float] = typer.Option(
+        None, "--distance-weight", help="Weight of the nearest-good-patch distance map in the blend with the residual, 0-1 (default: the preset's, 0.8 for default; 0 = the paper's residual alone, 1 = the distance alone, no transformer)."
     ),
     threshold_rule: Optional[str] = typer.Option(
         None, "--threshold-rule", help="How held-out good images set the threshold: max (default), quantile:Q or fpr:F."
@@ -189,8 +189,8 @@ def fit(
         "train.lr": lr,
         "train.seed": seed,
         "train.device": device,
-        "infer.memory": memory,
-        "infer.threshold_rule": threshold_rule,
+        "infer.distance_weight": distance_weight,
+        "fit.threshold_rule": threshold_rule,
     }
     overrides.update(_parse_sets(set_))
     val = _open(val_dir, skip_unreadable, max_pixels) if val_dir is not None else None
@@ -208,7 +208,7 @@ def fit(
         typer.echo(
             f"memory: {mem['bank_patches']:,} of {mem['train_patches']:,} training patches kept "
             + (f"(with the {banked} held-out images, banked after calibration) " if banked else "")
-            + f"({mem['seconds']:.1f} s), blended with the residual at share {result.detector.config.infer.memory:g}"
+            + f"({mem['seconds']:.1f} s), blended with the residual at weight {result.detector.config.infer.distance_weight:g}"
         )
     typer.echo(f"run folder: {result.run_dir}")
 

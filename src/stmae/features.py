@@ -74,8 +74,7 @@ class FeatureExtractor(nn.Module):
         """
         if not tracing():
             # Channels-last input: oneDNN's and cuDNN's faster kernels for this backbone, with
-            # the same values on the CPU (bit for bit on Magnetic Tile). 1.7x faster on an H200
-            # (research/results/gpu_stages.json), about 1.5x on this project's 2-core Xeon.
+            # the same values on the CPU (measured: docs/research.md, "Figures behind the code").
             images = images.contiguous(memory_format=torch.channels_last)
         outputs = self.backbone(images)
         maps = [
@@ -86,8 +85,7 @@ class FeatureExtractor(nn.Module):
         if self.aggregate > 1:
             # Zero padding (count_include_pad=True) damps the outermost cells. Averaging only
             # the in-image cells instead made the border the hottest place of almost every
-            # good image: the kNN yardstick fell from 0.925 to 0.800 image AUROC on Magnetic
-            # Tile (benchmarks/results/baseline_knn_magnetic_tile.json notes).
+            # good image (docs/research.md, "Border padding of the local mean").
             feats = F.avg_pool2d(feats, self.aggregate, stride=1, padding=self.aggregate // 2, count_include_pad=True)
         return feats
 

@@ -39,7 +39,7 @@ def _residual_pipeline(pipe: MapPipeline, plain: bool = False) -> MapPipeline:
     kind = cfg.infer.residual
     if plain or (kind == "mahalanobis" and pipe.residual_stats is None):
         kind = "mse"
-    cfg.infer = dataclasses.replace(cfg.infer, residual=kind, memory=0.0)
+    cfg.infer = dataclasses.replace(cfg.infer, residual=kind, distance_weight=0.0)
     stats = pipe.residual_stats if kind == "mahalanobis" else None
     return MapPipeline(pipe.extractor, pipe.model, pipe.feature_stats, cfg, None, stats)
 
@@ -52,7 +52,7 @@ def fit_residual_stats(pipe: MapPipeline, feats: torch.Tensor, quiet: bool = Tru
     chunks = torch.split(feats, pipe.infer.batch_size)
     for chunk in tqdm(chunks, desc="residual stats", unit="batch", disable=quiet, leave=False):
         acc.add(*plain.reconstructions(plain.standardize(chunk.to(_device(pipe)))))
-    return acc.finish(pipe.config.infer.shrinkage).to(_device(pipe))
+    return acc.finish(pipe.config.fit.shrinkage).to(_device(pipe))
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def fit_memory(
     good calibration images.
 
     The scales of the pixel map's residual (``infer.pixel_residual``) come from the same images.
-    The coreset ratio is ``infer.memory_coreset``; selection runs on the pipeline's device.
+    The coreset ratio is ``fit.bank_coreset``; selection runs on the pipeline's device.
     """
     res = _residual_pipeline(pipe)
     memory = PatchMemory(_bank(pipe, train_feats, seed, quiet))
@@ -82,9 +82,9 @@ def fit_memory(
 
 
 def _bank(pipe: MapPipeline, raw_feats: torch.Tensor, seed: int, quiet: bool) -> torch.Tensor:
-    """The coreset bank (ratio ``infer.memory_coreset``) of raw features, standardised, on the pipeline's device."""
+    """The coreset bank (ratio ``fit.bank_coreset``) of raw features, standardised, on the pipeline's device."""
     x = pipe.standardize(raw_feats.to(_device(pipe)))
-    return coreset_bank(x, pipe.config.infer.memory_coreset, seed=seed, quiet=quiet)
+    return coreset_bank(x, pipe.config.fit.bank_coreset, seed=seed, quiet=quiet)
 
 
 @torch.no_grad()
@@ -142,22 +142,22 @@ def fit_scoring(
 ) -> ScoringFit:
     """Fit everything after the transformer into ``pipe``, in order: the residual statistics
     (Mahalanobis), the memory bank and its blend statistics, the calibration, then (with
-    ``infer.memory_held_out``) the held-out images banked too.
+    ``fit.bank_held_out``) the held-out images banked too.
 
     ``held_out_feats``: raw features of the held-out good images (None or empty: the
     training images calibrate). The one routine ``stmae fit`` and the research scripts use.
     """
-    infer, seed = pipe.config.infer, pipe.config.train.seed
+    infer, fit, seed = pipe.config.infer, pipe.config.fit, pipe.config.train.seed
     held_out = held_out_feats is not None and len(held_out_feats) > 0
     calib_feats = held_out_feats if held_out else train_feats
     if infer.residual == "mahalanobis":
         pipe.residual_stats = fit_residual_stats(pipe, train_feats, quiet=quiet)
-    if infer.memory > 0:
+    if infer.distance_weight > 0:
         pipe.memory = fit_memory(pipe, train_feats, calib_feats, seed=seed, quiet=quiet).to(_device(pipe))
-    cal, scores = calibrate_pipeline(pipe, calib_feats, infer.threshold_rule, min_images=infer.min_calibration)
+    cal, scores = calibrate_pipeline(pipe, calib_feats, fit.threshold_rule, min_images=fit.min_calibration)
     at_calibration = None if pipe.memory is None else int(pipe.memory.bank.shape[0])
     banked = 0
-    if pipe.memory is not None and infer.memory_held_out and held_out:
+    if pipe.memory is not None and fit.bank_held_out and held_out:
         # Scored while unseen above; now the held-out good images join the bank like any other.
         bank_held_out_images(pipe, train_feats, held_out_feats, seed=seed, quiet=quiet)  # type: ignore[arg-type]
         banked = int(len(held_out_feats))  # type: ignore[arg-type]

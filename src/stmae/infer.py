@@ -25,7 +25,7 @@ import torch
 
 from .build import build_extractor, build_model
 from .checkpoint import load_run
-from .config import FIT_TIME_INFER, Config, ConfigError
+from .config import PREDICT_TIME_SECTION, Config, ConfigError
 from .data import to_tensor_batch
 from .device import resolve_device
 from .features import FeatureExtractor, FeatureStats
@@ -106,8 +106,7 @@ class Detector(Scorer):
         mine, theirs = self.pipeline.config.to_dict(), value.to_dict()
         for section in mine:
             for key in mine[section]:
-                fit_time = section != "infer" or key in FIT_TIME_INFER
-                if fit_time and mine[section][key] != theirs[section][key]:
+                if section != PREDICT_TIME_SECTION and mine[section][key] != theirs[section][key]:
                     raise ConfigError(
                         f"{section}.{key} is a fit-time setting, fixed when the model was fitted; fit again "
                         "(stmae fit) to change it"

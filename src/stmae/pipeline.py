@@ -13,7 +13,7 @@ Why it is fast:
   the few rows bf16 cannot rule out, where the CPU has AMX
   (:class:`stmae.model.memory.BankSearch`), else in float32 blocks
   (:func:`stmae.model.memory.nearest_distances`, also what the ONNX export runs);
-- with ``infer.memory == 1`` the transformer is skipped: the map is the distance alone;
+- with ``infer.distance_weight == 1`` the transformer is skipped: the map is the distance alone;
 - every tensor it needs is a buffer, so it moves with ``.to(device)`` and exports as
   constants; the threshold is *not* in it (thresholds are data, :mod:`stmae.thresholds`).
 """
@@ -174,7 +174,7 @@ class MapPipeline(nn.Module):
 
     Two maps, one pass: the image score comes from the *score map* (``infer.residual``,
     ``infer.blend``) and the returned pixel map from the *pixel map* (``infer.pixel_residual``,
-    ``infer.pixel_blend``), both at the share ``infer.memory``, from one transformer call and
+    ``infer.pixel_blend``), both at the weight ``infer.distance_weight``, from one transformer call and
     one bank search (docs/design.md, "Two maps from one pass"). With ``same`` for both (or
     the memory alone) the two maps are one.
     """
@@ -248,7 +248,7 @@ class MapPipeline(nn.Module):
     @property
     def split_maps(self) -> bool:
         """True when the pixel map is not the score map (see the class docstring)."""
-        i, share = self.infer, self.infer.memory
+        i, share = self.infer, self.infer.distance_weight
         return share < 1.0 and (self.pixel_residual != i.residual or (share > 0.0 and self.pixel_blend != i.blend))
 
     @property
@@ -271,14 +271,14 @@ class MapPipeline(nn.Module):
     def check(self) -> None:
         """Refuse settings the fitted parts cannot score (ValueError saying what is missing)."""
         i = self.infer
-        if i.memory > 0 and self.memory is None:
+        if i.distance_weight > 0 and self.memory is None:
             raise ValueError(
-                f"infer.memory is {i.memory} but there is no memory bank; fit one on good training "
-                "features (stmae fit does this), or set infer.memory to 0"
+                f"infer.distance_weight is {i.distance_weight} but there is no memory bank; fit one on good training "
+                "features (stmae fit does this), or set infer.distance_weight to 0"
             )
-        if self.model is None and i.memory < 1:
-            raise ValueError("a pipeline without a transformer scores by the memory alone: set infer.memory to 1")
-        if i.residual == "mahalanobis" and self.residual_stats is None and i.memory < 1:
+        if self.model is None and i.distance_weight < 1:
+            raise ValueError("a pipeline without a transformer scores by the memory alone: set infer.distance_weight to 1")
+        if i.residual == "mahalanobis" and self.residual_stats is None and i.distance_weight < 1:
             raise ValueError(
                 "infer.residual is 'mahalanobis' but there are no residual statistics; fit them on good "
                 "training features (stmae fit does this)"
@@ -360,12 +360,12 @@ class MapPipeline(nn.Module):
     def grid_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised features -> (pixel map, score map) on the grid, each (N, G, G).
 
-        Each is the residual, the distance or their blend at the share ``infer.memory``; one
+        Each is the residual, the distance or their blend at the weight ``infer.distance_weight``; one
         transformer call and one bank search serve both. The same tensor twice where the two
         maps are one (:attr:`split_maps` False).
         """
         self.check()
-        share, infer = self.infer.memory, self.infer
+        share, infer = self.infer.distance_weight, self.infer
         if share >= 1.0:
             dist = blend(None, self.distances(x), 1.0, blend_scales(self.memory, infer.blend))
             return dist, dist

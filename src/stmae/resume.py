@@ -1,8 +1,7 @@
 """Saved training state, so a long fit that is stopped can continue where it stopped.
 
-Why: the ``accurate`` preset trains for hours on a CPU (Magnetic Tile's whole train split:
-about 3 h on two cores), and even the default takes tens of minutes on a large training set:
-longer than a laptop stays awake or a shared machine's job slot lasts. ``fit`` therefore
+Why: the ``accurate`` preset trains for hours on a CPU on a full-size training set, and
+even the default takes tens of minutes on a large training set: longer than a laptop stays awake or a shared machine's job slot lasts. ``fit`` therefore
 writes the training state into the run folder every few minutes
 (``train.checkpoint_seconds``, 300 by default; a few MB for the default model, ~40 MB for
 ``accurate``'s, well under a second) as ``train_state.pt`` (weights, optimizer moments, the step, the random generators

@@ -3,7 +3,7 @@
 Why cache: the backbone is frozen and training images are not augmented, so their features
 never change; recomputing them every epoch would spend most of the time in the CNN.
 
-A share of the good images (``train.val_fraction``) is held out. Their scores calibrate the
+A share of the good images (``fit.held_out``) is held out. Their scores calibrate the
 decision threshold (the largest held-out good score), so a fresh run can label images
 without ever having seen a defect. Callers can instead name their own validation images
 (``val_data``), which is better when training images are near-duplicates of each other.
@@ -257,7 +257,7 @@ def fit(
         config: a :class:`Config`, a preset name (``default``, ``accurate``, ``fast``, ``demo``,
             ``lowres``), a YAML file, or None for the defaults (= ``default``).
         val_data: good images to calibrate the threshold on (same forms as ``data``). Default:
-            hold out ``train.val_fraction`` of ``data``. Give them when training images are
+            hold out ``fit.held_out`` of ``data``. Give them when training images are
             near-duplicates of each other (overlapping crops, video frames): held-out
             near-duplicates score too low and make the threshold too strict.
         quiet: no progress bars.
@@ -272,7 +272,7 @@ def fit(
     cfg = make_config(config, {k.replace("__", "."): v for k, v in overrides.items()})
     samples, source = training_samples(data)
     if val_data is None:
-        train_idx, val_idx = holdout_split(len(samples), cfg.train.val_fraction, cfg.train.seed)
+        train_idx, val_idx = holdout_split(len(samples), cfg.fit.held_out, cfg.train.seed)
         threshold_source = "max score of held-out good images"
     else:
         val_samples, val_source = training_samples(val_data, minimum=1)
@@ -313,13 +313,13 @@ def fit(
     meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, losses, device)
     meta["calibration"] = calibration.to_dict()
     meta["calibration_scores"] = _score_summary(scoring.calibration_scores)
-    meta["threshold_source"] = threshold_source.replace("max score", f"{cfg.infer.threshold_rule} rule over the scores", 1)
+    meta["threshold_source"] = threshold_source.replace("max score", f"{cfg.fit.threshold_rule} rule over the scores", 1)
     meta["train_seconds"] = round(train_seconds, 3)
     if memory is not None:
         banked = scoring.held_out_images_banked
         meta["memory"] = {
             "bank_patches": int(memory.bank.shape[0]),
-            # the patches the bank was chosen from (with infer.memory_held_out, the held-out images' too)
+            # the patches the bank was chosen from (with fit.bank_held_out, the held-out images' too)
             "train_patches": int((len(train_idx) + banked) * train_feats.shape[2] * train_feats.shape[3]),
             "held_out_images_banked": banked,
             "bank_patches_at_calibration": scoring.bank_patches_at_calibration,

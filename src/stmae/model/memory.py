@@ -5,7 +5,7 @@ predicted from the other half of the image; the distance of a patch to its neare
 good patch (PatchCore's score) has no such noise, but blind spots of its own. The presets
 blend the two maps on the grid (:func:`stmae.pipeline.blend`), each first put on the scale of
 held-out good images by the statistics stored here (:meth:`PatchMemory.calibrate`), so the
-blend needs no defect example. ``infer.memory = 0`` is the paper's pure residual; nothing here
+blend needs no defect example. ``infer.distance_weight = 0`` is the paper's pure residual; nothing here
 touches the reconstruction, so the transition stays leakage-free (a patch's distance depends
 only on the patch itself and the training images). How the blend was chosen:
 docs/design.md and docs/research.md.
