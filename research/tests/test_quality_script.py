@@ -1,7 +1,8 @@
 """benchmarks/quality.py without training: tables, targets, the docs page, merging, the command line.
 
-The script lives outside the package (benchmarks/ is not importable), so it is loaded from
-its file. Results are a small hand-made dict in the script's JSON layout.
+The script (its command line: ``parse_args``, ``main``) is loaded from its file; the rest is
+imported from ``benchmarks/_quality`` (benchmarks/ is on pytest's ``pythonpath``). Results are
+a small hand-made dict in the script's JSON layout.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from _quality import common, magnetic_tile, merge, render, settings, targets
 from tests.conftest import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
@@ -61,20 +63,20 @@ def fake_results() -> dict[str, Any]:
             "magnetic_tile": {
                 "status": "ok", "data": "/data/mt", "seconds": 300.0, "settings": {"preset": "accurate"},
                 "rows": [
-                    _row("mt200", "magnetic_tile", mt, quality.STMAE, 0.950, 0.850, 0.700, 0.900,
+                    _row("mt200", "magnetic_tile", mt, common.STMAE, 0.950, 0.850, 0.700, 0.900,
                          subsets={"mt_test": _half(0.92, 0.81, 0.73)}),
-                    _row("mt200", "magnetic_tile", mt, quality.STMAE_MEMORY, 0.930, 0.860, 0.690, 0.880,
+                    _row("mt200", "magnetic_tile", mt, common.STMAE_MEMORY, 0.930, 0.860, 0.690, 0.880,
                          subsets={"mt_test": _half(0.91, 0.815, 0.72)}),
-                    _row("mt200", "magnetic_tile", mt, quality.KNN, 0.800, 0.790, 0.760, 0.850,
+                    _row("mt200", "magnetic_tile", mt, common.KNN, 0.800, 0.790, 0.760, 0.850,
                          subsets={"mt_test": _half(0.90, 0.80, 0.74)}),
                 ],
             },
             "fashion_mnist": {
                 "status": "ok", "data": "/data/fm", "seconds": 100.0, "settings": {"classes": "0,8"},
                 "rows": [
-                    _row("fashion_mnist", "fashion_mnist", fm, quality.STMAE, 0.91, None, None, 0.55,
+                    _row("fashion_mnist", "fashion_mnist", fm, common.STMAE, 0.91, None, None, 0.55,
                          per_class=per_class),
-                    _row("fashion_mnist", "fashion_mnist", fm, quality.KNN, 0.96, None, None, 0.75,
+                    _row("fashion_mnist", "fashion_mnist", fm, common.KNN, 0.96, None, None, 0.75,
                          per_class=knn_class),
                 ],
             },
@@ -84,7 +86,7 @@ def fake_results() -> dict[str, Any]:
 
 
 def _targets_by_name(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {t["target"]: t for t in quality.evaluate_targets(results)}
+    return {t["target"]: t for t in targets.evaluate_targets(results)}
 
 
 def test_targets_met_missed_and_not_run() -> None:
@@ -120,17 +122,17 @@ def test_mt_targets_are_exact_when_only_the_full_train_protocol_is_missing() -> 
     """The targets sit on the 200-image rows: leaving out the full-train rows does not make
     them indicative, but a shorter schedule does."""
     results = fake_results()
-    full = dict(quality.MODES["full"]["magnetic_tile"])
+    full = dict(settings.MODES["full"]["magnetic_tile"])
     for protocols, epochs, indicative in ((["200"], None, False), (["200"], 20, True), (["200", "full"], None, False)):
         results["settings"] = {"magnetic_tile": {**full, "protocols": protocols, "epochs": epochs}}
-        results["reduced_settings"] = quality.describe_reductions(results["settings"], ["magnetic_tile"])
+        results["reduced_settings"] = settings.describe_reductions(results["settings"], ["magnetic_tile"])
         assert bool(results["reduced_settings"]) == (protocols != ["200", "full"] or epochs is not None)
-        flags = {t["indicative_only"] for t in quality.evaluate_targets(results) if t["row"] == "mt200"}
+        flags = {t["indicative_only"] for t in targets.evaluate_targets(results) if t["row"] == "mt200"}
         assert flags == {indicative}
 
 
 def test_results_table_rows_and_flags() -> None:
-    table = quality.results_table(fake_results())
+    table = render.results_table(fake_results())
     lines = table.strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:8] == [
@@ -154,9 +156,9 @@ def test_results_table_rows_and_flags() -> None:
 
 def test_provenance_marks_uncommitted_changes() -> None:
     results = fake_results()
-    assert "commit abc1234," in quality.provenance(results)
+    assert "commit abc1234," in render.provenance(results)
     results["modified"] = ["src/stmae/train.py", "README.md"]
-    line = quality.provenance(results)
+    line = render.provenance(results)
     assert "commit abc1234 + uncommitted changes to 2 file(s)" in line and "\n" not in line
 
 
@@ -165,12 +167,12 @@ def test_target_cell_met() -> None:
     st = results["datasets"]["magnetic_tile"]["rows"][0]
     st["aupro"] = 0.80
     st["subsets"]["mt_test"] = _half(0.92, 0.82, 0.75)
-    row = next(r for r in quality.table_rows(results) if r["method"] == quality.STMAE)
+    row = next(r for r in render.table_rows(results) if r["method"] == common.STMAE)
     assert row["target"] == "PatchCore: met; kNN: met; mt_test vs memory: met; mt_test vs kNN: met"
 
 
 def test_render_markdown_sections() -> None:
-    md = quality.render_markdown(fake_results())
+    md = render.render_markdown(fake_results())
     assert md.startswith("# stmae quality benchmark (quick)")
     assert "python benchmarks/quality.py --quick" in md and "commit abc1234" in md
     assert "- Fashion-MNIST one-class: ST-MAE 15 epochs instead of 30" in md
@@ -186,10 +188,10 @@ def test_render_markdown_sections() -> None:
 
 def test_docs_page_block_replaced(tmp_path: Path) -> None:
     page = tmp_path / "results.md"
-    start, end = quality.QUICK_MARKERS
+    start, end = render.QUICK_MARKERS
     page.write_text(f"# Title\n\nbefore\n\n{start}\nold table\n{end}\n\nafter\n")
     results = fake_results()  # quick mode: the quick markers
-    quality.update_page(page, quality.page_block(results), quality.page_markers(results))
+    render.update_page(page, render.page_block(results), render.page_markers(results))
     text = page.read_text()
     assert "old table" not in text and text.endswith(end + "\n\nafter\n")
     inside = text[text.index(start) + len(start) : text.index(end)]
@@ -201,7 +203,7 @@ def test_docs_page_block_replaced(tmp_path: Path) -> None:
     assert "1. `python benchmarks/quality.py --quick` at commit abc1234, 2025-01-02, cpu (1 thread)" in inside
     assert "**Reduced settings** (not the full protocol): " + results["reduced_settings"]["fashion_mnist"] + "." in inside
     assert "| Magnetic Tile 200: ST-MAE AUPRO >= PatchCore | 0.703 | 0.700 | missed |" in inside
-    quality.update_page(page, quality.page_block(results), quality.page_markers(results))  # idempotent
+    render.update_page(page, render.page_block(results), render.page_markers(results))  # idempotent
     assert page.read_text() == text
 
 
@@ -212,8 +214,8 @@ def test_docs_page_withholds_figures_no_single_commit_made() -> None:
     results["datasets"]["magnetic_tile"]["provenance"] = {
         "command": "python benchmarks/quality.py --only a --work-dir w --resume", "commit": "9e3c660",
         "created": "2026-11-30", "device_label": "cpu (2 threads)", "modified": []}
-    results["datasets"]["fashion_mnist"]["provenance"] = {**quality.entry_provenance(results), "modified": ["src/x.py"]}
-    block = quality.page_block(results)
+    results["datasets"]["fashion_mnist"]["provenance"] = {**common.entry_provenance(results), "modified": ["src/x.py"]}
+    block = render.page_block(results)
     rows = [line for line in block.splitlines() if line.startswith(("| Magnetic Tile, 200", "| Fashion-MNIST one"))]
     assert len(rows) == 5 and all("| withheld | withheld | withheld | withheld | withheld |" in r for r in rows)
     assert "mt_test AUPRO" not in block  # nor the halves of withheld rows
@@ -223,7 +225,7 @@ def test_docs_page_withholds_figures_no_single_commit_made() -> None:
     assert "| Magnetic Tile 200: ST-MAE AUPRO >= PatchCore | 0.703 | withheld | withheld |" in block
     # the same --resume command recorded with its code revision (other code refused) is one commit's
     results["datasets"]["magnetic_tile"]["provenance"]["code_revision"] = "0123456789abcdef"
-    st = next(line for line in quality.page_block(results).splitlines() if line.startswith("| Magnetic Tile, 200"))
+    st = next(line for line in render.page_block(results).splitlines() if line.startswith("| Magnetic Tile, 200"))
     assert "| ST-MAE | 0.950 | 0.850 | 0.700 |" in st
 
 
@@ -231,10 +233,10 @@ def test_docs_page_withholds_figures_no_single_commit_made() -> None:
 def test_docs_page_without_markers_is_an_error(tmp_path: Path, body: str) -> None:
     page = tmp_path / "results.md"
     page.write_text(body)
-    with pytest.raises(quality.PageMarkerError) as info:
-        quality.update_page(page, "table")
+    with pytest.raises(render.PageMarkerError) as info:
+        render.update_page(page, "table")
     message = str(info.value)
-    assert str(page) in message and quality.MARKERS[0] in message and quality.MARKERS[1] in message
+    assert str(page) in message and render.MARKERS[0] in message and render.MARKERS[1] in message
     assert page.read_text() == body
 
 
@@ -245,16 +247,16 @@ def test_main_from_json_updates_the_docs_page_and_rejects_missing_markers(tmp_pa
     page.write_text("nothing here\n")
     assert quality.main(["--from-json", str(results_file), "--docs", str(page)]) == 2
     err = capsys.readouterr().err
-    assert "results.md" in err and quality.QUICK_MARKERS[0] in err
+    assert "results.md" in err and render.QUICK_MARKERS[0] in err
     assert not results_file.with_suffix(".md").exists()  # failed before writing anything
 
-    page.write_text(f"{quality.QUICK_MARKERS[0]}\n{quality.QUICK_MARKERS[1]}\n")
+    page.write_text(f"{render.QUICK_MARKERS[0]}\n{render.QUICK_MARKERS[1]}\n")
     assert quality.main(["--from-json", str(results_file), "--docs", str(page)]) == 0
     assert "| Magnetic Tile, 200-image protocol | ST-MAE |" in page.read_text()
     assert "## Targets" in results_file.with_suffix(".md").read_text()
     # with --out and no --docs nothing but the results files is written; the default page is docs/results.md
     assert quality.parse_args(["--out", "x.json"]).docs is None
-    assert quality.parse_args([]).docs == quality.DOCS_PATH and quality.parse_args(["--no-docs"]).docs is None
+    assert quality.parse_args([]).docs == common.DOCS_PATH and quality.parse_args(["--no-docs"]).docs is None
 
 
 def test_only_and_settings() -> None:
@@ -262,21 +264,21 @@ def test_only_and_settings() -> None:
     assert quality.parse_only("mnist, fmnist") == ["fashion_mnist", "mnist"]
     with pytest.raises(argparse.ArgumentTypeError, match="unknown dataset"):
         quality.parse_only("a,x")
-    quick = quality.resolve_settings(quality.parse_args(["--quick"]))
-    assert quality.describe_reductions(quick, list(quality.DATASETS)).keys() == set(quality.DATASETS)
-    full = quality.resolve_settings(quality.parse_args([]))
+    quick = settings.resolve_settings(quality.parse_args(["--quick"]))
+    assert settings.describe_reductions(quick, list(common.DATASETS)).keys() == set(common.DATASETS)
+    full = settings.resolve_settings(quality.parse_args([]))
     assert full["magnetic_tile"]["protocols"] == ["200", "full"]
-    assert quality.describe_reductions(full, list(quality.DATASETS)) == {}
-    custom = quality.resolve_settings(quality.parse_args(["--epochs", "3", "--train-limit", "0", "--classes", "1"]))
+    assert settings.describe_reductions(full, list(common.DATASETS)) == {}
+    custom = settings.resolve_settings(quality.parse_args(["--epochs", "3", "--train-limit", "0", "--classes", "1"]))
     assert custom["mnist"]["epochs"] == 3 and custom["mnist"]["train_limit"] is None
-    mt = quality.resolve_settings(quality.parse_args(["--mt-protocols", "full,200"]))["magnetic_tile"]
+    mt = settings.resolve_settings(quality.parse_args(["--mt-protocols", "full,200"]))["magnetic_tile"]
     assert mt["protocols"] == ["200", "full"]
-    only200 = quality.resolve_settings(quality.parse_args(["--mt-protocols", "200"]))
-    assert "200-image protocol only" in quality.describe_reductions(only200, ["magnetic_tile"])["magnetic_tile"]
+    only200 = settings.resolve_settings(quality.parse_args(["--mt-protocols", "200"]))
+    assert "200-image protocol only" in settings.describe_reductions(only200, ["magnetic_tile"])["magnetic_tile"]
     with pytest.raises(SystemExit):
         quality.parse_args(["--mt-protocols", "300"])
-    assert "ST-MAE 3 epochs instead of 60" in quality.describe_reductions(custom, ["mnist"])["mnist"]
-    assert quality.default_out(True).name == "quality_quick.json" and quality.default_out(False).name == "quality.json"
+    assert "ST-MAE 3 epochs instead of 60" in settings.describe_reductions(custom, ["mnist"])["mnist"]
+    assert common.default_out(True).name == "quality_quick.json" and common.default_out(False).name == "quality.json"
 
 
 def test_merge_keeps_other_datasets_and_their_provenance(tmp_path: Path, capsys) -> None:
@@ -291,13 +293,13 @@ def test_merge_keeps_other_datasets_and_their_provenance(tmp_path: Path, capsys)
     results = {"mode": "quick", "command": "python benchmarks/quality.py --quick --only c --merge",
                "commit": "abc1234", "modified": [], "device_label": "cpu (1 thread)",
                "settings": {"mnist": {"classes": "all"}}, "reduced_settings": {}, "datasets": {"mnist": new_mnist}}
-    quality.merge_previous(results, previous, ["mnist"], tmp_path / "q.json")
+    merge.merge_previous(results, previous, ["mnist"], tmp_path / "q.json")
     assert list(results["datasets"]) == ["magnetic_tile", "fashion_mnist", "mnist"]  # run order, not merge order
     assert results["datasets"]["mnist"] is new_mnist  # the re-run replaces the old (skipped) entry
     assert results["settings"]["magnetic_tile"] == {"preset": "accurate"}
     assert results["reduced_settings"] == previous["reduced_settings"]
     assert results["merged_runs"] == ["python benchmarks/quality.py --quick", results["command"]]
-    note = quality.provenance(results)
+    note = render.provenance(results)
     assert "Merged from `python benchmarks/quality.py --quick --only a,b` (commit abc1234, cuda:0 (H100)): a, b" in note
     assert "(commit abc1234, cpu (1 thread)): c" in note and "merged over 2 runs" in note and " min" not in note
 
@@ -305,16 +307,16 @@ def test_merge_keeps_other_datasets_and_their_provenance(tmp_path: Path, capsys)
     other = {**results, "commit": "def5678", "datasets": {"mnist": new_mnist}}
     with pytest.raises(ValueError, match=r"q\.json: dataset 'magnetic_tile' was made at commit abc1234; "
                                          r"this run is at commit def5678"):
-        quality.merge_previous(other, previous, ["mnist"], tmp_path / "q.json")
+        merge.merge_previous(other, previous, ["mnist"], tmp_path / "q.json")
     dirty = {**results, "modified": ["src/stmae/infer.py"], "datasets": {"mnist": new_mnist}}
     with pytest.raises(ValueError, match=r"this run has uncommitted changes \(src/stmae/infer.py\)"):
-        quality.merge_previous(dirty, previous, ["mnist"], tmp_path / "q.json")
+        merge.merge_previous(dirty, previous, ["mnist"], tmp_path / "q.json")
     previous["datasets"]["fashion_mnist"]["provenance"]["modified"] = ["README.md"]
     with pytest.raises(ValueError, match=r"dataset 'fashion_mnist' was made at commit abc1234 with uncommitted"):
-        quality.merge_previous({**results, "datasets": {"mnist": new_mnist}}, previous, ["mnist"], tmp_path / "q.json")
+        merge.merge_previous({**results, "datasets": {"mnist": new_mnist}}, previous, ["mnist"], tmp_path / "q.json")
 
     with pytest.raises(ValueError, match="q.json.*'quick' run.*'full' run"):
-        quality.merge_previous({**results, "mode": "full"}, previous, ["mnist"], tmp_path / "q.json")
+        merge.merge_previous({**results, "mode": "full"}, previous, ["mnist"], tmp_path / "q.json")
     out = tmp_path / "quality.json"
     out.write_text(json.dumps(previous))
     assert quality.main(["--only", "d", "--merge", "--out", str(out), "--device", "cpu"]) == 2
@@ -333,40 +335,40 @@ def test_merge_fills_provenance_and_keeps_other_mt_protocol_rows() -> None:
                "settings": {"magnetic_tile": {"protocols": ["full"], "preset": "default", "epochs": None,
                                               "coreset": 0.1}},
                "reduced_settings": {}, "datasets": {}}
-    quality.merge_previous(results, previous, ["magnetic_tile"], Path("q.json"))
+    merge.merge_previous(results, previous, ["magnetic_tile"], Path("q.json"))
     assert results["datasets"]["fashion_mnist"]["provenance"]["commit"] == "abc1234"
     assert "provenance" not in previous["datasets"]["fashion_mnist"]  # the previous file is not modified
 
     full = "Magnetic Tile, full train (762)"
     new_mt = {"status": "ok", "settings": results["settings"]["magnetic_tile"],
               "protocol": {"train": {"full": "all of train/good"}, "test": "full test split (582 images)"},
-              "rows": [_row("mt_full", "magnetic_tile", full, quality.STMAE, 0.9, 0.8, 0.7, 0.8),
-                       _row("mt_full", "magnetic_tile", full, quality.KNN, 0.9, 0.8, 0.7, 0.8)],
-              "provenance": quality.entry_provenance(results)}
-    merged = quality.merge_protocol_rows(new_mt, mt_prev, previous)
+              "rows": [_row("mt_full", "magnetic_tile", full, common.STMAE, 0.9, 0.8, 0.7, 0.8),
+                       _row("mt_full", "magnetic_tile", full, common.KNN, 0.9, 0.8, 0.7, 0.8)],
+              "provenance": common.entry_provenance(results)}
+    merged = merge.merge_protocol_rows(new_mt, mt_prev, previous)
     assert [r["key"] for r in merged["rows"]] == ["mt200", "mt200", "mt200", "mt_full", "mt_full"]  # table order
     assert merged["settings"]["protocols"] == ["200", "full"]
     assert merged["protocol"]["train"] == {"200": "seeded 200", "full": "all of train/good"}
     assert merged["rows"][0]["provenance"]["commit"] == "abc1234" and "provenance" not in merged["rows"][3]
-    assert quality.describe_reductions({"magnetic_tile": merged["settings"]}, ["magnetic_tile"]) == {}
+    assert settings.describe_reductions({"magnetic_tile": merged["settings"]}, ["magnetic_tile"]) == {}
 
-    results["datasets"] = quality.in_run_order({**results["datasets"], "magnetic_tile": merged})
-    note = quality.provenance(results)
+    results["datasets"] = merge.in_run_order({**results["datasets"], "magnetic_tile": merged})
+    note = render.provenance(results)
     assert "(commit abc1234, cpu (1 thread)): a (Magnetic Tile, 200-image protocol), b, c" in note
     assert f"(commit abc1234, cuda:0 (H100)): a ({full})" in note
     # The dataset's seconds say what they leave out: carried rows, and earlier calls of a resumed fit.
     merged["seconds"] = 12.0
-    assert quality._seconds_note(merged, results) == "12 s for the rows of the call that wrote it"
+    assert render._seconds_note(merged, results) == "12 s for the rows of the call that wrote it"
     merged["provenance"] = {**merged["provenance"], "command": cmd + " --work-dir w --resume"}
-    assert quality._seconds_note(merged, results).endswith(
+    assert render._seconds_note(merged, results).endswith(
         ", which ran with --resume: where it continued earlier work, the fit s column includes the training done in"
         " earlier calls")
-    assert quality._seconds_note({"seconds": 5, "rows": []}, {"command": "q.py --resume"}) == (
+    assert render._seconds_note({"seconds": 5, "rows": []}, {"command": "q.py --resume"}) == (
         "5 s in a call that ran with --resume: where it continued earlier work, the fit s column includes the training"
         " done in earlier calls")
-    assert quality._seconds_note({"seconds": 5, "rows": []}, {"command": "q.py --resumed-x"}) == "5 s"
+    assert render._seconds_note({"seconds": 5, "rows": []}, {"command": "q.py --resumed-x"}) == "5 s"
     # Re-running the protocol the file holds replaces its rows instead of duplicating them.
-    again = quality.merge_protocol_rows({**new_mt, "settings": mt_prev["settings"]}, mt_prev, previous)
+    again = merge.merge_protocol_rows({**new_mt, "settings": mt_prev["settings"]}, mt_prev, previous)
     assert again["rows"] == new_mt["rows"]
 
 
@@ -376,8 +378,8 @@ def test_main_merge_of_one_mt_protocol_keeps_the_other(tmp_path: Path, monkeypat
     (tmp_path / "data" / "magnetic_tile" / "magnetic_tile").mkdir(parents=True)
     mt_200 = "Magnetic Tile, 200-image protocol"
     previous = {**fake_results(), "mode": "full", "command": "python benchmarks/quality.py --only a --mt-protocols 200"}
-    previous["settings"] = {"magnetic_tile": {**quality.MODES["full"]["magnetic_tile"], "protocols": ["200"]}}
-    previous["reduced_settings"] = quality.describe_reductions(previous["settings"], ["magnetic_tile"])
+    previous["settings"] = {"magnetic_tile": {**settings.MODES["full"]["magnetic_tile"], "protocols": ["200"]}}
+    previous["reduced_settings"] = settings.describe_reductions(previous["settings"], ["magnetic_tile"])
     previous["datasets"] = {"magnetic_tile": {**previous["datasets"]["magnetic_tile"],
                                               "settings": previous["settings"]["magnetic_tile"],
                                               "protocol": {"train": {"200": "seeded"}, "test": "all"}}}
@@ -388,8 +390,8 @@ def test_main_merge_of_one_mt_protocol_keeps_the_other(tmp_path: Path, monkeypat
     def fake_runner(settings, ctx):
         assert settings["protocols"] == ["full"]
         return {"data": "x", "protocol": {"train": {"full": "all of train/good"}, "test": "all"},
-                "rows": [_row("mt_full", "magnetic_tile", full, m, 0.9, 0.8, 0.7, 0.8) for m in (quality.STMAE,
-                                                                                                 quality.KNN)]}
+                "rows": [_row("mt_full", "magnetic_tile", full, m, 0.9, 0.8, 0.7, 0.8) for m in (common.STMAE,
+                                                                                                common.KNN)]}
 
     from stmae import provenance
 
@@ -402,8 +404,8 @@ def test_main_merge_of_one_mt_protocol_keeps_the_other(tmp_path: Path, monkeypat
     merged = json.loads(out.read_text())
     mt = merged["datasets"]["magnetic_tile"]
     assert [(r["row"], r["method"]) for r in mt["rows"]] == [
-        (mt_200, quality.STMAE), (mt_200, quality.STMAE_MEMORY), (mt_200, quality.KNN), (full, quality.STMAE),
-        (full, quality.KNN)]
+        (mt_200, common.STMAE), (mt_200, common.STMAE_MEMORY), (mt_200, common.KNN), (full, common.STMAE),
+        (full, common.KNN)]
     assert mt["settings"]["protocols"] == ["200", "full"] and merged["reduced_settings"] == {}
     assert mt["rows"][0]["provenance"]["command"] == previous["command"]
     assert f"): a ({full})" in out.with_suffix(".md").read_text()
@@ -431,13 +433,13 @@ def test_mvtec_pair_with_memory_adds_residual_and_memory_rows_of_the_same_model_
 
     from tests.conftest import tiny_config
 
-    ctx = quality.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, lambda m: None)
+    ctx = common.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, lambda m: None)
     cfg = tiny_config(**{"infer.memory": 0.8})
     ds = load_mvtec(tiny_mvtec)
     halves = real_defect_indices(ds.test, seed=0)
-    rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", ds, tmp_path / "run", cfg,
-                               "accurate", 0.1, ctx, "", subsets=halves)
-    assert [r["method"] for r in rows] == [quality.STMAE, quality.STMAE_RESIDUAL, quality.STMAE_MEMORY, quality.KNN]
+    rows = magnetic_tile._mvtec_pair("mt200", "magnetic_tile", "tiny", ds, tmp_path / "run", cfg,
+                                     "accurate", 0.1, ctx, "", subsets=halves)
+    assert [r["method"] for r in rows] == [common.STMAE, common.STMAE_RESIDUAL, common.STMAE_MEMORY, common.KNN]
     st, residual, memory, knn = rows
     assert "memory 0.8 (greedy coreset 10 %" in st["settings"]
     assert st["config"]["infer"]["memory"] == 0.8
@@ -447,12 +449,12 @@ def test_mvtec_pair_with_memory_adds_residual_and_memory_rows_of_the_same_model_
     for row in rows:  # every row has both halves, with the halves' image counts
         assert row["subsets"]["mt_val"]["n_images"] == len(halves["mt_val"])
         assert row["subsets"]["mt_test"]["n_images"] == len(halves["mt_test"])
-    table = quality.halves_table({"datasets": {"magnetic_tile": {"status": "ok", "rows": rows}}})
+    table = render.halves_table({"datasets": {"magnetic_tile": {"status": "ok", "rows": rows}}})
     assert table.count("| tiny |") == 4 and "mt_test AUPRO" in table
     # Without the memory there are no extra rows.
-    rows = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", ds, tmp_path / "run0",
-                               tiny_config(**{"infer.memory": 0.0}), "accurate", 0.1, ctx, "")
-    assert [r["method"] for r in rows] == [quality.STMAE, quality.KNN]
+    rows = magnetic_tile._mvtec_pair("mt200", "magnetic_tile", "tiny", ds, tmp_path / "run0",
+                                     tiny_config(**{"infer.memory": 0.0}), "accurate", 0.1, ctx, "")
+    assert [r["method"] for r in rows] == [common.STMAE, common.KNN]
 
 
 def test_resume_reuses_a_finished_fit_and_needs_a_work_dir(tiny_mvtec, tmp_path: Path, monkeypatch) -> None:
@@ -464,24 +466,25 @@ def test_resume_reuses_a_finished_fit_and_needs_a_work_dir(tiny_mvtec, tmp_path:
     from tests.conftest import tiny_config
 
     logs: list[str] = []
-    ctx = quality.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, logs.append,
-                          resume=True)
+    ctx = common.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, logs.append,
+                         resume=True)
     cfg = tiny_config()
     dataset = load_mvtec(tiny_mvtec)
     with pytest.warns(UserWarning, match="no saved training state; training from the start"):  # first call
-        first = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate", 0.1,
-                                    ctx, "")
+        first = magnetic_tile._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate",
+                                          0.1, ctx, "")
     assert not any("reusing" in line for line in logs)
     calls: list[Any] = []
     monkeypatch.setattr(stmae, "fit", lambda *a, **k: calls.append(a))
-    again = quality._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate", 0.1, ctx, "")
+    again = magnetic_tile._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate", 0.1,
+                                      ctx, "")
     assert calls == [] and any("reusing the finished fit" in line for line in logs)
     assert again[0]["image_auroc"] == first[0]["image_auroc"]
     assert again[0]["fit_seconds"] == first[0]["fit_seconds"]
     # Another config is not reused: it is fitted (here: the stub records the call and returns None).
     with pytest.raises(AttributeError):
-        quality._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run",
-                            tiny_config(**{"train.lr": 1e-2}), "accurate", 0.1, ctx, "")
+        magnetic_tile._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run",
+                                  tiny_config(**{"train.lr": 1e-2}), "accurate", 0.1, ctx, "")
     assert len(calls) == 1
     with pytest.raises(SystemExit):
         quality.parse_args(["--resume"])
@@ -491,7 +494,8 @@ def test_resume_reuses_a_finished_fit_and_needs_a_work_dir(tiny_mvtec, tmp_path:
     meta_path = tmp_path / "run" / "meta.json"
     meta_path.write_text(meta_path.read_text().replace(json.loads(meta_path.read_text())["code_revision"], "0" * 16))
     with pytest.raises(ProvenanceError, match=str(tmp_path / "run") + ": a finished fit made by other code"):
-        quality._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate", 0.1, ctx, "")
+        magnetic_tile._mvtec_pair("mt200", "magnetic_tile", "tiny", dataset, tmp_path / "run", cfg, "accurate", 0.1,
+                                  ctx, "")
 
 
 def test_combine_joins_disjoint_runs_of_one_commit_and_refuses_others(tmp_path: Path) -> None:
@@ -517,11 +521,11 @@ def test_combine_joins_disjoint_runs_of_one_commit_and_refuses_others(tmp_path: 
     c = fake_results()
     c["command"], c["modified"] = "python benchmarks/quality.py --only a --mt-protocols full", []
     del c["datasets"]["fashion_mnist"], c["datasets"]["mnist"]
-    a["datasets"]["magnetic_tile"]["settings"] = {**quality.MODES["full"]["magnetic_tile"], "protocols": ["200"]}
+    a["datasets"]["magnetic_tile"]["settings"] = {**settings.MODES["full"]["magnetic_tile"], "protocols": ["200"]}
     a["datasets"]["magnetic_tile"]["protocol"] = {"train": {"200": "200 seeded train/good images"}}
     a["reduced_settings"] = {"magnetic_tile": "200-image protocol only"}
     full = c["datasets"]["magnetic_tile"]
-    full["settings"] = {**quality.MODES["full"]["magnetic_tile"], "protocols": ["full"]}
+    full["settings"] = {**settings.MODES["full"]["magnetic_tile"], "protocols": ["full"]}
     full["protocol"] = {"train": {"full": "all train/good images"}}
     full["rows"] = [{**r, "key": "mt_full", "row": "Magnetic Tile, full train", "image_auroc": 0.97} for r in full["rows"]]
     fa.write_text(json.dumps(a))
