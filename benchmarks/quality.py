@@ -19,8 +19,8 @@ ST-MAE uses the library calls (:func:`stmae.fit` + :func:`stmae.evaluate`;
 bank on exactly ST-MAE's features and map recipe), run on the same samples with the ST-MAE
 run's configuration. One-class rows are means over the classes run; per-class figures are
 in the JSON and in the Markdown's per-class tables. Note that ST-MAE holds out
-``train.val_fraction`` (10 %) of the training images to calibrate its threshold (they join
-its memory afterwards under ``infer.memory_held_out``, the default); the baseline banks all
+``fit.held_out`` (10 %) of the training images to calibrate its threshold (they join
+its memory afterwards under ``fit.bank_held_out``, the default); the baseline banks all
 of them.
 
 Targets (from the project's issue) are printed and written next to the figures with a

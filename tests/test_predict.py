@@ -52,7 +52,7 @@ def reference_grid_maps(det: stmae.Detector, feats: torch.Tensor) -> tuple[torch
             for split in det.splits:
                 total += feature_residual(det.model(x, split), x, kind, det.residual_stats)
             residuals[kind] = total / len(det.splits)
-    if cfg.memory <= 0:
+    if cfg.distance_weight <= 0:
         return residuals[pixel_kind], residuals[cfg.residual]
     dist = torch.cdist(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), det.memory.bank).amin(1).view_as(x[:, 0])
     mem = det.memory
@@ -60,15 +60,15 @@ def reference_grid_maps(det: stmae.Detector, feats: torch.Tensor) -> tuple[torch
     def blended(residual: torch.Tensor, mode: str, own: bool) -> torch.Tensor:
         median, (r0, r1) = (mem.pixel_residual_median, mem.pixel_residual_range) if own else (mem.residual_median, mem.residual_range)
         if mode == "median":
-            return (1 - cfg.memory) * residual / median + cfg.memory * dist / mem.distance_median
+            return (1 - cfg.distance_weight) * residual / median + cfg.distance_weight * dist / mem.distance_median
         (d0, d1) = mem.distance_range
         r = (residual - r0) / (r1 - r0)
         if mode == "gated":
             r = r.clamp_min(0.0)
-        return (1 - cfg.memory) * r + cfg.memory * (dist - d0) / (d1 - d0)
+        return (1 - cfg.distance_weight) * r + cfg.distance_weight * (dist - d0) / (d1 - d0)
 
     score = blended(residuals[cfg.residual], cfg.blend, False)
-    if cfg.memory >= 1:
+    if cfg.distance_weight >= 1:
         return score, score
     return blended(residuals[pixel_kind], pixel_blend, pixel_kind != cfg.residual), score
 

@@ -37,8 +37,8 @@ DATA_PATHS = {
 }
 
 STMAE = "ST-MAE"
-STMAE_RESIDUAL = "ST-MAE, residual only"  # the same trained model scored with infer.memory = 0 (the paper's map)
-STMAE_MEMORY = "ST-MAE, memory only"  # the same trained model scored with infer.memory = 1 (the bank alone)
+STMAE_RESIDUAL = "ST-MAE, residual only"  # the same trained model scored with infer.distance_weight = 0 (the paper's map)
+STMAE_MEMORY = "ST-MAE, memory only"  # the same trained model scored with infer.distance_weight = 1 (the bank alone)
 KNN = "kNN baseline"
 KNN_SEED = 42
 MT_PROTOCOLS = ("200", "full")  # Magnetic Tile training protocols, in table order
@@ -110,7 +110,7 @@ def _stmae_config(preset_name: str, epochs: int | None, ctx: Context, coreset: f
     from stmae.train import make_config
 
     return make_config(preset_name, {"train.epochs": epochs, "train.device": ctx.device,
-                                     "infer.memory_coreset": coreset})
+                                     "fit.bank_coreset": coreset})
 
 
 def _knn(train: Sequence[Any], test: Sequence[Any], cfg: Any, coreset: float, ctx: Context,

@@ -67,8 +67,8 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
                 coreset: float, ctx: Context, train_note: str, val_data: Path | None = None,
                 residual_row: bool = True, subsets: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
     """ST-MAE (fit + evaluate) and kNN on one MVTec-style dataset -> two rows, four when
-    ``residual_row`` and the config uses the memory (the same model with ``infer.memory`` 0,
-    and with ``infer.memory`` 1). ``subsets`` (name -> test indices) adds each row's metrics
+    ``residual_row`` and the config uses the memory (the same model with ``infer.distance_weight`` 0,
+    and with ``infer.distance_weight`` 1). ``subsets`` (name -> test indices) adds each row's metrics
     on those parts of the test split (``subsets`` of the row), from the same scoring pass.
 
     ``val_data``: good images that set ST-MAE's threshold instead of a held-out share of the
@@ -91,7 +91,7 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
     meta = fitted.meta
     memory = meta.get("memory")
     if memory:
-        preset_note += (f", memory {cfg.infer.memory:g} (greedy coreset {_pct(cfg.infer.memory_coreset)}: "
+        preset_note += (f", memory {cfg.infer.distance_weight:g} (greedy coreset {_pct(cfg.fit.bank_coreset)}: "
                         f"{memory['bank_patches']:,} of {memory['train_patches']:,} patches)")
     if val_data is None:
         calibration = f"train {len(dataset.train)} ({meta['n_train']} fit + {meta['n_val']} held out for calibration)"
@@ -108,7 +108,7 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
     rows = [st_row]
     if memory and residual_row:
         # The same model scored by each of its two terms alone: the paper's residual map
-        # (infer.memory 0) and the memory bank (infer.memory 1), so the table shows what each
+        # (infer.distance_weight 0) and the memory bank (infer.distance_weight 1), so the table shows what each
         # adds (scoring only; no second training).
         det = fitted.detector
         pixel = det.config.infer.pixel_residual
@@ -117,18 +117,18 @@ def _mvtec_pair(key: str, dataset_key: str, row_name: str, dataset: Any, run_dir
         )
         for share, method, what in ((0.0, STMAE_RESIDUAL, residual_what),
                                     (1.0, STMAE_MEMORY, "1 (the nearest-good-patch distance alone)")):
-            det.config.infer.memory = share
+            det.config.infer.distance_weight = share
             t1 = time.perf_counter()
             alone, alone_subsets = _evaluate(det, dataset, ctx, subsets)
             fit_s = meta["fit_seconds"] - (memory.get("seconds") or 0.0) if share == 0.0 else meta["fit_seconds"]
             rows.append(_row(
                 key, dataset_key, row_name, method, alone.metrics, round(fit_s, 3), ctx.device_label,
-                f"the ST-MAE row's model scored with `infer.memory` {what}; test {len(dataset.test)}",
+                f"the ST-MAE row's model scored with `infer.distance_weight` {what}; test {len(dataset.test)}",
                 eval_seconds=round(time.perf_counter() - t1, 1), metrics=alone.metrics,
                 per_type=alone.per_type, subsets=alone_subsets,
             ))
             ctx.log("    " + _row_line(rows[-1]))
-        det.config.infer.memory = cfg.infer.memory
+        det.config.infer.distance_weight = cfg.infer.distance_weight
 
     ctx.log(f"  {row_name}: kNN baseline (greedy coreset {_pct(coreset)})")
     t0 = time.perf_counter()

@@ -66,7 +66,7 @@ def _oneclass(key: str, protocol: str, settings: dict[str, Any], ctx: Context) -
         class_note = f"all {len(classes)} classes"
     else:
         class_note = f"{len(wanted)} of {len(classes)} classes ({','.join(map(str, indices))})"
-    held_out = f"{round(100 * cfg.train.val_fraction):g} % held out for calibration"
+    held_out = f"{round(100 * cfg.fit.held_out):g} % held out for calibration"
     train_note = f"train {_limit(settings['train_limit'])}/class"
     common = f"mean of {class_note}; {train_note}; test {n_test}"
     row_name = f"{title}, mean"
@@ -113,7 +113,7 @@ def _oneclass_alone_rows(key: str, row_name: str, st_rows: list[dict[str, Any]],
         per_class = [{"class": r["class"], "image_auroc": r[field]} for r in st_rows]
         mean = {"image_auroc": _mean([r[field] for r in st_rows])}
         rows.append(_row(key, key, row_name, method, mean, None, ctx.device_label,
-                         f"the ST-MAE row's models scored with `infer.memory` {what}; test {n_test}",
+                         f"the ST-MAE row's models scored with `infer.distance_weight` {what}; test {n_test}",
                          per_class=per_class, mean=mean))
         ctx.log("    " + _row_line(rows[-1]))
     return rows

@@ -195,7 +195,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "training images, or separate validation images where the settings say so); the threshold does not "
         "enter these threshold-free metrics. The kNN baseline banks all training images; ST-MAE's memory "
         "(where the settings name one) banks the images it trains on and, after calibration, the held-out ones "
-        "(`infer.memory_held_out`, the default; the patch counts in the settings say which). One-class rows are means over the classes "
+        "(`fit.bank_held_out`, the default; the patch counts in the settings say which). One-class rows are means over the classes "
         "run (per class below). `fit s` = feature extraction + training (ST-MAE; + the memory's coreset where "
         "used, not in the residual-only row) or + coreset selection (kNN)."
     )

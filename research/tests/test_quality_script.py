@@ -434,7 +434,7 @@ def test_mvtec_pair_with_memory_adds_residual_and_memory_rows_of_the_same_model_
     from tests.conftest import tiny_config
 
     ctx = common.Context(tmp_path, tmp_path / "work", "cpu", torch.device("cpu"), "cpu (test)", True, lambda m: None)
-    cfg = tiny_config(**{"infer.memory": 0.8})
+    cfg = tiny_config(**{"infer.distance_weight": 0.8})
     ds = load_mvtec(tiny_mvtec)
     halves = real_defect_indices(ds.test, seed=0)
     rows = magnetic_tile._mvtec_pair("mt200", "magnetic_tile", "tiny", ds, tmp_path / "run", cfg,
@@ -442,7 +442,7 @@ def test_mvtec_pair_with_memory_adds_residual_and_memory_rows_of_the_same_model_
     assert [r["method"] for r in rows] == [common.STMAE, common.STMAE_RESIDUAL, common.STMAE_MEMORY, common.KNN]
     st, residual, memory, knn = rows
     assert "memory 0.8 (greedy coreset 10 %" in st["settings"]
-    assert st["config"]["infer"]["memory"] == 0.8
+    assert st["config"]["infer"]["distance_weight"] == 0.8
     assert residual["fit_seconds"] <= st["fit_seconds"] == memory["fit_seconds"]
     scores = {r["method"]: r["per_type"]["good"]["mean_score"] for r in rows[:3]}
     assert len({round(v, 6) for v in scores.values()}) == 3  # three different maps of one model
@@ -453,7 +453,7 @@ def test_mvtec_pair_with_memory_adds_residual_and_memory_rows_of_the_same_model_
     assert table.count("| tiny |") == 4 and "mt_test AUPRO" in table
     # Without the memory there are no extra rows.
     rows = magnetic_tile._mvtec_pair("mt200", "magnetic_tile", "tiny", ds, tmp_path / "run0",
-                                     tiny_config(**{"infer.memory": 0.0}), "accurate", 0.1, ctx, "")
+                                     tiny_config(**{"infer.distance_weight": 0.0}), "accurate", 0.1, ctx, "")
     assert [r["method"] for r in rows] == [common.STMAE, common.KNN]
 
 

@@ -273,6 +273,16 @@ def test(
         False, "--strict", help="Stop at the first unreadable image or mask (exit 2) instead of skipping it."
     ),
     max_pixels: int = MAX_PIXELS,
+    eval_size: str = typer.Option(
+        "model", "--eval-size",
+        help="Where pixel metrics are computed: model (masks resized to the model input, the usual benchmark protocol) "
+        "or native (maps resized to each mask's own size, so thin defects a resize would delete still count).",
+    ),
+    pixel_budget: int = typer.Option(
+        250_000_000, "--pixel-budget", min=1,
+        help="Most pixels held for the pixel metrics (8 bytes each); beyond it normal pixels are subsampled at one "
+        "seeded rate, which keeps pixel AUROC and AUPRO unbiased (results.json: pixel_fraction).",
+    ),
     skip_unreadable: bool = typer.Option(
         False, "--skip-unreadable", hidden=True, help="Accepted for old scripts; skipping is the default."
     ),
@@ -283,6 +293,10 @@ def test(
     Unreadable images (empty, truncated, not an image, over --max-pixels) are skipped, each
     listed with its reason in skipped.csv, and the exit code stays 0; --strict stops instead.
     """
+    from .evaluate import EVAL_SIZES
+
+    if eval_size not in EVAL_SIZES:
+        raise typer.BadParameter(f"must be one of {', '.join(EVAL_SIZES)}, not {eval_size!r}", param_hint="--eval-size")
     from .data import open_dataset
     from .evaluate import evaluate
     from .infer import Detector
@@ -293,7 +307,8 @@ def test(
     weights = str(backbone_weights) if backbone_weights else None
     detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
     evaluation = evaluate(
-        detector, dataset, examples_per_type=examples_per_type, quiet=quiet, skip_unreadable=not strict
+        detector, dataset, examples_per_type=examples_per_type, quiet=quiet, skip_unreadable=not strict,
+        eval_size=eval_size, pixel_budget=pixel_budget,
     )
     target = out or Path(run_dir) / "test"
     results = write_evaluation(
@@ -302,6 +317,8 @@ def test(
     for file, reason in evaluation.skipped:
         typer.secho(f"skipped {file}: {reason}", fg=typer.colors.YELLOW, err=True)
     _print_metrics(results)
+    if evaluation.pixel_fraction < 1.0:
+        typer.echo(f"pixel metrics at {eval_size} size over all defect pixels and {evaluation.pixel_fraction:.1%} of the normal pixels (--pixel-budget)")
     typer.echo(
         f"{results['n_images']} images scored, {len(evaluation.skipped)} skipped (listed in {target / SKIPPED_FILE}); "
         f"wrote {target / 'results.json'}, {target / 'scores.csv'}, {target / 'report.html'}"

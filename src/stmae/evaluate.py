@@ -1,10 +1,20 @@
 """Scoring a labelled test split: metrics, per-defect-type breakdown, per-image records.
 
-Protocol (what ``stmae test`` and the demo report): every test image and its mask are
-resized to the model input size (images bilinear, masks nearest) and all metrics are
-threshold-free, computed on raw scores over the whole test split. Pixel metrics are streamed
-image by image (:class:`stmae.metrics.PixelMetricAccumulator`) so the maps of a large test
-set are never all held in memory; only the maps of the images picked for the report are kept.
+Protocol (what ``stmae test`` and the demo report): all metrics are threshold-free,
+computed on raw scores over the whole test split. Pixel metrics are computed at one of two
+sizes (``eval_size``):
+
+- ``model`` (the default): masks resized (nearest) to the model input size, against the
+  model-size maps: the usual benchmark protocol, cheap, but a resize deletes thin defects
+  from the masks it scores against;
+- ``native``: each map resized (bilinear, as ``predict`` makes its full-size maps) to the
+  mask's own size, so what the squeeze deleted still counts.
+
+Pixel metrics are streamed image by image (:class:`stmae.metrics.PixelMetricAccumulator`)
+so the maps of a large test set are never all held in memory; only the maps of the images
+picked for the report are kept. Where the test set has more pixels than ``pixel_budget``,
+normal pixels are kept at one seeded rate that fits it (every defect pixel is kept), which
+leaves pixel AUROC and AUPRO unbiased.
 """
 
 from __future__ import annotations
@@ -16,14 +26,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data import AnomalyDataset, DataError, Sample, resize_image, resize_mask
-from .data.io import UnreadableImageError
+from .data.io import UnreadableImageError, image_size
+from .mapops import resize_map
 from .features import batched
 from .infer import Detector
 from .metrics import PixelMetricAccumulator, auroc, average_precision, compute_metrics
 
 
-#: ``on_image(index into dataset.test, score, anomaly map (S, S), mask (S, S) or None)``.
+#: ``on_image(index into dataset.test, score, anomaly map, mask or None)``: the map and mask
+#: the pixel metrics used ((S, S) at ``eval_size="model"``, the mask's own size at ``"native"``).
 ImageHook = Callable[[int, float, np.ndarray, "np.ndarray | None"], None]
+
+#: Where pixel metrics are computed: the model input size, or each mask's own size.
+EVAL_SIZES = ("model", "native")
+#: At most this many pixels are held for the pixel metrics (8 bytes each: 2 GB); beyond it
+#: normal pixels are subsampled at one seeded rate. None: keep all.
+PIXEL_BUDGET = 250_000_000
 
 
 @dataclass
@@ -38,6 +56,8 @@ class Evaluation:
         for the images chosen for the report.
     skipped: ``(file, reason)`` for every test image left out because it or its mask could
         not be read (only with ``skip_unreadable``); metrics cover the other images.
+    eval_size: where the pixel metrics were computed (``"model"`` or ``"native"``).
+    pixel_fraction: share of the normal pixels the pixel metrics kept (1.0: all, exact).
     """
 
     metrics: dict[str, Any]
@@ -46,6 +66,8 @@ class Evaluation:
     threshold: float | None
     examples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    eval_size: str = "model"
+    pixel_fraction: float = 1.0
 
 
 def pick_examples(samples: Sequence[Sample], per_type: int) -> set[int]:
@@ -66,6 +88,8 @@ def evaluate(
     quiet: bool = False,
     skip_unreadable: bool = False,
     on_image: ImageHook | None = None,
+    eval_size: str = "model",
+    pixel_budget: int | None = PIXEL_BUDGET,
 ) -> Evaluation:
     """Score ``dataset.test`` with ``detector`` and compute all metrics.
 
@@ -79,14 +103,29 @@ def evaluate(
     mask of the wrong size) is left out and listed in ``Evaluation.skipped`` instead of
     stopping the evaluation; without it the first such file raises, naming it.
 
+    ``eval_size``: ``"model"`` or ``"native"`` (module docstring); ``pixel_budget``: the most
+    pixels held for the pixel metrics (``Evaluation.pixel_fraction`` says which share of the
+    normal pixels was kept; 1.0 = exact).
+
     Raises:
         DataError: an unreadable file (without ``skip_unreadable``), or no readable test image.
+        ValueError: an unknown ``eval_size`` or a ``pixel_budget`` below 1.
     """
     samples = dataset.test
     if not samples:
         raise ValueError(f"{dataset.root or dataset.name}: the test split is empty; nothing to evaluate")
+    if eval_size not in EVAL_SIZES:
+        raise ValueError(f"eval_size must be one of {EVAL_SIZES}, got {eval_size!r}")
+    if pixel_budget is not None and pixel_budget < 1:
+        raise ValueError(f"pixel_budget must be >= 1 (or None: keep every pixel), got {pixel_budget}")
     size = detector.config.features.image_size
-    pixel = PixelMetricAccumulator() if dataset.has_masks else None
+    native = eval_size == "native"
+    fraction = 1.0
+    if dataset.has_masks and pixel_budget is not None:
+        total = sum(_pixels(s) for s in samples) if native else len(samples) * size * size
+        fraction = min(1.0, pixel_budget / max(total, 1))
+    seed = detector.config.train.seed
+    pixel = PixelMetricAccumulator(normal_fraction=fraction, seed=seed) if dataset.has_masks else None
     keep = pick_examples(samples, examples_per_type)
     scored: list[Sample] = []
     scores: list[float] = []
@@ -99,22 +138,28 @@ def evaluate(
             for i in chunk:
                 try:
                     image = samples[i].load_image(reduce_to=size)
-                    mask = mask_at(samples[i], size) if pixel or i in keep else None
+                    mask = full = None
+                    if pixel or i in keep:
+                        full = samples[i].load_mask()
+                        mask = np.zeros((size, size), dtype=bool) if full is None else resize_mask(full, size)
+                        if native and full is None:
+                            full = np.zeros(native_shape(samples[i]), dtype=bool)
                 except DataError as exc:
                     if not skip_unreadable:
                         raise
                     skipped.append(_skip_entry(samples[i], exc))
                     continue
-                loaded.append((i, image, mask))
+                loaded.append((i, image, mask, full))
             if loaded:
-                resized = np.stack([resize_image(image, size) for _, image, _ in loaded])
+                resized = np.stack([resize_image(image, size) for _, image, _, _ in loaded])
                 maps, batch_scores = detector.score_uint8(resized)
-                for j, (i, _, mask) in enumerate(loaded):
+                for j, (i, _, mask, full) in enumerate(loaded):
                     amap = maps[j]
+                    used_map, used_mask = (resize_map(amap, full.shape), full) if native and full is not None else (amap, mask)
                     if pixel is not None:
-                        pixel.update(mask, amap)
+                        pixel.update(used_mask, used_map)
                     if on_image is not None:
-                        on_image(i, float(batch_scores[j]), amap, mask)
+                        on_image(i, float(batch_scores[j]), used_map, used_mask)
                     if i in keep:
                         examples[len(scored)] = (resized[j], amap, mask)
                     scored.append(samples[i])
@@ -145,7 +190,7 @@ def evaluate(
         for i, s in enumerate(scored)
     ]
     per_type = per_type_breakdown(scored, score_array, threshold)
-    return Evaluation(metrics, per_type, records, threshold, examples, skipped)
+    return Evaluation(metrics, per_type, records, threshold, examples, skipped, eval_size, fraction)
 
 
 def _skip_entry(sample: Sample, exc: DataError) -> tuple[str, str]:
@@ -153,6 +198,23 @@ def _skip_entry(sample: Sample, exc: DataError) -> tuple[str, str]:
     if isinstance(exc, UnreadableImageError):
         return exc.file, exc.reason
     return str(sample.path or sample.display_name), str(exc)
+
+
+def native_shape(sample: Sample) -> tuple[int, int]:
+    """(height, width) of the sample's image as decoded at full size, without decoding it."""
+    if sample.path is not None:
+        return image_size(sample.path)
+    assert sample.array is not None
+    return (int(sample.array.shape[0]), int(sample.array.shape[1]))
+
+
+def _pixels(sample: Sample) -> int:
+    """Pixels of the sample at full size (0 when its header cannot be read: it is skipped later)."""
+    try:
+        h, w = native_shape(sample)
+    except (DataError, OSError):
+        return 0
+    return h * w
 
 
 def mask_at(sample: Sample, size: int) -> np.ndarray:

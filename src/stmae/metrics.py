@@ -29,6 +29,7 @@ scikit-learn is deliberately not imported: it is only the reference in the tests
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -397,11 +398,16 @@ def _binned_pixel_curve(data: _PixelData, num_thresholds: int) -> _Curve:
     )
 
 
-def _pixel_metrics(data: _PixelData, fpr_limit: float) -> Metrics:
-    """All pixel metrics from one exact curve; all None if a class is missing."""
+def _pixel_metrics(data: _PixelData, fpr_limit: float, fp_scale: float = 1.0) -> Metrics:
+    """All pixel metrics from one exact curve; all None if a class is missing.
+
+    ``fp_scale``: normal pixels were kept at the rate 1 / fp_scale; false-positive counts are
+    scaled back (rates, hence AUROC and AUPRO, do not change)."""
     if not data.has_both_classes:
         return dict.fromkeys(_PIXEL_KEYS)
     curve = _pixel_curve(data)
+    if fp_scale != 1.0:
+        curve = dataclasses.replace(curve, fps=curve.fps * fp_scale)
     metrics = _threshold_metrics(curve, "pixel")
     metrics["aupro"] = _aupro_from_curve(curve, fpr_limit)
     return metrics
@@ -425,7 +431,14 @@ class PixelMetricAccumulator:
 
     Why: evaluation loops produce maps per batch, and images may differ in size, so the
     caller should not have to stack them. Each update stores only float32 scores and
-    int32 region ids (5 bytes per pixel), not the caller's arrays.
+    int32 region ids (8 bytes per kept pixel), not the caller's arrays.
+
+    ``normal_fraction`` < 1 bounds the memory of large test sets (full-resolution masks):
+    every anomalous pixel is kept, normal pixels by a seeded draw at that one rate. The
+    false-positive *rate* at any threshold is then an unbiased estimate over the kept normal
+    pixels, so pixel AUROC and AUPRO need no correction; AP and F1 count false positives,
+    which are scaled back by ``1 / normal_fraction``. With 1 (the default) every pixel is
+    kept and all metrics are exact.
 
     Masks: any dtype, nonzero = anomalous (0/255 PNG masks work as is). Maps: real
     numbers, higher = more anomalous; stored as float32, so scores closer than float32
@@ -439,9 +452,12 @@ class PixelMetricAccumulator:
         acc.result()  # {"pixel_auroc": ..., "aupro": ...}
     """
 
-    def __init__(self, fpr_limit: float = 0.3) -> None:
+    def __init__(self, fpr_limit: float = 0.3, normal_fraction: float = 1.0, seed: int = 0) -> None:
         _check_fpr_limit(fpr_limit)
+        _require(0.0 < normal_fraction <= 1.0, f"normal_fraction must be in (0, 1], got {normal_fraction}")
         self.fpr_limit = fpr_limit
+        self.normal_fraction = float(normal_fraction)
+        self._rng = np.random.default_rng(seed)
         self._scores: list[npt.NDArray[np.float32]] = []
         self._region_ids: list[npt.NDArray[np.int32]] = []
         self._region_sizes: list[npt.NDArray[np.int64]] = []
@@ -471,12 +487,18 @@ class PixelMetricAccumulator:
 
         labeled, n_regions = ndimage.label(mask_arr != 0, structure=_CONNECTIVITY, output=np.int32)
         region_ids = labeled.ravel()
-        sizes = np.bincount(region_ids, minlength=n_regions + 1)
+        sizes = np.bincount(region_ids, minlength=n_regions + 1)  # region sizes: always exact
         region_ids[region_ids > 0] += self._num_regions  # ids unique over the whole set
-        self._scores.append(map_arr.astype(np.float32).ravel())
+        scores = map_arr.astype(np.float32).ravel()
+        num_normal = int(sizes[0])
+        if self.normal_fraction < 1.0:
+            keep = (region_ids > 0) | (self._rng.random(region_ids.size) < self.normal_fraction)
+            scores, region_ids = scores[keep], region_ids[keep]
+            num_normal = int(np.count_nonzero(region_ids == 0))
+        self._scores.append(scores)
         self._region_ids.append(region_ids)
         self._region_sizes.append(sizes[1:].astype(np.int64))
-        self._num_normal += int(sizes[0])
+        self._num_normal += num_normal
         self._num_regions += n_regions
         self._num_images += 1
 
@@ -500,7 +522,7 @@ class PixelMetricAccumulator:
         Raises:
             ValueError: if no image was added.
         """
-        return _pixel_metrics(self._collect(), self.fpr_limit)
+        return _pixel_metrics(self._collect(), self.fpr_limit, fp_scale=1.0 / self.normal_fraction)
 
 
 def _concatenate(chunks: list[np.ndarray]) -> np.ndarray:

@@ -187,6 +187,8 @@ def write_evaluation(
     results: dict[str, Any] = dict(extra or {})
     results.update(evaluation.metrics)
     results["threshold"] = evaluation.threshold
+    results["eval_size"] = evaluation.eval_size
+    results["pixel_fraction"] = evaluation.pixel_fraction
     results["per_type"] = evaluation.per_type
     results["n_skipped"] = len(evaluation.skipped)
     results["skipped"] = [{"path": f, "reason": r} for f, r in evaluation.skipped]
