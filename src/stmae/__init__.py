@@ -36,6 +36,8 @@ _LAZY = {
     "STMAE": ".model",
     "FitResult": ".train",
     "fit": ".train",
+    "UpdateResult": ".update",
+    "update": ".update",
     "export_model": ".export",
     "open_model": ".runtime",
 }
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .model import STMAE
     from .runtime import open_model
     from .train import FitResult, fit
+    from .update import UpdateResult, update
 
 
 def __getattr__(name: str) -> Any:
@@ -99,10 +102,12 @@ __all__ = [
     "FitResult",
     "Prediction",
     "STMAE",
+    "UpdateResult",
     "evaluate",
     "export_model",
     "fit",
     "load",
     "open_model",
     "run_demo",
+    "update",
 ]

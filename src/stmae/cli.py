@@ -215,6 +215,40 @@ def fit(
 
 @app.command()
 @friendly
+def update(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit` (or an earlier update)."),
+    good: List[Path] = typer.Argument(..., help="New good images: files and/or folders (or one MVTec-style category)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the new version here (default: replace RUN_DIR, atomically)."),
+    device: Optional[str] = DEVICE,
+    backbone_weights: Optional[Path] = WEIGHTS,
+    skip_unreadable: bool = SKIP,
+    max_pixels: int = MAX_PIXELS,
+    quiet: bool = QUIET,
+) -> None:
+    """Add good images to a fitted run without retraining: extend its memory bank and re-set its thresholds.
+
+    The new version is written as a whole (the old one stays loadable until it is complete);
+    meta.json records it in model_version and history.
+    """
+    from .update import update as update_api
+
+    data: Any = [str(p) for p in good]
+    if len(good) == 1 and good[0].is_dir():
+        data = _open(good[0], skip_unreadable, max_pixels)
+    weights = str(backbone_weights) if backbone_weights else None
+    result = update_api(run_dir, data, out=out, device=device or "auto", backbone_weights=weights, quiet=quiet)
+    e = result.entry
+    typer.echo(
+        f"version {e['version']}: {e['images_added']} good images added ({e['images_banked']} banked, "
+        f"{e['images_held_out']} held out for calibration); bank {e['bank_patches']:,} patches; "
+        f"threshold {e['image_threshold_before']:.5g} -> {e['image_threshold_after']:.5g} over "
+        f"{e['calibration_images']} held-out good images"
+    )
+    typer.echo(f"run folder: {result.run_dir}")
+
+
+@app.command()
+@friendly
 def predict(
     run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`, or an exported model (.onnx / .xml)."),
     paths: List[Path] = typer.Argument(..., help="Images and/or folders of images (searched recursively)."),
