@@ -22,6 +22,7 @@ from typing import Any
 
 from .fileio import atomic_write, csv_cell, safe_name
 from .mapops import resize_map
+from .predlog import Entry, PredictionLog
 from .prediction import Skipped
 from .report import panel, save_png
 from .scorer import Scorer
@@ -52,12 +53,16 @@ def predict_to_folder(
     max_pixels: int | None = None,
     batch_size: int | None = None,
     quiet: bool = True,
+    log: PredictionLog | None = None,
+    model_name: tuple[str, int] = ("model", 1),
 ) -> BatchSummary:
     """Score ``images`` (paths, folders, arrays ... see :mod:`stmae.inputs`) into folder ``out``.
 
     Writes ``predictions.csv`` (columns path, score, normalized, label, threshold and, with
     heat maps, heatmap), ``skipped.csv`` (path, reason) and ``heatmaps/<name>.png``.
-    ``strict`` makes the first bad input raise DataError instead of being skipped.
+    ``strict`` makes the first bad input raise DataError instead of being skipped. With
+    ``log``, every scored image is also recorded there (:mod:`stmae.predlog`) under
+    ``model_name`` = (name, version), without waiting for the write.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +92,13 @@ def predict_to_folder(
                     row["heatmap"] = f"heatmaps/{name}.png"
             writer.writerow([csv_cell(row.get(c)) for c in columns])
             handle.flush()
+            if log is not None:
+                log.record(Entry(
+                    source=str(row["path"]), score=pred.score, normalized=pred.normalized, label=pred.label,
+                    threshold=pred.threshold, model=model_name[0], model_version=model_name[1],
+                    path=None if pred.path is None else str(pred.path),
+                    heatmap=str(out / row["heatmap"]) if row.get("heatmap") else None,
+                ))
             summary.scored += 1
             summary.flagged += int(pred.label == 1)
     os.replace(partial, out / "predictions.csv")

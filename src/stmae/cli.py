@@ -263,6 +263,9 @@ def predict(
     engine: Optional[str] = typer.Option(
         None, "--engine", help="onnxruntime or openvino: score with the exported model (stmae export) instead of torch."
     ),
+    log: Optional[Path] = typer.Option(
+        None, "--log", help="Also record every scored image in this SQLite prediction log (created if missing)."
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Score images: streams predictions.csv (path, score, normalized, label, threshold), skipped.csv and heat maps.
@@ -280,10 +283,18 @@ def predict(
 
         weights = str(backbone_weights) if backbone_weights else None
         detector = Detector.load(run_dir, device=device or "auto", backbone_weights=weights)
-    summary = predict_to_folder(
-        detector, list(paths), out, heatmaps=heatmaps, threshold=threshold, strict=strict,
-        max_pixels=max_pixels, batch_size=batch_size, quiet=quiet,
-    )
+    from .predlog import PredictionLog, model_identity
+
+    prediction_log = PredictionLog(log) if log is not None else None
+    try:
+        summary = predict_to_folder(
+            detector, list(paths), out, heatmaps=heatmaps, threshold=threshold, strict=strict,
+            max_pixels=max_pixels, batch_size=batch_size, quiet=quiet,
+            log=prediction_log, model_name=model_identity(detector, run_dir),
+        )
+    finally:
+        if prediction_log is not None:
+            prediction_log.close()
     for skip in summary.skipped:
         typer.secho(f"skipped {skip.item}: {skip.reason}", fg=typer.colors.YELLOW, err=True)
     limit = "none" if summary.threshold is None else f"{summary.threshold:.5g}"
@@ -291,6 +302,7 @@ def predict(
         f"{summary.scored} images scored, {summary.flagged} flagged anomalous (threshold {limit}), "
         f"{len(summary.skipped)} skipped; wrote {summary.predictions_csv}"
         + (f" and {summary.skipped_csv}" if summary.skipped else "")
+        + (f"; logged to {log}" if log is not None else "")
     )
 
 
@@ -448,12 +460,18 @@ def serve(
     max_pixels: int = typer.Option(SERVE_MAX_PIXELS, "--max-pixels", help="Largest image accepted, in pixels (width x height)."),
     workers: int = typer.Option(1, "--workers", help="Threads that score requests (requests queue for them)."),
     device: Optional[str] = DEVICE,
+    log: Optional[Path] = typer.Option(
+        None, "--log", help="SQLite prediction log (default: MODEL.predictions.sqlite beside the model); GET /history reads it."
+    ),
+    no_log: bool = typer.Option(False, "--no-log", help="Keep no prediction log."),
 ) -> None:
-    """Serve a model over HTTP: POST /predict, GET /health, GET /info, a web page at /, docs at /docs."""
+    """Serve a model over HTTP: POST /predict, GET /history, GET /health, GET /info, a web page at /, docs at /docs."""
     from .serve import serve as run
+    from .serve.server import default_log_path
 
+    plog = None if no_log else (log or default_log_path(model))
     run(model, host=host, port=port, max_request_mb=max_request_mb, max_pixels=max_pixels, workers=workers,
-        device=device or "auto", log=typer.echo)
+        device=device or "auto", log=typer.echo, prediction_log=plog)
 
 
 @app.command()

@@ -42,6 +42,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..predlog import Entry, LogError, PredictionLog
 from ..report import overlay
 from ..data.io import SERVE_MAX_PIXELS
 from .decode import UploadError, decode_upload
@@ -175,8 +176,11 @@ def _heatmap_png(image: np.ndarray, amap: np.ndarray, threshold: float | None) -
 class _Scorer:
     """The model plus its worker pool and a count of requests waiting or running."""
 
-    def __init__(self, model: Any, workers: int, max_pending: int, max_pixels: int) -> None:
+    def __init__(self, model: Any, workers: int, max_pending: int, max_pixels: int,
+                 log: PredictionLog | None = None, identity: tuple[str, int] = ("model", 1)) -> None:
         self.model = model
+        self.log = log
+        self.identity = identity
         self.workers = workers
         self.max_pending = max_pending
         self.max_pixels = max_pixels
@@ -193,8 +197,11 @@ class _Scorer:
         queue of waiting requests holds no decoded (or even fully buffered) images.
         """
         started = time.perf_counter()
-        images = [decode_upload(fileobj.read(), name, max_pixels=self.max_pixels, content_type=ctype)
-                  for name, fileobj, ctype in uploads]
+        raw: list[bytes] = []
+        images = []
+        for name, fileobj, ctype in uploads:
+            raw.append(fileobj.read())
+            images.append(decode_upload(raw[-1], name, max_pixels=self.max_pixels, content_type=ctype))
         try:
             preds = self.model.predict(images, threshold=threshold)
         except UploadError as exc:
@@ -202,7 +209,7 @@ class _Scorer:
                 raise
             raise UploadError(exc.status, f"{uploads[exc.index][0]}: {exc.message}") from None
         results = []
-        for (name, _, _), image, pred in zip(uploads, images, preds):
+        for (name, _, _), data, image, pred in zip(uploads, raw, images, preds):
             row: dict[str, Any] = {
                 "filename": name,
                 "score": float(pred.score),
@@ -215,6 +222,11 @@ class _Scorer:
             if heatmap:
                 scale = pred.pixel_threshold if pred.pixel_threshold is not None else self.model.threshold
                 row["heatmap"] = _heatmap_png(image, pred.anomaly_map, scale)
+            if self.log is not None:  # queued: the writer thread hashes and inserts
+                self.log.record(Entry(
+                    source=name, score=row["score"], normalized=row["normalized"], label=row["label"],
+                    threshold=row["threshold"], model=self.identity[0], model_version=self.identity[1], data=data,
+                ))
             results.append(row)
         return {"results": results, "seconds": round(time.perf_counter() - started, 4)}
 
@@ -240,19 +252,22 @@ def create_app(
     max_files: int = MAX_FILES,
     max_pending: int = MAX_PENDING,
     name: str | None = None,
+    log: PredictionLog | None = None,
 ) -> FastAPI:
     """The service for ``model`` (a Detector, an exported model, anything :func:`as_served` takes).
 
     ``max_request_bytes`` limits a whole request body, ``max_pixels`` each image (checked from
     its header), ``max_files`` the images per request; ``workers`` threads score (requests
-    queue for them) and over ``max_pending`` queued requests the answer is 503.
+    queue for them) and over ``max_pending`` queued requests the answer is 503. With ``log``
+    every scored image is recorded there and ``GET /history`` pages through it.
     """
     for label, value in (("max_request_bytes", max_request_bytes), ("max_pixels", max_pixels), ("workers", workers),
                          ("max_files", max_files), ("max_pending", max_pending)):
         if int(value) < 1:
             raise ValueError(f"{label} must be at least 1, got {value}")
     served = as_served(model)
-    scorer = _Scorer(served, workers, max_pending, max_pixels)
+    identity = (name or "model", int((getattr(model, "meta", None) or {}).get("model_version", 1)))
+    scorer = _Scorer(served, workers, max_pending, max_pixels, log=log, identity=identity)
     info = model_info(served)
     info.update({
         "name": name,
@@ -265,6 +280,8 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         scorer.pool.shutdown(wait=False, cancel_futures=True)
+        if log is not None:
+            log.flush()
 
     app = FastAPI(
         title="stmae inspection service",
@@ -335,6 +352,23 @@ def create_app(
     @app.get("/info", summary="The model: metadata, thresholds, input size, limits")
     async def get_info() -> dict[str, Any]:
         return {**info, "threshold": served.threshold}
+
+    @app.get("/history", summary="Page through the prediction log, newest first")
+    async def history(
+        model: Optional[str] = Query(None, description="Only this model's rows."),
+        label: Optional[int] = Query(None, ge=0, le=1, description="0 = passed, 1 = flagged."),
+        since: Optional[str] = Query(None, description="ISO 8601 time (UTC if no offset), inclusive."),
+        until: Optional[str] = Query(None, description="ISO 8601 time, exclusive."),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+    ) -> Any:
+        if log is None:
+            return _error(404, "this service keeps no prediction log (start it with --log FILE)")
+        try:
+            total, rows = log.query(model=model, label=label, since=since, until=until, limit=limit, offset=offset)
+        except LogError as exc:
+            return _error(422, str(exc))
+        return {"total": total, "offset": offset, "limit": limit, "rows": rows}
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

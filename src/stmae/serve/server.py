@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .app import MAX_PIXELS, MAX_REQUEST_BYTES, create_app
+from ..predlog import PredictionLog
 from .model import load_model
 
 
@@ -75,20 +76,36 @@ def serve(
     workers: int = 1,
     device: str = "auto",
     log: Callable[[str], None] = print,
+    prediction_log: str | os.PathLike | None = None,
 ) -> None:
-    """Load the run folder or exported model at ``path`` once and serve it until interrupted."""
+    """Load the run folder or exported model at ``path`` once and serve it until interrupted.
+
+    ``prediction_log``: the SQLite file every scored image is recorded in (None: none).
+    """
     import uvicorn
 
     if max_request_mb <= 0:
         raise ValueError(f"--max-request-mb must be positive, got {max_request_mb}")
     model = load_model(path, device=device)
+    plog = PredictionLog(prediction_log) if prediction_log is not None else None
     app = create_app(
         model, max_request_bytes=int(max_request_mb * 1024 * 1024), max_pixels=max_pixels, workers=workers,
-        name=Path(path).resolve().name,
+        name=Path(path).resolve().name, log=plog,
     )
     shown = f"[{host}]" if ":" in host else host
-    log(f"serving {path} on http://{shown}:{port}/ (API docs at /docs; Ctrl+C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    log(f"serving {path} on http://{shown}:{port}/ (API docs at /docs; Ctrl+C stops)"
+        + (f"; logging predictions to {prediction_log}" if plog is not None else ""))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        if plog is not None:
+            plog.close()
 
 
-__all__ = ["BackgroundServer", "free_port", "serve"]
+def default_log_path(path: str | os.PathLike) -> Path:
+    """The prediction log beside a run folder or exported model: ``<name>.predictions.sqlite``."""
+    p = Path(path).resolve()
+    return p.parent / f"{p.name}.predictions.sqlite"
+
+
+__all__ = ["BackgroundServer", "default_log_path", "free_port", "serve"]

@@ -1,0 +1,142 @@
+"""The prediction log (SQLite, real files): rows from ``stmae predict --log`` and the service,
+paging and filters of ``GET /history``, schema checks, and a load that loses no row."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stmae.predlog import SCHEMA_VERSION, Entry, LogError, PredictionLog
+
+from .conftest import fit_noise_run, write_png
+
+
+def _entry(i: int, label: int = 0, model: str = "a", **kw) -> Entry:
+    return Entry(source=f"img{i}.png", score=float(i), normalized=0.1 * i, label=label, threshold=2.5,
+                 model=model, model_version=1, **kw)
+
+
+def test_rows_are_written_by_the_writer_thread_and_read_back_with_filters(tmp_path):
+    path = tmp_path / "log.sqlite"
+    with PredictionLog(path) as log:
+        log.record_many(_entry(i, label=int(i > 2), model="a" if i % 2 else "b", data=bytes([i])) for i in range(6))
+        log.flush()
+        total, rows = log.query()
+        assert total == 6 and [r["source"] for r in rows] == [f"img{i}.png" for i in range(5, -1, -1)]  # newest first
+        assert rows[-1]["sha256"] == hashlib.sha256(bytes([0])).hexdigest()
+        assert log.query(label=1)[0] == 3 and log.query(model="a")[0] == 3
+        assert log.query(model="a", label=1)[0] == 2  # img3, img5
+        total, page = log.query(limit=2, offset=2)
+        assert total == 6 and [r["source"] for r in page] == ["img3.png", "img2.png"]
+        first = rows[-1]["time"]
+        assert log.query(since=first)[0] == 6 and log.query(until=first)[0] == 0
+        with pytest.raises(LogError, match="not an ISO 8601 time"):
+            log.query(since="yesterday")
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT value FROM stmae_log WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_a_log_of_a_newer_schema_or_another_file_is_refused(tmp_path):
+    PredictionLog(tmp_path / "log.sqlite").close()
+    conn = sqlite3.connect(tmp_path / "log.sqlite")
+    conn.execute("UPDATE stmae_log SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(LogError, match="newer than this stmae"):
+        PredictionLog(tmp_path / "log.sqlite")
+    (tmp_path / "text.sqlite").write_text("not a database at all, just text " * 100)
+    with pytest.raises(LogError, match="text.sqlite: not usable as a prediction log"):
+        PredictionLog(tmp_path / "text.sqlite")
+
+
+def test_many_threads_recording_lose_no_row(tmp_path):
+    log = PredictionLog(tmp_path / "log.sqlite")
+
+    def work(k: int) -> None:
+        for i in range(200):
+            log.record(_entry(i, model=f"m{k}"))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()  # writes what is still queued
+    reader = PredictionLog(tmp_path / "log.sqlite")
+    assert reader.query()[0] == 1600 and reader.query(model="m3")[0] == 200
+    reader.close()
+
+
+@pytest.fixture(scope="module")
+def noise_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predlog")
+    run, rng = fit_noise_run(root)
+    good = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
+    defect = good.copy()
+    defect[20:34, 24:40] = (250, 20, 20)
+    return run, good, defect
+
+
+@pytest.mark.slow
+def test_cli_predict_log_records_each_scored_image(noise_run, tmp_path):
+    from .test_cli import run as cli
+
+    run, good, defect = noise_run
+    g, d = write_png(tmp_path / "in" / "good.png", good), write_png(tmp_path / "in" / "defect.png", defect)
+    (tmp_path / "in" / "broken.png").write_bytes(b"nope")
+    r = cli("predict", str(run), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--log", str(tmp_path / "p.sqlite"),
+            "--device", "cpu", "-q")
+    assert r.returncode == 0, r.stderr
+    reader = PredictionLog(tmp_path / "p.sqlite")
+    total, rows = reader.query()
+    reader.close()
+    assert total == 2  # the unreadable file is in skipped.csv, not in the log
+    by_name = {Path(r["source"]).name: r for r in rows}
+    assert by_name["defect.png"]["sha256"] == hashlib.sha256(d.read_bytes()).hexdigest()
+    assert by_name["good.png"]["sha256"] == hashlib.sha256(g.read_bytes()).hexdigest()
+    assert by_name["defect.png"]["label"] == 1 and by_name["defect.png"]["score"] > by_name["good.png"]["score"]
+    assert all(r["model"] == run.name and r["model_version"] == 1 for r in rows)
+    assert all(r["heatmap"] and Path(r["heatmap"]).is_file() for r in rows)
+
+
+def test_service_logs_every_request_and_pages_through_history(noise_run, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from stmae.serve import create_app, load_model
+
+    run, good, defect = noise_run
+
+    def png(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    log = PredictionLog(tmp_path / "s.sqlite")
+    with TestClient(create_app(load_model(run, device="cpu"), name="tiny", log=log)) as c:
+        for _ in range(3):
+            r = c.post("/predict", files=[("files", ("g.png", png(good), "image/png")), ("files", ("d.png", png(defect), "image/png"))])
+            assert r.status_code == 200
+        log.flush()
+        h = c.get("/history").json()
+        assert h["total"] == 6 and {row["source"] for row in h["rows"]} == {"g.png", "d.png"}
+        assert c.get("/history", params={"label": 1}).json()["total"] == 3
+        assert c.get("/history", params={"model": "other"}).json()["total"] == 0
+        page = c.get("/history", params={"limit": 4, "offset": 4}).json()
+        assert len(page["rows"]) == 2 and page["total"] == 6
+        assert h["rows"][0]["sha256"] == hashlib.sha256(png(defect)).hexdigest()
+        assert c.get("/history", params={"since": "soon"}).status_code == 422
+        assert c.get("/history", params={"limit": 5000}).status_code == 422
+    log.close()
+    with TestClient(create_app(load_model(run, device="cpu"), name="tiny")) as c:
+        r = c.get("/history")
+        assert r.status_code == 404 and "--log" in json.loads(r.text)["detail"]
