@@ -140,3 +140,64 @@ def test_service_logs_every_request_and_pages_through_history(noise_run, tmp_pat
     with TestClient(create_app(load_model(run, device="cpu"), name="tiny")) as c:
         r = c.get("/history")
         assert r.status_code == 404 and "--log" in json.loads(r.text)["detail"]
+
+
+def test_a_log_of_schema_1_is_migrated_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE stmae_log (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO stmae_log VALUES ('schema_version', '1');
+        CREATE TABLE predictions (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, sha256 TEXT,
+            source TEXT NOT NULL, score REAL NOT NULL, normalized REAL, label INTEGER NOT NULL, threshold REAL,
+            model TEXT NOT NULL, model_version INTEGER NOT NULL, heatmap TEXT);
+        INSERT INTO predictions (time, source, score, label, model, model_version)
+            VALUES ('2026-12-07T08:00:00.000+00:00', 'old.png', 1.5, 0, 'a', 1);
+    """)
+    conn.commit()
+    conn.close()
+    with PredictionLog(path) as log:
+        uid = log.record(_entry(7))
+        log.flush()
+        total, rows = log.query()
+        assert total == 2 and rows[1]["source"] == "old.png" and rows[1]["uid"] is None and rows[0]["uid"] == uid
+    assert sqlite3.connect(path).execute("SELECT value FROM stmae_log").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_false_alarms_marked_on_the_service_are_folded_into_the_run(tmp_path):
+    """The loop on a line: score, mark the false alarms good, update from the log, and the
+    new appearance passes; defects still do not."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    import stmae
+    from stmae.serve import create_app, load_model
+    from stmae.update import UpdateError, update_from_log
+
+    from .conftest import make_tiny_category, tiny_config
+    from .test_update import _stripes
+
+    cat = make_tiny_category(tmp_path / "cat", n_train=12)
+    run = stmae.fit(cat, tmp_path / "line", tiny_config(**{"infer.distance_weight": 1.0}), quiet=True).run_dir
+    arrivals = _stripes(tmp_path / "arrivals", 16, seed=1)
+    probes = _stripes(tmp_path / "probe", 6, seed=2)
+    log = PredictionLog(tmp_path / "line.sqlite")  # keeps flagged uploads: those an operator may clear
+    with TestClient(create_app(load_model(run, device="cpu"), name="line", log=log)) as c:
+        results = []
+        for path in arrivals:
+            r = c.post("/predict", files=[("files", (path.name, path.read_bytes(), "image/png"))])
+            results += r.json()["results"]
+        assert all(x["label"] == 1 and x["log_id"] for x in results)  # all false alarms
+        for x in results:
+            assert c.post("/feedback", json={"id": x["log_id"], "verdict": "good", "note": "new batch"}).status_code == 200
+        assert c.post("/feedback", json={"id": "nope", "verdict": "good"}).status_code == 404
+        assert c.post("/feedback", json={"id": results[0]["log_id"], "verdict": "fine"}).status_code == 422
+    log.close()
+    updated = update_from_log(run, tmp_path / "line.sqlite", device="cpu", quiet=True)
+    assert updated.entry["images_added"] == 16 and updated.entry["version"] == 2
+    after = stmae.load(run, device="cpu")
+    assert all(p.label == 0 for p in after.predict(probes))
+    defects = sorted((cat / "test" / "spot").glob("*.png"))
+    assert all(p.label == 1 for p in after.predict(defects))
+    with pytest.raises(UpdateError, match="no prediction of model 'line' is confirmed good and not yet folded"):
+        update_from_log(run, tmp_path / "line.sqlite", device="cpu", quiet=True)  # each confirmation once

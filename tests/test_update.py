@@ -135,3 +135,5 @@ def test_cli_update(fitted, tmp_path):
     assert json.loads((tmp_path / "v2" / "meta.json").read_text())["model_version"] == 2
     r = run("update", str(tmp_path / "missing"), str(tmp_path / "new"), "-q")
     assert r.returncode == 2 and "missing" in r.stderr
+    r = run("update", str(tmp_path / "v2"), "-q")  # neither images nor --from-log
+    assert r.returncode == 2 and "either new good images or --from-log" in r.stderr

@@ -217,7 +217,10 @@ def fit(
 @friendly
 def update(
     run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit` (or an earlier update)."),
-    good: List[Path] = typer.Argument(..., help="New good images: files and/or folders (or one MVTec-style category)."),
+    good: Optional[List[Path]] = typer.Argument(None, help="New good images: files and/or folders (or one MVTec-style category)."),
+    from_log: Optional[Path] = typer.Option(
+        None, "--from-log", help="Instead, fold in the images confirmed good (POST /feedback) in this prediction log."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the new version here (default: replace RUN_DIR, atomically)."),
     device: Optional[str] = DEVICE,
     backbone_weights: Optional[Path] = WEIGHTS,
@@ -231,12 +234,18 @@ def update(
     meta.json records it in model_version and history.
     """
     from .update import update as update_api
+    from .update import update_from_log
 
-    data: Any = [str(p) for p in good]
-    if len(good) == 1 and good[0].is_dir():
-        data = _open(good[0], skip_unreadable, max_pixels)
     weights = str(backbone_weights) if backbone_weights else None
-    result = update_api(run_dir, data, out=out, device=device or "auto", backbone_weights=weights, quiet=quiet)
+    if (from_log is None) == (not good):
+        raise ValueError("give either new good images or --from-log FILE (one of the two)")
+    if from_log is not None:
+        result = update_from_log(run_dir, from_log, out=out, device=device or "auto", backbone_weights=weights, quiet=quiet)
+    else:
+        data: Any = [str(p) for p in good or []]
+        if len(data) == 1 and Path(data[0]).is_dir():
+            data = _open(Path(data[0]), skip_unreadable, max_pixels)
+        result = update_api(run_dir, data, out=out, device=device or "auto", backbone_weights=weights, quiet=quiet)
     e = result.entry
     typer.echo(
         f"version {e['version']}: {e['images_added']} good images added ({e['images_banked']} banked, "

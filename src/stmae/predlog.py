@@ -22,21 +22,23 @@ import os
 import queue
 import sqlite3
 import threading
+import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from .fileio import sha256_file
+from .fileio import atomic_write_bytes, sha256_file
 
-#: Version of the tables below; bump it (and migrate) when they change.
-SCHEMA_VERSION = 1
+#: Version of the tables below; bump it (and migrate, :data:`_MIGRATIONS`) when they change.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stmae_log (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS predictions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid TEXT UNIQUE,
     time TEXT NOT NULL,
     sha256 TEXT,
     source TEXT NOT NULL,
@@ -46,15 +48,36 @@ CREATE TABLE IF NOT EXISTS predictions (
     threshold REAL,
     model TEXT NOT NULL,
     model_version INTEGER NOT NULL,
-    heatmap TEXT
+    heatmap TEXT,
+    image TEXT
 );
 CREATE INDEX IF NOT EXISTS predictions_model_time ON predictions (model, time);
 CREATE INDEX IF NOT EXISTS predictions_label_time ON predictions (label, time);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid TEXT NOT NULL REFERENCES predictions (uid),
+    time TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN ('good', 'defect')),
+    note TEXT,
+    folded_into INTEGER
+);
+CREATE INDEX IF NOT EXISTS feedback_uid ON feedback (uid);
 """
 
+#: Schema version -> statements that bring a log of that version to the next.
+_MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE predictions ADD COLUMN uid TEXT; ALTER TABLE predictions ADD COLUMN image TEXT; "
+       "CREATE UNIQUE INDEX IF NOT EXISTS predictions_uid ON predictions (uid);",
+}
+
 #: The columns of a row, in table order (``id`` first).
-COLUMNS = ("id", "time", "sha256", "source", "score", "normalized", "label", "threshold", "model",
-           "model_version", "heatmap")
+COLUMNS = ("id", "uid", "time", "sha256", "source", "score", "normalized", "label", "threshold", "model",
+           "model_version", "heatmap", "image")
+
+#: Which scored images the log keeps a copy of (needed to fold confirmed-good ones into a run).
+KEEP_IMAGES = ("none", "flagged", "all")
+
+VERDICTS = ("good", "defect")
 
 
 class LogError(ValueError):
@@ -80,6 +103,10 @@ class Entry:
     path: str | None = None
     heatmap: str | None = None
     time: str | None = None
+    #: Set by :meth:`PredictionLog.record`: the row's id for feedback (returned to clients).
+    uid: str | None = None
+    #: File name suffix for a kept copy of ``data`` (e.g. ".png").
+    suffix: str = ".png"
 
 
 def now() -> str:
@@ -88,10 +115,20 @@ def now() -> str:
 
 
 class PredictionLog:
-    """An append-only log of predictions in the SQLite file ``path`` (created if missing)."""
+    """An append-only log of predictions in the SQLite file ``path`` (created if missing).
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    ``keep_images``: which uploaded images (given as ``Entry.data``) are also kept, as files
+    named by their SHA-256 in ``<path>.images/`` (:data:`KEEP_IMAGES`; ``flagged`` by
+    default: the ones an operator may confirm as good). Images scored from files on disk
+    are referenced by their path instead.
+    """
+
+    def __init__(self, path: str | os.PathLike, keep_images: str = "flagged") -> None:
+        if keep_images not in KEEP_IMAGES:
+            raise LogError(f"keep_images must be one of {KEEP_IMAGES}, got {keep_images!r}")
         self.path = Path(path)
+        self.keep_images = keep_images
+        self.images_dir = self.path.with_name(self.path.name + ".images")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = self._connect()
@@ -102,6 +139,10 @@ class PredictionLog:
                     f"{self.path}: a prediction log of schema {version}, newer than this stmae's "
                     f"{SCHEMA_VERSION}; upgrade stmae or log to another file"
                 )
+            while version is not None and version < SCHEMA_VERSION:
+                conn.executescript(_MIGRATIONS[version])
+                version += 1
+                conn.execute("UPDATE stmae_log SET value = ? WHERE key = 'schema_version'", (str(version),))
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO stmae_log VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             conn.commit()
@@ -122,13 +163,17 @@ class PredictionLog:
         return conn
 
     # ------------------------------------------------------------------ writing
-    def record(self, entry: Entry) -> None:
-        """Queue one row (returns at once; the writer thread hashes and inserts it)."""
+    def record(self, entry: Entry) -> str:
+        """Queue one row (returns at once; the writer thread hashes and inserts it) and return
+        its ``uid``, by which feedback names it."""
         if self._closed:
             raise LogError(f"{self.path}: the log is closed")
         if entry.time is None:
             entry.time = now()
+        if entry.uid is None:
+            entry.uid = uuid.uuid4().hex
         self._queue.put(entry)
+        return entry.uid
 
     def record_many(self, entries: Iterable[Entry]) -> None:
         for entry in entries:
@@ -167,12 +212,12 @@ class PredictionLog:
                 batch.append(nxt)
                 if nxt is None:
                     break
-            rows = [_row(e) for e in batch if e is not None]
+            rows = [self._row(e) for e in batch if e is not None]
             if rows:
                 try:
                     self._conn.executemany(
-                        "INSERT INTO predictions (time, sha256, source, score, normalized, label, threshold, model, "
-                        "model_version, heatmap) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows,
+                        "INSERT INTO predictions (uid, time, sha256, source, score, normalized, label, threshold, model, "
+                        "model_version, heatmap, image) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows,
                     )
                     self._conn.commit()
                 except sqlite3.Error:
@@ -217,6 +262,80 @@ class PredictionLog:
             conn.close()
         return int(total), [dict(zip(COLUMNS, r)) for r in rows]
 
+    # ------------------------------------------------------------------ feedback
+    def add_feedback(self, uid: str, verdict: str, note: str | None = None) -> int:
+        """Store an operator's verdict on a logged prediction; returns the feedback id.
+
+        Raises LogError for an unknown verdict or a ``uid`` not (yet) in the log."""
+        if verdict not in VERDICTS:
+            raise LogError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        self.flush()  # a prediction answered a moment ago may still be queued
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            if conn.execute("SELECT 1 FROM predictions WHERE uid = ?", (uid,)).fetchone() is None:
+                raise LogError(f"no logged prediction has the id {uid!r}")
+            cur = conn.execute("INSERT INTO feedback (uid, time, verdict, note) VALUES (?, ?, ?, ?)",
+                               (uid, now(), verdict, note))
+            conn.commit()
+            return int(cur.lastrowid or 0)
+        finally:
+            conn.close()
+
+    def confirmed(self, verdict: str, model: str | None = None, unfolded: bool = True) -> list[dict[str, Any]]:
+        """Predictions whose latest feedback is ``verdict`` (for one model), each with its
+        ``image`` file (kept copy or the scored path) and ``feedback_id``; with ``unfolded``
+        only those not yet folded into a model version."""
+        where = ["f.verdict = ?", "f.id = (SELECT MAX(id) FROM feedback WHERE uid = p.uid)"]
+        args: list[Any] = [verdict]
+        if model is not None:
+            where.append("p.model = ?")
+            args.append(model)
+        if unfolded:
+            where.append("f.folded_into IS NULL")
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            rows = conn.execute(
+                f"SELECT {', '.join('p.' + c for c in COLUMNS)}, f.id FROM predictions p JOIN feedback f ON f.uid = p.uid "
+                f"WHERE {' AND '.join(where)} ORDER BY p.id", args,
+            ).fetchall()
+        finally:
+            conn.close()
+        return [{**dict(zip(COLUMNS, r[:-1])), "feedback_id": r[-1]} for r in rows]
+
+    def mark_folded(self, feedback_ids: Iterable[int], version: int) -> None:
+        """Record that these confirmations went into model ``version`` (not folded twice)."""
+        ids = list(feedback_ids)
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            conn.executemany("UPDATE feedback SET folded_into = ? WHERE id = ?", [(version, i) for i in ids])
+            conn.commit()
+        finally:
+            conn.close()
+
+    def _row(self, e: Entry) -> tuple[Any, ...]:
+        digest = None
+        image = e.path
+        if e.data is not None:
+            digest = hashlib.sha256(e.data).hexdigest()
+            if self.keep_images == "all" or (self.keep_images == "flagged" and e.label == 1):
+                image = str(self._keep(digest, e.data, e.suffix))
+        elif e.path is not None:
+            try:
+                digest = sha256_file(e.path)
+            except OSError:
+                digest = None  # the file went away after scoring; the row still counts
+        return (e.uid, e.time, digest, e.source, float(e.score), None if e.normalized is None else float(e.normalized),
+                int(e.label), None if e.threshold is None else float(e.threshold), e.model, int(e.model_version),
+                e.heatmap, image)
+
+    def _keep(self, digest: str, data: bytes, suffix: str) -> Path:
+        """The image bytes as ``<images_dir>/<sha[:2]>/<sha><suffix>`` (written once, atomically)."""
+        target = self.images_dir / digest[:2] / f"{digest}{suffix}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target, data)
+        return target
+
 
 def _schema_version(conn: sqlite3.Connection) -> int | None:
     has = conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='stmae_log'").fetchone()
@@ -239,19 +358,6 @@ def _time(value: str | None) -> str | None:
     return t.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _row(e: Entry) -> tuple[Any, ...]:
-    digest = None
-    if e.data is not None:
-        digest = hashlib.sha256(e.data).hexdigest()
-    elif e.path is not None:
-        try:
-            digest = sha256_file(e.path)
-        except OSError:
-            digest = None  # the file went away after scoring; the row still counts
-    return (e.time, digest, e.source, float(e.score), None if e.normalized is None else float(e.normalized),
-            int(e.label), None if e.threshold is None else float(e.threshold), e.model, int(e.model_version), e.heatmap)
-
-
 def model_identity(model: Any, path: str | os.PathLike | None = None) -> tuple[str, int]:
     """(name, version) of a scorer for the log: the run folder's (or export's) name and the
     run's ``model_version`` (1 for a run never updated)."""
@@ -260,4 +366,5 @@ def model_identity(model: Any, path: str | os.PathLike | None = None) -> tuple[s
     return name, int(meta.get("model_version", 1))
 
 
-__all__ = ["COLUMNS", "Entry", "LogError", "PredictionLog", "SCHEMA_VERSION", "model_identity", "now"]
+__all__ = ["COLUMNS", "Entry", "KEEP_IMAGES", "LogError", "PredictionLog", "SCHEMA_VERSION", "VERDICTS",
+           "model_identity", "now"]

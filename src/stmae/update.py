@@ -195,4 +195,46 @@ def _coreset(bank: torch.Tensor, new: list[torch.Tensor], size: int, seed: int, 
     return rows[picked].contiguous()
 
 
-__all__ = ["UpdateError", "UpdateResult", "update", "update_scoring"]
+def update_from_log(
+    run_dir: str | os.PathLike,
+    log_path: str | os.PathLike,
+    *,
+    model: str | None = None,
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    backbone_weights: str | None = None,
+    quiet: bool = False,
+) -> UpdateResult:
+    """Fold the predictions an operator confirmed good (``POST /feedback`` verdict ``good``)
+    in the prediction log ``log_path`` into the run, with :func:`update`.
+
+    ``model``: the log's model name to take them from (default: the run folder's name, as
+    ``stmae serve`` logs it). Each confirmation is folded once: the log records the version
+    it went into. Confirmed images whose file is gone are left out and listed in the entry.
+
+    Raises:
+        UpdateError: no unfolded confirmed-good prediction with an image for that model.
+    """
+    from .predlog import PredictionLog
+
+    name = model or Path(os.path.realpath(run_dir)).name
+    log = PredictionLog(log_path)
+    try:
+        rows = log.confirmed("good", model=name)
+        usable = [r for r in rows if r["image"] and Path(r["image"]).is_file()]
+        if not usable:
+            raise UpdateError(
+                f"{log_path}: no prediction of model {name!r} is confirmed good and not yet folded in"
+                + (f" ({len(rows)} confirmed, but their images were not kept or are gone)" if rows else "")
+            )
+        result = update(run_dir, [r["image"] for r in usable], out=out, device=device,
+                        backbone_weights=backbone_weights, quiet=quiet)
+        log.mark_folded([r["feedback_id"] for r in usable], result.entry["version"])
+    finally:
+        log.close()
+    result.entry["from_log"] = str(log_path)
+    result.entry["left_out"] = [r["source"] for r in rows if r not in usable]
+    return result
+
+
+__all__ = ["UpdateError", "UpdateResult", "update", "update_from_log", "update_scoring"]

@@ -71,10 +71,25 @@ class ImageResult(BaseModel):
     threshold: Optional[float] = Field(description="The threshold the label used (the model's or the override).")
     width: int = Field(description="Image width in pixels.")
     height: int = Field(description="Image height in pixels.")
+    log_id: Optional[str] = Field(
+        None, description="The prediction's id in the service's log, for POST /feedback (null without a log)."
+    )
     heatmap: Optional[str] = Field(
         None, description="With ?heatmap=true: a base64 PNG of the anomaly map blended over the image "
         f"(longest side at most {HEATMAP_SIDE} px; colours scaled so the pixel threshold is mid-scale)."
     )
+
+
+class Feedback(BaseModel):
+    id: str = Field(description="The `log_id` of a result of POST /predict.")
+    verdict: str = Field(description="`good` (a false alarm: the part is good) or `defect` (a missed or confirmed defect).")
+    note: Optional[str] = Field(None, max_length=2000, description="Free text, e.g. the operator's name or reason.")
+
+
+def _suffix(name: str) -> str:
+    """A safe file suffix for a kept upload (its own, if it is a plain image extension)."""
+    ext = Path(name).suffix.lower()
+    return ext if ext in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp") else ".img"
 
 
 class PredictResponse(BaseModel):
@@ -223,9 +238,10 @@ class _Scorer:
                 scale = pred.pixel_threshold if pred.pixel_threshold is not None else self.model.threshold
                 row["heatmap"] = _heatmap_png(image, pred.anomaly_map, scale)
             if self.log is not None:  # queued: the writer thread hashes and inserts
-                self.log.record(Entry(
+                row["log_id"] = self.log.record(Entry(
                     source=name, score=row["score"], normalized=row["normalized"], label=row["label"],
                     threshold=row["threshold"], model=self.identity[0], model_version=self.identity[1], data=data,
+                    suffix=_suffix(name),
                 ))
             results.append(row)
         return {"results": results, "seconds": round(time.perf_counter() - started, 4)}
@@ -352,6 +368,17 @@ def create_app(
     @app.get("/info", summary="The model: metadata, thresholds, input size, limits")
     async def get_info() -> dict[str, Any]:
         return {**info, "threshold": served.threshold}
+
+    @app.post("/feedback", summary="Mark a logged prediction: a good part (false alarm) or a defect")
+    async def feedback(item: Feedback) -> Any:
+        if log is None:
+            return _error(404, "this service keeps no prediction log (start it with --log FILE), so feedback has nowhere to go")
+        try:
+            fid = await asyncio.get_running_loop().run_in_executor(None, log.add_feedback, item.id, item.verdict, item.note)
+        except LogError as exc:
+            status = 404 if "no logged prediction" in str(exc) else 422
+            return _error(status, str(exc))
+        return {"feedback_id": fid, "id": item.id, "verdict": item.verdict}
 
     @app.get("/history", summary="Page through the prediction log, newest first")
     async def history(
