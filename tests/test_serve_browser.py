@@ -114,8 +114,9 @@ def test_docs_page_renders_the_schema_offline(server):
         try:
             page = browser.new_page()
             page.goto(srv.url + "/docs")
-            sync_api.expect(page.locator("#operations .op")).to_have_count(3)
-            sync_api.expect(page.locator("#operations")).to_contain_text("/predict")
+            sync_api.expect(page.locator("#operations .op")).to_have_count(5)
+            for path in ("/predict", "/feedback", "/history", "/health", "/info"):
+                sync_api.expect(page.locator("#operations")).to_contain_text(path)
             sync_api.expect(page.locator("#operations")).to_contain_text("threshold")
         finally:
             browser.close()
@@ -129,3 +130,33 @@ def test_docs_screenshot_script_shoots_the_scored_page(server, tmp_path):
     shot = np.asarray(Image.open(io.BytesIO(out.read_bytes())).convert("RGB"))
     assert shot.shape == (600, 900, 3)
     assert (np.abs(shot.astype(int) - (192, 38, 45)).sum(axis=2) < 30).any()  # the red ANOMALOUS colour is on it
+
+
+def test_feedback_buttons_store_the_verdict_in_the_log(tmp_path):
+    """With a prediction log, each scored card offers "good part" / "defect"; a click stores
+    the verdict for that very prediction (read back from the SQLite file)."""
+    from stmae.predlog import PredictionLog
+
+    run, rng = fit_noise_run(tmp_path)
+    defect = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
+    defect[20:34, 24:40] = (250, 20, 20)
+    image = write_png(tmp_path / "upload" / "flagged.png", defect)
+    log = PredictionLog(tmp_path / "log.sqlite")
+    with BackgroundServer(create_app(load_model(run, device="cpu"), name="tiny", log=log)) as srv, \
+            sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            page.goto(srv.url + "/")
+            sync_api.expect(page.locator("#status")).to_have_text("ready")
+            page.set_input_files("#files", str(image))
+            card = page.locator("#gallery .card").first
+            sync_api.expect(card.locator(".verdict")).to_have_text("ANOMALOUS", timeout=30_000)
+            card.locator("button.mark-good").click()
+            sync_api.expect(card.locator(".marked")).to_have_text("marked good part")
+            sync_api.expect(card).to_have_attribute("data-feedback", "good")
+        finally:
+            browser.close()
+    rows = log.confirmed("good", model="tiny")
+    log.close()
+    assert [r["source"] for r in rows] == ["flagged.png"] and Path(rows[0]["image"]).is_file()

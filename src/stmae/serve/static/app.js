@@ -172,6 +172,7 @@
       card.querySelector(".heatmap").src = "data:image/png;base64," + r.heatmap;
       card.classList.remove("pending");
       card.dataset.score = String(r.score);
+      if (r.log_id) enableFeedback(card, r.log_id);
       growScale(r.score);
       relabelAll();
       sortGallery();
@@ -183,6 +184,31 @@
       card.querySelector(".error").textContent = String(err.message || err);
       relabelAll();
     }
+  }
+
+  // ---------------------------------------------------------------- operator feedback
+  function enableFeedback(card, logId) {
+    const box = card.querySelector(".feedback");
+    box.hidden = false;
+    const marked = box.querySelector(".marked");
+    const send = async (verdict) => {
+      marked.textContent = "saving...";
+      try {
+        const res = await fetch("feedback", {
+          method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ id: logId, verdict: verdict }),
+        });
+        let body = null;
+        try { body = await res.json(); } catch (e) { body = null; }
+        if (!res.ok) throw new Error((body && body.detail) || "the service answered " + res.status);
+        card.dataset.feedback = verdict;
+        marked.textContent = verdict === "good" ? "marked good part" : "marked defect";
+      } catch (err) {
+        marked.textContent = "not saved: " + String(err.message || err);
+      }
+    };
+    box.querySelector(".mark-good").addEventListener("click", () => send("good"));
+    box.querySelector(".mark-defect").addEventListener("click", () => send("defect"));
   }
 
   function addFiles(fileList) {
