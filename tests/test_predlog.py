@@ -201,3 +201,48 @@ def test_false_alarms_marked_on_the_service_are_folded_into_the_run(tmp_path):
     assert all(p.label == 1 for p in after.predict(defects))
     with pytest.raises(UpdateError, match="no prediction of model 'line' is confirmed good and not yet folded"):
         update_from_log(run, tmp_path / "line.sqlite", device="cpu", quiet=True)  # each confirmation once
+
+
+def test_the_service_updates_its_model_from_feedback_and_picks_up_new_versions(tmp_path):
+    """POST /update folds the marked parts into the served run and serves the new version at
+    once; a version written by `stmae update` from outside is picked up by the watcher."""
+    pytest.importorskip("fastapi")
+    import time
+
+    from fastapi.testclient import TestClient
+
+    import stmae
+    from stmae.serve import create_app, load_model
+
+    from .conftest import make_tiny_category, tiny_config
+    from .test_update import _stripes
+
+    cat = make_tiny_category(tmp_path / "cat", n_train=12)
+    run = stmae.fit(cat, tmp_path / "line", tiny_config(**{"infer.distance_weight": 1.0}), quiet=True).run_dir
+    arrivals, probe = _stripes(tmp_path / "arrivals", 16, seed=1), _stripes(tmp_path / "probe", 1, seed=2)[0]
+    log = PredictionLog(tmp_path / "line.sqlite")
+
+    def post(c, path: Path) -> dict:
+        return c.post("/predict", files=[("files", (path.name, path.read_bytes(), "image/png"))]).json()["results"][0]
+
+    app = create_app(load_model(run, device="cpu"), name="line", log=log, source=run, device="cpu", watch_seconds=0.2)
+    with TestClient(app) as c:
+        assert c.post("/update").status_code == 422  # nothing marked yet: says so
+        for path in arrivals:
+            c.post("/feedback", json={"id": post(c, path)["log_id"], "verdict": "good"})
+        assert post(c, probe)["label"] == 1
+        r = c.post("/update")
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == 2 and c.get("/info").json()["model_version"] == 2
+        assert post(c, probe)["label"] == 0  # the served model is the new version
+        rows = c.get("/history", params={"limit": 1}).json()["rows"]
+        assert rows[0]["model_version"] == 2
+        # A version written from outside (the CLI) is served within a few polls.
+        stmae.update(run, _stripes(tmp_path / "more", 3, seed=9), device="cpu", quiet=True)
+        deadline = time.time() + 30
+        while c.get("/info").json()["model_version"] != 3 and time.time() < deadline:
+            time.sleep(0.2)
+        assert c.get("/info").json()["model_version"] == 3
+    log.close()
+    with TestClient(create_app(load_model(run, device="cpu"), name="line")) as c:
+        assert c.post("/update").status_code == 404  # no log, no source: nothing to update

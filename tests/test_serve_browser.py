@@ -142,8 +142,8 @@ def test_feedback_buttons_store_the_verdict_in_the_log(tmp_path):
     defect[20:34, 24:40] = (250, 20, 20)
     image = write_png(tmp_path / "upload" / "flagged.png", defect)
     log = PredictionLog(tmp_path / "log.sqlite")
-    with BackgroundServer(create_app(load_model(run, device="cpu"), name="tiny", log=log)) as srv, \
-            sync_api.sync_playwright() as p:
+    app = create_app(load_model(run, device="cpu"), name="tiny", log=log, source=run, device="cpu")
+    with BackgroundServer(app) as srv, sync_api.sync_playwright() as p:
         browser = launch(p)
         try:
             page = browser.new_page()
@@ -155,8 +155,13 @@ def test_feedback_buttons_store_the_verdict_in_the_log(tmp_path):
             card.locator("button.mark-good").click()
             sync_api.expect(card.locator(".marked")).to_have_text("marked good part")
             sync_api.expect(card).to_have_attribute("data-feedback", "good")
+            rows = log.confirmed("good", model="tiny")
+            assert [r["source"] for r in rows] == ["flagged.png"] and Path(rows[0]["image"]).is_file()
+            # The page's update button folds it into the served model, which is served at once.
+            page.locator("#update-model").click()
+            sync_api.expect(page.locator("#update-status")).to_contain_text("now serving version 2", timeout=60_000)
+            sync_api.expect(page.locator("#info")).to_contain_text("model version2")
         finally:
             browser.close()
-    rows = log.confirmed("good", model="tiny")
+    assert log.confirmed("good", model="tiny") == []  # folded in, once
     log.close()
-    assert [r["source"] for r in rows] == ["flagged.png"] and Path(rows[0]["image"]).is_file()

@@ -23,6 +23,7 @@ import base64
 import io
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -212,13 +213,14 @@ class _Scorer:
         queue of waiting requests holds no decoded (or even fully buffered) images.
         """
         started = time.perf_counter()
+        model, identity = self.model, self.identity  # one version per request, even across a swap
         raw: list[bytes] = []
         images = []
         for name, fileobj, ctype in uploads:
             raw.append(fileobj.read())
             images.append(decode_upload(raw[-1], name, max_pixels=self.max_pixels, content_type=ctype))
         try:
-            preds = self.model.predict(images, threshold=threshold)
+            preds = model.predict(images, threshold=threshold)
         except UploadError as exc:
             if exc.index is None:
                 raise
@@ -235,16 +237,21 @@ class _Scorer:
                 "height": int(image.shape[0]),
             }
             if heatmap:
-                scale = pred.pixel_threshold if pred.pixel_threshold is not None else self.model.threshold
+                scale = pred.pixel_threshold if pred.pixel_threshold is not None else model.threshold
                 row["heatmap"] = _heatmap_png(image, pred.anomaly_map, scale)
             if self.log is not None:  # queued: the writer thread hashes and inserts
                 row["log_id"] = self.log.record(Entry(
                     source=name, score=row["score"], normalized=row["normalized"], label=row["label"],
-                    threshold=row["threshold"], model=self.identity[0], model_version=self.identity[1], data=data,
+                    threshold=row["threshold"], model=identity[0], model_version=identity[1], data=data,
                     suffix=_suffix(name),
                 ))
             results.append(row)
         return {"results": results, "seconds": round(time.perf_counter() - started, 4)}
+
+    def swap(self, model: Any) -> None:
+        """Serve ``model`` from the next request on; requests in flight finish on the old one."""
+        version = int((getattr(model, "meta", None) or {}).get("model_version", 1))
+        self.model, self.identity = model, (self.identity[0], version)
 
     def try_enter(self) -> bool:
         with self._lock:
@@ -259,6 +266,52 @@ class _Scorer:
             self.served += 1
 
 
+class _Watcher:
+    """Polls a served model's files and swaps in a new version once it is complete."""
+
+    def __init__(self, scorer: _Scorer, source: str | os.PathLike, device: str, seconds: float) -> None:
+        self.scorer, self.source, self.device, self.seconds = scorer, Path(source), device, seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="stmae-watch", daemon=True)
+        self._stamp = self._current()
+
+    def _current(self) -> tuple[int, int] | None:
+        target = self.source / "meta.json" if self.source.is_dir() else self.source
+        try:
+            st = target.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino)
+
+    def seen(self) -> None:
+        """The service swapped in the current files itself (POST /update)."""
+        self._stamp = self._current()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        from .model import load_model
+
+        while not self._stop.wait(self.seconds):
+            stamp = self._current()
+            if stamp is None or stamp == self._stamp:
+                continue
+            try:
+                model = load_model(self.source, device=self.device)
+            except Exception:  # a broken new version: keep serving the old one until the next change
+                LOG.warning("could not load the new version of %s; still serving the old one", self.source, exc_info=True)
+                self._stamp = stamp
+                continue
+            self._stamp = stamp
+            self.scorer.swap(model)
+            LOG.info("now serving %s version %s", self.source, self.scorer.identity[1])
+
+
 def create_app(
     model: Any,
     *,
@@ -269,6 +322,9 @@ def create_app(
     max_pending: int = MAX_PENDING,
     name: str | None = None,
     log: PredictionLog | None = None,
+    source: str | os.PathLike | None = None,
+    device: str = "auto",
+    watch_seconds: float = 2.0,
 ) -> FastAPI:
     """The service for ``model`` (a Detector, an exported model, anything :func:`as_served` takes).
 
@@ -276,6 +332,12 @@ def create_app(
     its header), ``max_files`` the images per request; ``workers`` threads score (requests
     queue for them) and over ``max_pending`` queued requests the answer is 503. With ``log``
     every scored image is recorded there and ``GET /history`` pages through it.
+
+    ``source``: the run folder or exported model ``model`` was loaded from. The service then
+    watches it (every ``watch_seconds``) and serves a new version as soon as one is complete
+    (``stmae update`` writes run folders atomically), and ``POST /update`` folds the parts
+    marked good in the log into a served run folder. Requests in flight finish on the old
+    version; none is dropped.
     """
     for label, value in (("max_request_bytes", max_request_bytes), ("max_pixels", max_pixels), ("workers", workers),
                          ("max_files", max_files), ("max_pending", max_pending)):
@@ -284,17 +346,22 @@ def create_app(
     served = as_served(model)
     identity = (name or "model", int((getattr(model, "meta", None) or {}).get("model_version", 1)))
     scorer = _Scorer(served, workers, max_pending, max_pixels, log=log, identity=identity)
-    info = model_info(served)
-    info.update({
+    service = {
         "name": name,
         "stmae_version": __version__,
         "limits": {"max_request_bytes": max_request_bytes, "max_pixels": max_pixels, "max_files": max_files},
         "workers": workers,
-    })
+    }
+    watcher = _Watcher(scorer, source, device, watch_seconds) if source is not None else None
+    updating = threading.Lock()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if watcher is not None:
+            watcher.start()
         yield
+        if watcher is not None:
+            watcher.stop()
         scorer.pool.shutdown(wait=False, cancel_futures=True)
         if log is not None:
             log.flush()
@@ -367,7 +434,8 @@ def create_app(
 
     @app.get("/info", summary="The model: metadata, thresholds, input size, limits")
     async def get_info() -> dict[str, Any]:
-        return {**info, "threshold": served.threshold}
+        current = scorer.model
+        return {**model_info(current), **service, "model_version": scorer.identity[1], "threshold": current.threshold}
 
     @app.post("/feedback", summary="Mark a logged prediction: a good part (false alarm) or a defect")
     async def feedback(item: Feedback) -> Any:
@@ -379,6 +447,30 @@ def create_app(
             status = 404 if "no logged prediction" in str(exc) else 422
             return _error(status, str(exc))
         return {"feedback_id": fid, "id": item.id, "verdict": item.verdict}
+
+    @app.post("/update", summary="Fold the parts marked good in the log into the served model, then serve it")
+    async def update_from_feedback() -> Any:
+        if log is None or source is None or not Path(source).is_dir():
+            return _error(404, "this service cannot update its model: it needs a prediction log and a run folder "
+                               "(not an exported model) to write the new version to")
+        if not updating.acquire(blocking=False):
+            return _error(409, "an update is already running")
+        try:
+            from ..update import update_from_log
+
+            def run() -> Any:
+                log.flush()
+                return update_from_log(source, log.path, model=scorer.identity[0], device=device, quiet=True)
+
+            result = await asyncio.get_running_loop().run_in_executor(None, run)
+            scorer.swap(result.detector)
+            if watcher is not None:
+                watcher.seen()
+        except ValueError as exc:  # UpdateError: nothing to fold in, and the like
+            return _error(422, str(exc))
+        finally:
+            updating.release()
+        return {"version": result.entry["version"], "entry": result.entry}
 
     @app.get("/history", summary="Page through the prediction log, newest first")
     async def history(

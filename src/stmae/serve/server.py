@@ -90,7 +90,7 @@ def serve(
     plog = PredictionLog(prediction_log) if prediction_log is not None else None
     app = create_app(
         model, max_request_bytes=int(max_request_mb * 1024 * 1024), max_pixels=max_pixels, workers=workers,
-        name=Path(path).resolve().name, log=plog,
+        name=Path(path).resolve().name, log=plog, source=path, device=device,
     )
     shown = f"[{host}]" if ":" in host else host
     log(f"serving {path} on http://{shown}:{port}/ (API docs at /docs; Ctrl+C stops)"

@@ -57,7 +57,8 @@
     addInfo(dl, "trained on", meta.n_train !== undefined ? meta.n_train + " images (" + meta.n_val + " held out)" : null);
     addInfo(dl, "epochs", meta.epochs);
     addInfo(dl, "created", meta.created);
-    addInfo(dl, "model version", meta.stmae_version);
+    addInfo(dl, "model version", info.model_version);
+    addInfo(dl, "made with stmae", meta.stmae_version);
     addInfo(dl, "service version", info.stmae_version);
     if (info.limits) {
       addInfo(dl, "limits", (info.limits.max_request_bytes / 1048576).toFixed(0) + " MiB per request, " +
@@ -210,6 +211,23 @@
     box.querySelector(".mark-good").addEventListener("click", () => send("good"));
     box.querySelector(".mark-defect").addEventListener("click", () => send("defect"));
   }
+
+  $("#update-model").addEventListener("click", async () => {
+    const out = $("#update-status");
+    out.textContent = "updating...";
+    try {
+      const res = await fetch("update", { method: "POST" });
+      let body = null;
+      try { body = await res.json(); } catch (e) { body = null; }
+      if (!res.ok) throw new Error((body && body.detail) || "the service answered " + res.status);
+      const e = body.entry;
+      out.textContent = "now serving version " + body.version + ": " + e.images_added + " good images added, threshold " +
+        fmt(e.image_threshold_before) + " -> " + fmt(e.image_threshold_after);
+      await loadInfo();
+    } catch (err) {
+      out.textContent = "not updated: " + String(err.message || err);
+    }
+  });
 
   function addFiles(fileList) {
     const files = Array.from(fileList || []);
