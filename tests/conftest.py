@@ -93,6 +93,16 @@ def fit_noise_run(root: Path) -> tuple[Path, np.random.Generator]:
     return run, rng
 
 
+def noise_run_good_and_defect(root: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """:func:`fit_noise_run` plus a good test image of the same noise and a copy of it with a
+    red square (which the run flags)."""
+    run, rng = fit_noise_run(root)
+    good = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
+    defect = good.copy()
+    defect[20:34, 24:40] = (250, 20, 20)
+    return run, good, defect
+
+
 @pytest.fixture
 def tiny_mvtec(tmp_path: Path) -> Path:
     """:func:`make_tiny_category` in a fresh folder: 8 train images, 3 + 3 test images with masks."""

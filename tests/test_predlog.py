@@ -16,7 +16,7 @@ from PIL import Image
 
 from stmae.predlog import SCHEMA_VERSION, Entry, LogError, PredictionLog
 
-from .conftest import fit_noise_run, write_png
+from .conftest import noise_run_good_and_defect, write_png
 
 
 def _entry(i: int, label: int = 0, model: str = "a", **kw) -> Entry:
@@ -78,12 +78,7 @@ def test_many_threads_recording_lose_no_row(tmp_path):
 
 @pytest.fixture(scope="module")
 def noise_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predlog")
-    run, rng = fit_noise_run(root)
-    good = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
-    defect = good.copy()
-    defect[20:34, 24:40] = (250, 20, 20)
-    return run, good, defect
+    return noise_run_good_and_defect(tmp_path_factory.mktemp("predlog"))
 
 
 @pytest.mark.slow

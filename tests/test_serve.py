@@ -20,7 +20,7 @@ import stmae
 from stmae.scorer import Scorer
 from stmae.report import overlay
 
-from .conftest import fit_noise_run
+from .conftest import noise_run_good_and_defect
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -47,12 +47,7 @@ def _jpeg(array: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(run folder, good image, defect image): a tiny fit on noise textures, 4 held-out images."""
-    root = tmp_path_factory.mktemp("serve")
-    run, rng = fit_noise_run(root)
-    good = rng.integers(90, 160, (64, 64, 3), dtype=np.uint8)
-    defect = good.copy()
-    defect[20:34, 24:40] = (250, 20, 20)
-    return run, good, defect
+    return noise_run_good_and_defect(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
