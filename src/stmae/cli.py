@@ -317,6 +317,52 @@ def predict(
 
 @app.command()
 @friendly
+def watch(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`, or an exported model (.onnx / .xml)."),
+    inbox: Path = typer.Argument(..., help="Folder the camera software writes images into."),
+    log: Optional[Path] = typer.Option(None, "--log", help="SQLite prediction log to record every image in."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="CSV file to append one row per image to."),
+    sort: Optional[str] = typer.Option(None, "--sort", help="move or link each scored file into INBOX/good/ or INBOX/anomalous/."),
+    webhook: List[str] = typer.Option([], "--webhook", help="POST one JSON object per image to this URL (repeatable)."),
+    mqtt: List[str] = typer.Option([], "--mqtt", help="Publish one JSON message per image to mqtt://host:port/topic, QoS 1 (repeatable)."),
+    settle: float = typer.Option(1.0, "--settle", help="Seconds a file's size and time must stand still before it is scored."),
+    poll: float = typer.Option(1.0, "--poll", help="Seconds between scans of the folder (events wake it earlier)."),
+    no_events: bool = typer.Option(False, "--no-events", help="Poll only (for filesystems without change events)."),
+    device: Optional[str] = DEVICE,
+    engine: Optional[str] = typer.Option(None, "--engine", help="onnxruntime or openvino: score with the exported model."),
+) -> None:
+    """Score every image that lands in INBOX, once: log, CSV, sorting and webhook / MQTT messages. Ctrl+C stops."""
+    from .predlog import PredictionLog
+    from .runtime import is_exported_model, open_model
+    from .watch import Watcher, make_sinks
+
+    if engine is not None or is_exported_model(run_dir):
+        model: Any = open_model(run_dir, engine=engine)
+    else:
+        from .infer import Detector
+
+        model = Detector.load(run_dir, device=device or "auto")
+    sinks = make_sinks(webhook, mqtt)
+    plog = PredictionLog(log) if log is not None else None
+    watcher = Watcher(model, inbox, model_path=run_dir, log=plog, csv_path=csv_path, sort=sort, sinks=sinks,
+                      settle=settle, poll=poll, use_events=not no_events,
+                      on_result=lambda m: typer.echo(f"{m['path']}: " + (f"error {m['error']}" if m["error"] else
+                                                     f"score {m['score']:.5g} label {m['label']}")))
+    typer.echo(f"watching {inbox} with {run_dir} ({len(sinks)} sink(s)); Ctrl+C stops")
+    try:
+        stats = watcher.run()
+    except KeyboardInterrupt:
+        watcher.close()
+        stats = watcher.stats
+    finally:
+        if plog is not None:
+            plog.close()
+    left = ", ".join(f"{n}: {k} undelivered" for n, k in stats.undelivered.items())
+    typer.echo(f"{stats.scored} scored, {stats.flagged} flagged, {stats.errors} unreadable" + (f"; {left}" if left else ""))
+
+
+@app.command()
+@friendly
 def test(
     run_dir: Path = typer.Argument(..., help="Run folder written by `stmae fit`."),
     data_dir: Path = typer.Argument(..., help="Dataset folder with a test split (MVTec/BTAD layout or Folder)."),
