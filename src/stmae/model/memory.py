@@ -225,7 +225,7 @@ def nearest_distances(
         return (best + (queries * queries).sum(dim=1)).clamp_min(0.0).sqrt()
     # |b|^2 - 2 q.b in one fused product (addmm) per block, minimum per row, then + |q|^2: no
     # (block x bank) temporaries besides the product itself, which stays cache-sized
-    # (3.4x faster than three full-size temporaries on a 1024 x 18k search, same values).
+    # (faster than full-size temporaries, same values: docs/research.md, "Figures behind the code").
     # One product buffer serves every block and the minima go straight into the output: a
     # fresh 16 MB block per step made glibc's heap fragment (a long scoring run grew past
     # 20 GB) and cost a page fault per 4 KB of every block.
@@ -286,7 +286,7 @@ class BankSearch:
     """Exact nearest-bank-patch distances, with most of the arithmetic in bfloat16.
 
     Why: the bank search is the largest cost of predict on a CPU after the backbone, and a
-    bf16 matrix product runs about 6x faster than float32 on CPUs with AMX. A bf16 product
+    bf16 matrix product runs several times faster than float32 on CPUs with AMX. A bf16 product
     alone is not exact, so it only *rules bank rows out*; the few rows it cannot rule out
     are measured in float32. The answer is the float32 distance to the true nearest row.
 
@@ -296,7 +296,7 @@ class BankSearch:
     ``a(q, b) ~ |b|^2 - 2 q.b + s(q)``, the squared distance shifted by ``s(q) - |q|^2``
     with ``s(q)`` = ``|q|^2`` rounded to bf16 beforehand (so it enters the product exactly,
     the shift is the same for every row and ``a`` is about a squared distance, never far
-    below 0: bf16 values >= 0 order like their int16 bit patterns, which reduce 4x faster).
+    below 0: bf16 values >= 0 order like their int16 bit patterns, which reduce faster).
     With u = :data:`BF16_ROUNDOFF`, rounding the inputs, accumulating in float32 and rounding
     the result to bf16 give ``|a - a_true| <= u (6.03 |q| |b| + 2.003 |b|^2 + 1.003 |q|^2)``
     (plus float32 terms about 1e-5 times as large); :meth:`bound` uses 6.5, 2.5 and 1.5 and

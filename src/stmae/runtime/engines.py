@@ -7,7 +7,8 @@ score are applied by the caller (:mod:`stmae.runtime`) with :mod:`stmae.threshol
 code as the torch path, so an override works the same on every engine.
 
 OpenVINO runs in float32 (``INFERENCE_PRECISION_HINT``): on CPUs with bf16 support its
-default would be bf16, which moved maps by 5 % of the threshold in our parity test.
+default would be bf16, which moves maps too far for the parity the exports promise
+(docs/research.md, "Figures behind the code").
 """
 
 from __future__ import annotations
