@@ -7,6 +7,10 @@ This script fits a run once (or loads one) and evaluates the same maps both ways
 
     python benchmarks/eval_size.py ../shared/data/kolektorsdd/kolektorsdd \\
         --out benchmarks/results/eval_size_kolektorsdd.json
+    python benchmarks/eval_size.py ../shared/data/kolektorsdd/kolektorsdd \\
+        --set features.geometry=tile --set features.scale=0.5 --out benchmarks/results/tiled_kolektorsdd.json
+
+(a tiled run's ``model`` protocol resizes each mask to its map, the scaled image's size).
 
 Writes one JSON file with both metric sets, the run's settings and the provenance block
 (command, commit, device with the CPU model, versions).
@@ -30,6 +34,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, help="an already fitted run folder (default: fit one)")
     p.add_argument("--preset", default="default", help="preset of the fit (default: default)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the fit, e.g. features.geometry=tile (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--pixel-budget", type=int, default=None,
                    help="passed to evaluate (default: its own, PIXEL_BUDGET)")
@@ -56,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             cfg = preset(args.preset)
             if args.epochs:
                 cfg.set("train.epochs", args.epochs)
+            for item in args.sets:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+                cfg.set(key.strip(), value.strip())
+            cfg.validate()
             t0 = time.time()
             det = stmae.fit(args.data, Path(tmp) / "run", cfg, quiet=False).detector
             fit_seconds = round(time.time() - t0, 1)
@@ -77,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "what": "one fitted run's metrics with masks resized to the model input (model) and at their own size (native)",
         "data": str(args.data),
         "preset": args.preset if args.run is None else None,
+        "overrides": list(args.sets),
+        "geometry": det.geometry.to_dict(),
         "run": str(args.run) if args.run else None,
         "config": det.config.to_dict(),
         "n_train": len(dataset.train),

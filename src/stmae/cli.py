@@ -135,6 +135,22 @@ def _overrides(epochs: Optional[int], device: Optional[str], sets: List[str]) ->
     return {k.replace(".", "__"): v for k, v in values.items() if v is not None}
 
 
+def _geometry_overrides(tile: int | None, overlap: float | None, scale: float | None, keep_aspect: bool) -> dict[str, Any]:
+    """``--tile / --tile-overlap / --scale / --keep-aspect`` as ``features.*`` settings."""
+    if keep_aspect and tile is not None:
+        raise typer.BadParameter("give --tile or --keep-aspect, not both", param_hint="--keep-aspect")
+    if scale is not None and tile is None:
+        raise typer.BadParameter("--scale applies to tiles; give --tile too", param_hint="--scale")
+    if overlap is not None and tile is None and not keep_aspect:
+        raise typer.BadParameter("--tile-overlap applies to tiles; give --tile or --keep-aspect", param_hint="--tile-overlap")
+    out: dict[str, Any] = {"features.tile_overlap": overlap}
+    if tile is not None:
+        out.update({"features.geometry": "tile", "features.tile": tile, "features.scale": scale})
+    elif keep_aspect:
+        out["features.geometry"] = "aspect"
+    return out
+
+
 @app.command()
 @friendly
 def fit(
@@ -146,6 +162,16 @@ def fit(
     layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. stride4,stride8,stride16."),
     backbone_weights: Optional[Path] = WEIGHTS,
     image_size: Optional[int] = typer.Option(None, help="Input side in pixels."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", min=32,
+        help="Cut images into tiles of this many pixels (after --scale) instead of squeezing them to --image-size; "
+        "for large images with small defects. Recorded in the run: predict, test, export and serve tile alike.",
+    ),
+    tile_overlap: Optional[float] = typer.Option(None, "--tile-overlap", help="Least share of a tile neighbouring tiles share (default 0.25)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="With --tile: scale images by this before tiling (e.g. 0.5)."),
+    keep_aspect: bool = typer.Option(
+        False, "--keep-aspect", help="Scale images so the shorter side is --image-size and tile the longer one (aspect ratio kept)."
+    ),
     grid_size: Optional[int] = typer.Option(None, help="Feature grid side."),
     patch_size: Optional[int] = typer.Option(None, help="Feature patch side in grid cells."),
     epochs: Optional[int] = EPOCHS,
@@ -182,6 +208,7 @@ def fit(
         "backbone.layers": layers,
         "backbone.weights": str(backbone_weights) if backbone_weights else None,
         "features.image_size": image_size,
+        **_geometry_overrides(tile, tile_overlap, scale, keep_aspect),
         "features.grid_size": grid_size,
         "model.patch_size": patch_size,
         "train.epochs": epochs,
@@ -199,7 +226,9 @@ def fit(
     if m.get("resumed_at_epoch") is not None:
         typer.echo(f"resumed the saved training at epoch {m['resumed_at_epoch']} of {m['epochs']}")
     typer.echo(
-        f"trained on {m['n_train']} images ({m['n_val']} held out) in {m['fit_seconds']:.1f} s on {m['device']}; "
+        f"trained on {m['n_train']} images ({m['n_val']} held out) "
+        + (f"as {m['n_train_tiles']:,} tiles of {m['geometry']['tile']} px " if m.get("n_train_tiles") else "")
+        + f"in {m['fit_seconds']:.1f} s on {m['device']}; "
         f"final loss {m['final_loss']:.4f}; threshold {m['calibration']['image_threshold']:.5g}"
     )
     if m.get("memory"):
@@ -374,10 +403,11 @@ def test(
         False, "--strict", help="Stop at the first unreadable image or mask (exit 2) instead of skipping it."
     ),
     max_pixels: int = MAX_PIXELS,
-    eval_size: str = typer.Option(
-        "model", "--eval-size",
-        help="Where pixel metrics are computed: model (masks resized to the model input, the usual benchmark protocol) "
-        "or native (maps resized to each mask's own size, so thin defects a resize would delete still count).",
+    eval_size: Optional[str] = typer.Option(
+        None, "--eval-size",
+        help="Where pixel metrics are computed: model (masks resized to the map, the usual benchmark protocol) "
+        "or native (maps resized to each mask's own size, so thin defects a resize would delete still count). "
+        "Default: model for a run that squeezes its images, native for one that tiles or keeps the aspect ratio.",
     ),
     pixel_budget: int = typer.Option(
         250_000_000, "--pixel-budget", min=1,
@@ -396,7 +426,7 @@ def test(
     """
     from .evaluate import EVAL_SIZES
 
-    if eval_size not in EVAL_SIZES:
+    if eval_size is not None and eval_size not in EVAL_SIZES:
         raise typer.BadParameter(f"must be one of {', '.join(EVAL_SIZES)}, not {eval_size!r}", param_hint="--eval-size")
     from .data import open_dataset
     from .evaluate import evaluate
@@ -419,7 +449,7 @@ def test(
         typer.secho(f"skipped {file}: {reason}", fg=typer.colors.YELLOW, err=True)
     _print_metrics(results)
     if evaluation.pixel_fraction < 1.0:
-        typer.echo(f"pixel metrics at {eval_size} size over all defect pixels and {evaluation.pixel_fraction:.1%} of the normal pixels (--pixel-budget)")
+        typer.echo(f"pixel metrics at {evaluation.eval_size} size over all defect pixels and {evaluation.pixel_fraction:.1%} of the normal pixels (--pixel-budget)")
     typer.echo(
         f"{results['n_images']} images scored, {len(evaluation.skipped)} skipped (listed in {target / SKIPPED_FILE}); "
         f"wrote {target / 'results.json'}, {target / 'scores.csv'}, {target / 'report.html'}"

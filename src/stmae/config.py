@@ -102,9 +102,15 @@ class BackboneConfig(_Section):
 class FeatureConfig(_Section):
     """How backbone outputs become the feature grid the transformer reconstructs."""
 
-    image_size: int = 256  # images are resized to image_size x image_size
+    image_size: int = 256  # the model input side S: images (or their tiles) are resized to S x S
     grid_size: int = 32  # all layers are resized (bilinear) to grid_size x grid_size
     aggregate: int = 3  # k x k local mean of the grid (1 = off)
+    # How an image becomes model inputs (stmae.geometry): resize (squeeze to S x S),
+    # aspect (shorter side to S, S x S tiles along the longer one) or tile.
+    geometry: str = "resize"  # resize | aspect | tile
+    tile: int = 0  # tile side in pixels of the scaled image (0 = image_size); geometry tile
+    tile_overlap: float = 0.25  # least share of a tile's side that neighbouring tiles share
+    scale: float = 1.0  # geometry tile: images are scaled by this before tiling
 
 
 @dataclass
@@ -224,6 +230,12 @@ class Config:
         _check(f.image_size >= 32, "features.image_size must be >= 32")
         _check(f.grid_size >= 2, "features.grid_size must be >= 2")
         _check(f.aggregate >= 1 and f.aggregate % 2 == 1, "features.aggregate must be odd and >= 1")
+        _check(f.geometry in GEOMETRIES, f"features.geometry must be one of {GEOMETRIES}")
+        _check(f.tile == 0 or f.tile >= 32, "features.tile must be 0 (= image_size) or >= 32 pixels")
+        _check(0.0 <= f.tile_overlap <= 0.9, "features.tile_overlap must be in [0, 0.9]")
+        _check(0.0 < f.scale <= 16.0, "features.scale must be in (0, 16]")
+        _check(f.geometry == "tile" or (f.tile == 0 and f.scale == 1.0),
+               "features.tile and features.scale apply to features.geometry tile only")
         _check(m.patch_size >= 1, "model.patch_size must be >= 1")
         _check(
             f.grid_size % m.patch_size == 0,
@@ -435,6 +447,7 @@ def preset(name: str) -> Config:
 
 
 SCORES = ("max", "topk")
+GEOMETRIES = ("resize", "aspect", "tile")  # stmae.geometry: how an image becomes model inputs
 #: The pixel map's residual: "same" (the score's), or one that needs no fitted statistics.
 PIXEL_RESIDUALS = ("same", "mse", "cos", "mse_cos")
 PIXEL_BLENDS = ("same", "median", "quantile", "gated")

@@ -4,11 +4,15 @@ Protocol (what ``stmae test`` and the demo report): all metrics are threshold-fr
 computed on raw scores over the whole test split. Pixel metrics are computed at one of two
 sizes (``eval_size``):
 
-- ``model`` (the default): masks resized (nearest) to the model input size, against the
-  model-size maps: the usual benchmark protocol, cheap, but a resize deletes thin defects
-  from the masks it scores against;
+- ``model``: masks resized (nearest) to the map's size (S x S for a squeezing run, the
+  scaled image for a tiled one, :mod:`stmae.geometry`), against the maps: the usual
+  benchmark protocol, cheap, but a resize deletes thin defects from the masks it scores
+  against;
 - ``native``: each map resized (bilinear, as ``predict`` makes its full-size maps) to the
   mask's own size, so what the squeeze deleted still counts.
+
+The default (``eval_size=None``) is ``model`` for a run that squeezes its images
+(``features.geometry: resize``) and ``native`` for one that tiles or keeps the aspect ratio.
 
 Pixel metrics are streamed image by image (:class:`stmae.metrics.PixelMetricAccumulator`)
 so the maps of a large test set are never all held in memory; only the maps of the images
@@ -29,12 +33,13 @@ from .data import AnomalyDataset, DataError, Sample, resize_image, resize_mask
 from .data.io import UnreadableImageError, image_size
 from .mapops import resize_map
 from .features import batched
+from .geometry import Geometry
 from .infer import Detector
 from .metrics import PixelMetricAccumulator, auroc, average_precision, compute_metrics
 
 
 #: ``on_image(index into dataset.test, score, anomaly map, mask or None)``: the map and mask
-#: the pixel metrics used ((S, S) at ``eval_size="model"``, the mask's own size at ``"native"``).
+#: the pixel metrics used (the map's size at ``eval_size="model"``, the mask's own size at ``"native"``).
 ImageHook = Callable[[int, float, np.ndarray, "np.ndarray | None"], None]
 
 #: Where pixel metrics are computed: the model input size, or each mask's own size.
@@ -88,7 +93,7 @@ def evaluate(
     quiet: bool = False,
     skip_unreadable: bool = False,
     on_image: ImageHook | None = None,
-    eval_size: str = "model",
+    eval_size: str | None = None,
     pixel_budget: int | None = PIXEL_BUDGET,
 ) -> Evaluation:
     """Score ``dataset.test`` with ``detector`` and compute all metrics.
@@ -103,7 +108,7 @@ def evaluate(
     mask of the wrong size) is left out and listed in ``Evaluation.skipped`` instead of
     stopping the evaluation; without it the first such file raises, naming it.
 
-    ``eval_size``: ``"model"`` or ``"native"`` (module docstring); ``pixel_budget``: the most
+    ``eval_size``: ``"model"``, ``"native"`` or None for the run's default (module docstring); ``pixel_budget``: the most
     pixels held for the pixel metrics (``Evaluation.pixel_fraction`` says which share of the
     normal pixels was kept; 1.0 = exact).
 
@@ -114,15 +119,17 @@ def evaluate(
     samples = dataset.test
     if not samples:
         raise ValueError(f"{dataset.root or dataset.name}: the test split is empty; nothing to evaluate")
+    geometry = detector.geometry
+    if eval_size is None:
+        eval_size = default_eval_size(geometry)
     if eval_size not in EVAL_SIZES:
         raise ValueError(f"eval_size must be one of {EVAL_SIZES}, got {eval_size!r}")
     if pixel_budget is not None and pixel_budget < 1:
         raise ValueError(f"pixel_budget must be >= 1 (or None: keep every pixel), got {pixel_budget}")
-    size = detector.config.features.image_size
     native = eval_size == "native"
     fraction = 1.0
     if dataset.has_masks and pixel_budget is not None:
-        total = sum(_pixels(s) for s in samples) if native else len(samples) * size * size
+        total = sum(_pixels(s, None if native else geometry) for s in samples)
         fraction = min(1.0, pixel_budget / max(total, 1))
     seed = detector.config.train.seed
     pixel = PixelMetricAccumulator(normal_fraction=fraction, seed=seed) if dataset.has_masks else None
@@ -137,31 +144,31 @@ def evaluate(
             loaded = []  # (sample index, image, mask) of the readable samples of this chunk
             for i in chunk:
                 try:
-                    image = samples[i].load_image(reduce_to=size)
-                    mask = full = None
+                    image = samples[i].load_image(reduce_to=geometry.reduce_to)
+                    full = None
                     if pixel or i in keep:
                         full = samples[i].load_mask()
-                        mask = np.zeros((size, size), dtype=bool) if full is None else resize_mask(full, size)
-                        if native and full is None:
+                        if full is None:
                             full = np.zeros(native_shape(samples[i]), dtype=bool)
                 except DataError as exc:
                     if not skip_unreadable:
                         raise
                     skipped.append(_skip_entry(samples[i], exc))
                     continue
-                loaded.append((i, image, mask, full))
+                loaded.append((i, image, full))
             if loaded:
-                resized = np.stack([resize_image(image, size) for _, image, _, _ in loaded])
-                maps, batch_scores = detector.score_uint8(resized)
-                for j, (i, _, mask, full) in enumerate(loaded):
+                maps, batch_scores = detector.score_images([image for _, image, _ in loaded])
+                for j, (i, image, full) in enumerate(loaded):
                     amap = maps[j]
+                    # the mask at the map's size (nearest), as the model-size protocol scores it
+                    mask = None if full is None else resize_mask(full, amap.shape)
                     used_map, used_mask = (resize_map(amap, full.shape), full) if native and full is not None else (amap, mask)
                     if pixel is not None:
                         pixel.update(used_mask, used_map)
                     if on_image is not None:
                         on_image(i, float(batch_scores[j]), used_map, used_mask)
                     if i in keep:
-                        examples[len(scored)] = (resized[j], amap, mask)
+                        examples[len(scored)] = (resize_image(image, amap.shape), amap, mask)
                     scored.append(samples[i])
                     scores.append(float(batch_scores[j]))
             bar.update(len(chunk))
@@ -208,20 +215,28 @@ def native_shape(sample: Sample) -> tuple[int, int]:
     return (int(sample.array.shape[0]), int(sample.array.shape[1]))
 
 
-def _pixels(sample: Sample) -> int:
-    """Pixels of the sample at full size (0 when its header cannot be read: it is skipped later)."""
+def default_eval_size(geometry: Geometry) -> str:
+    """``native`` for a run that tiles or keeps the aspect ratio, ``model`` for one that squeezes."""
+    return "native" if geometry.tiled else "model"
+
+
+def _pixels(sample: Sample, geometry: Geometry | None = None) -> int:
+    """Pixels of the sample's map (``geometry``) or at full size (None); 0 when its header
+    cannot be read (it is skipped later)."""
     try:
         h, w = native_shape(sample)
     except (DataError, OSError):
         return 0
+    if geometry is not None:
+        h, w = geometry.map_shape(h, w)
     return h * w
 
 
-def mask_at(sample: Sample, size: int) -> np.ndarray:
-    """The sample's mask at the model input size (nearest); all-False for images without one."""
+def mask_at(sample: Sample, size: int | tuple[int, int]) -> np.ndarray:
+    """The sample's mask at ``size`` (an int side or (h, w); nearest); all-False for images without one."""
     mask = sample.load_mask()
     if mask is None:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros((size, size) if isinstance(size, int) else tuple(size), dtype=bool)
     return resize_mask(mask, size)
 
 

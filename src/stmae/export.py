@@ -37,6 +37,7 @@ from torch import nn
 
 from . import __version__
 from .fileio import atomic_write_json
+from .geometry import Geometry
 from .thresholds import normalize
 from .runtime import FORMAT_VERSION, run_fingerprint, sidecar_path
 
@@ -186,6 +187,9 @@ def export_metadata(
         "pixel_threshold": detector.pixel_threshold,
         "calibration": calibration,
         "resize": "PIL bilinear (antialiased) to image_size x image_size, RGB",
+        # How an image becomes the graph's inputs (stmae.geometry; also under config.features):
+        # for a tiled run the graph scores a batch of tiles, and the caller stitches their maps.
+        "geometry": Geometry.from_features(cfg.features).to_dict(),
         "config": cfg.to_dict(),
         "run_meta": _jsonable(detector.meta),
         "source": source,

@@ -13,8 +13,10 @@ them (:func:`extract_features`); the training loop then only runs the transforme
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from .backbones import Backbone
 from .data import Sample, resize_image, to_tensor_batch
 from .device import tracing
+from .geometry import Geometry, Layout
 
 
 #: Images per backbone call. On a CPU a large batch is slower per image than a small one:
@@ -154,3 +157,66 @@ def extract_features(
             out[start : start + len(chunk)] = extractor(images.to(device)).cpu()
             bar.update(len(chunk))
     return out
+
+
+@dataclass
+class SampleFeatures:
+    """Cached features of samples cut by a :class:`~stmae.geometry.Geometry`: ``feats``
+    (tiles, C, G, G) in sample order, ``layouts`` one per sample (its tiles, in order)."""
+
+    feats: torch.Tensor
+    layouts: list[Layout]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Index of each sample's first tile in ``feats`` (and the total at the end)."""
+        out = [0]
+        for layout in self.layouts:
+            out.append(out[-1] + layout.count)
+        return out
+
+    def select(self, indices: Sequence[int] | Iterable[int]) -> "SampleFeatures":
+        """The samples at ``indices`` (their tiles, in that order)."""
+        picked = [int(i) for i in indices]
+        offsets = self.offsets
+        rows = [j for i in picked for j in range(offsets[i], offsets[i + 1])]
+        return SampleFeatures(self.feats[torch.as_tensor(rows, dtype=torch.long)], [self.layouts[i] for i in picked])
+
+
+def extract_sample_features(
+    extractor: FeatureExtractor,
+    samples: Sequence[Sample],
+    geometry: Geometry,
+    *,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    desc: str = "features",
+    quiet: bool = False,
+) -> SampleFeatures:
+    """Read, cut by ``geometry`` and featurise samples (see :func:`extract_features`, which
+    this equals for ``resize``). Tiles of consecutive samples share backbone calls of at
+    most ``batch_size`` tiles."""
+    if geometry.mode == "resize":
+        feats = extract_features(extractor, samples, geometry.size, batch_size=batch_size, device=device,
+                                 desc=desc, quiet=quiet)
+        return SampleFeatures(feats, [geometry.layout(geometry.size, geometry.size)] * len(samples))
+    chunks: list[torch.Tensor] = []
+    layouts: list[Layout] = []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        while pending:
+            part, pending[:] = pending[:batch_size], pending[batch_size:]
+            chunks.append(extractor(to_tensor_batch(part).to(device)).cpu())
+
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+        for sample in samples:
+            tiles, layout = geometry.split(sample.load_image(reduce_to=geometry.reduce_to))
+            layouts.append(layout)
+            pending.extend(tiles)
+            if len(pending) >= batch_size:
+                flush()
+            bar.update(1)
+        flush()
+    feats = torch.cat(chunks) if chunks else torch.empty(0, extractor.out_channels, extractor.grid_size, extractor.grid_size)
+    return SampleFeatures(feats, layouts)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .geometry import Geometry, Layout, stitch_all
 from .model import PatchMemory, ResidualAccumulator, ResidualStats
 from .model.memory import coreset_bank
 from .pipeline import MapPipeline
@@ -106,21 +108,42 @@ def bank_held_out_images(
     return memory
 
 
+def score_cached_images(
+    pipe: MapPipeline, feats: torch.Tensor, layouts: Sequence[Layout] | None = None
+) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+    """Raw cached features -> (maps, image scores) as numpy, per image: with ``layouts``
+    (one per image, :mod:`stmae.geometry`) the tiles' maps are stitched and their scores
+    combined exactly as ``predict`` does; without, one feature grid is one image."""
+    maps, scores = pipe.score_cached(feats)
+    if layouts is None:
+        return maps.numpy(), scores.numpy()
+    return stitch_all(Geometry.from_features(pipe.config.features), maps.numpy(), scores.numpy(), layouts)
+
+
+def pixel_values(maps: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Every pixel of ``maps`` (one array, or maps of different sizes) as one flat float32 array."""
+    if isinstance(maps, np.ndarray):
+        return maps.astype(np.float32, copy=False).ravel()
+    return np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+
+
 def calibrate_pipeline(
     pipe: MapPipeline,
     calib_feats: torch.Tensor,
     rule: str = "max",
     *,
     min_images: int = MIN_CALIBRATION_IMAGES,
+    layouts: Sequence[Layout] | None = None,
 ) -> tuple[Calibration, np.ndarray]:
     """Score held-out good images' raw features and set the pipeline's calibration from them.
 
+    ``layouts``: the images' tile layouts when the run tiles (:func:`score_cached_images`).
     Returns the calibration and the image scores it rests on.
     """
-    maps, scores = pipe.score_cached(calib_feats)
-    cal = calibrate(scores.numpy(), maps.numpy(), rule, min_images=min_images, seed=pipe.config.train.seed)
+    maps, scores = score_cached_images(pipe, calib_feats, layouts)
+    cal = calibrate(scores, pixel_values(maps), rule, min_images=min_images, seed=pipe.config.train.seed)
     pipe.calibration = cal
-    return cal, scores.numpy()
+    return cal, scores
 
 
 @dataclass
@@ -138,6 +161,8 @@ def fit_scoring(
     train_feats: torch.Tensor,
     held_out_feats: torch.Tensor | None,
     *,
+    train_layouts: Sequence[Layout] | None = None,
+    held_out_layouts: Sequence[Layout] | None = None,
     quiet: bool = True,
 ) -> ScoringFit:
     """Fit everything after the transformer into ``pipe``, in order: the residual statistics
@@ -145,7 +170,10 @@ def fit_scoring(
     ``fit.bank_held_out``) the held-out images banked too.
 
     ``held_out_feats``: raw features of the held-out good images (None or empty: the
-    training images calibrate). The one routine ``stmae fit`` and the research scripts use.
+    training images calibrate). ``*_layouts``: one tile layout per image when the run
+    tiles, so the calibration scores whole images (:mod:`stmae.geometry`); the bank and the
+    blend statistics are per patch and need none. The one routine ``stmae fit`` and the
+    research scripts use.
     """
     infer, fit, seed = pipe.config.infer, pipe.config.fit, pipe.config.train.seed
     held_out = held_out_feats is not None and len(held_out_feats) > 0
@@ -154,7 +182,10 @@ def fit_scoring(
         pipe.residual_stats = fit_residual_stats(pipe, train_feats, quiet=quiet)
     if infer.distance_weight > 0:
         pipe.memory = fit_memory(pipe, train_feats, calib_feats, seed=seed, quiet=quiet).to(_device(pipe))
-    cal, scores = calibrate_pipeline(pipe, calib_feats, fit.threshold_rule, min_images=fit.min_calibration)
+    calib_layouts = held_out_layouts if held_out else train_layouts
+    cal, scores = calibrate_pipeline(
+        pipe, calib_feats, fit.threshold_rule, min_images=fit.min_calibration, layouts=calib_layouts
+    )
     at_calibration = None if pipe.memory is None else int(pipe.memory.bank.shape[0])
     banked = 0
     if pipe.memory is not None and fit.bank_held_out and held_out:
@@ -166,4 +197,5 @@ def fit_scoring(
 
 __all__ = [
     "ScoringFit", "bank_held_out_images", "calibrate_pipeline", "fit_memory", "fit_residual_stats", "fit_scoring",
+    "pixel_values", "score_cached_images",
 ]

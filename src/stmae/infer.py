@@ -29,6 +29,7 @@ from .config import PREDICT_TIME_SECTION, Config, ConfigError
 from .data import to_tensor_batch
 from .device import resolve_device
 from .features import FeatureExtractor, FeatureStats
+from .geometry import Geometry
 from .model import STMAE, PatchMemory, ResidualStats
 from .pipeline import MapPipeline
 from .prediction import Prediction, Skipped
@@ -156,6 +157,11 @@ class Detector(Scorer):
     @property
     def batch_size(self) -> int:
         return int(self.config.infer.batch_size)
+
+    @property
+    def geometry(self) -> Geometry:
+        """The run's input geometry (``features.geometry``; :mod:`stmae.geometry`)."""
+        return Geometry.from_features(self.config.features)
 
     @property
     def splits(self) -> torch.Tensor:

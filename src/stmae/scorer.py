@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .geometry import Geometry, score_split
 from .prediction import Prediction, Skipped
 from .streaming import stream_predictions
 from .thresholds import Calibration
@@ -73,6 +74,21 @@ class Scorer(ABC):
     @abstractmethod
     def score_uint8(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S, 3) RGB at the model size -> (maps (N, S, S), scores (N,)), float32 numpy."""
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def geometry(self) -> Geometry:
+        """How an image becomes model inputs and their maps one map (:mod:`stmae.geometry`)."""
+        return Geometry(size=self.image_size)
+
+    def score_images(self, images: Iterable[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Decoded uint8 (H, W, 3) images of any size -> (one map per image, scores (N,)).
+
+        The maps are at the geometry's map size (S x S for ``resize``; the scaled image's own
+        shape when tiled). Tiles go through :meth:`score_uint8` in batches of :attr:`batch_size`.
+        """
+        geometry = self.geometry
+        return score_split(self.score_uint8, geometry, [geometry.split(x) for x in images], self.batch_size)
 
     # ------------------------------------------------------------------ thresholds
     @property
@@ -142,7 +158,7 @@ class Scorer(ABC):
         """
         chosen = self.threshold if threshold is None else check_threshold(threshold)
         return stream_predictions(
-            images, self.score_uint8, image_size=self.image_size,
+            images, self.score_uint8, geometry=self.geometry,
             batch_size=batch_size or self.batch_size, threshold=chosen,
             pixel_threshold=self.pixel_threshold, calibration=self.calibration, full_resolution=full_resolution,
             on_error=on_error, max_pixels=max_pixels, keep_images=keep_images, quiet=quiet,

@@ -10,27 +10,24 @@ is here, so both engines stream, skip and label alike. Torch-free.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .data.io import DataError
-from .data.transforms import resize_image
+from .geometry import Geometry, ScoreBatch, score_split
 from .inputs import Item, expand, load_rgb
 from .mapops import resize_map
 from .prediction import Prediction, Skipped
 from .thresholds import Calibration
-
-#: uint8 (N, S, S, 3) images at the model size -> (maps (N, S, S), scores (N,)), numpy float32.
-ScoreBatch = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 
 def stream_predictions(
     images: Any,
     score_batch: ScoreBatch,
     *,
-    image_size: int,
+    geometry: Geometry,
     batch_size: int,
     threshold: float | None,
     pixel_threshold: float | None,
@@ -45,18 +42,20 @@ def stream_predictions(
 
     At most the batch being scored and the next one are decoded at any time, so memory stays
     flat however many inputs there are. ``on_error="raise"`` raises DataError naming the
-    first bad input instead of yielding Skipped.
+    first bad input instead of yielding Skipped. Each image is cut into model inputs by
+    ``geometry`` in the decode threads; ``batch_size`` bounds the inputs (tiles) per
+    ``score_batch`` call, and the images of one batch are stitched after it.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     items = expand(images)
 
-    def prepare(item: Item) -> tuple[np.ndarray, np.ndarray] | str:
+    def prepare(item: Item) -> tuple[np.ndarray, Any] | str:
         try:
             # Full-resolution maps need the image's own size; otherwise a large JPEG may
-            # decode at a reduced scale (never below the model size).
-            rgb = load_rgb(item, max_pixels, None if full_resolution else image_size)
-            return rgb, resize_image(rgb, image_size)
+            # decode at a reduced scale (never below what the geometry needs).
+            rgb = load_rgb(item, max_pixels, None if full_resolution else geometry.reduce_to)
+            return rgb, geometry.split(rgb)
         except DataError as exc:
             if on_error == "raise":
                 raise
@@ -83,7 +82,7 @@ def stream_predictions(
             good = [i for i, p in enumerate(prepared) if not isinstance(p, str)]
             maps = scores = normalized = None
             if good:
-                maps, scores = score_batch(np.stack([prepared[i][1] for i in good]))  # type: ignore[index]
+                maps, scores = score_split(score_batch, geometry, [prepared[i][1] for i in good], batch_size)  # type: ignore[index]
                 if calibration is not None and threshold is not None:
                     normalized = calibration.normalized(scores, threshold)
             slot = {i: j for j, i in enumerate(good)}

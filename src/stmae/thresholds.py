@@ -124,7 +124,8 @@ def calibrate(
     min_images: int = MIN_CALIBRATION_IMAGES,
     seed: int = 0,
 ) -> Calibration:
-    """Image and pixel thresholds from held-out good images' ``scores`` (N,) and ``maps`` (N, H, W).
+    """Image and pixel thresholds from held-out good images' ``scores`` (N,) and ``maps``
+    (N, H, W), or their pixel values flat (maps of different sizes).
 
     Warns (:class:`ThresholdWarning`) when fewer than ``min_images`` images back them.
     Without maps the pixel threshold equals the image threshold.

@@ -29,7 +29,8 @@ from . import __version__
 from .checkpoint import save_run
 from .config import PRESETS, Config, TrainConfig, preset
 from .data import AnomalyDataset, DataError, Sample, open_dataset
-from .features import FeatureStats, extract_features
+from .features import FeatureStats, extract_sample_features
+from .geometry import Geometry
 from .device import autocast, resolve_device
 from .build import build_extractor, build_model
 from .fitting import fit_scoring
@@ -287,10 +288,12 @@ def fit(
     started = time.perf_counter()
 
     extractor = build_extractor(cfg).to(device)
-    feats = extract_features(
-        extractor, samples, cfg.features.image_size, batch_size=cfg.infer.batch_size, device=device, quiet=quiet
+    geometry = Geometry.from_features(cfg.features)
+    cached = extract_sample_features(
+        extractor, samples, geometry, batch_size=cfg.infer.batch_size, device=device, quiet=quiet
     )
-    train_feats = feats[torch.from_numpy(train_idx)]
+    train_part = cached.select(train_idx)
+    train_feats = train_part.feats
     stats = FeatureStats.from_features(train_feats)
     model = build_model(cfg, extractor.out_channels)
     state_path = Path(out_dir) / STATE_FILE
@@ -306,11 +309,24 @@ def fit(
 
     scoring_started = time.perf_counter()
     pipe = MapPipeline(extractor, model, stats, cfg, check=False)
-    held_out = feats[torch.from_numpy(val_idx)] if len(val_idx) else None
-    scoring = fit_scoring(pipe, train_feats, held_out, quiet=quiet)
+    held_part = cached.select(val_idx) if len(val_idx) else None
+    tiled = geometry.tiled
+    scoring = fit_scoring(
+        pipe, train_feats, None if held_part is None else held_part.feats,
+        train_layouts=train_part.layouts if tiled else None,
+        held_out_layouts=held_part.layouts if tiled and held_part is not None else None, quiet=quiet,
+    )
     scoring_seconds = round(time.perf_counter() - scoring_started, 3)
     calibration, memory = scoring.calibration, pipe.memory
     meta = _meta(cfg, extractor, source, samples, train_idx, val_idx, losses, device)
+    meta["geometry"] = geometry.to_dict()
+    if tiled:
+        meta["n_train_tiles"] = int(len(train_feats))
+        meta["input"] = (
+            f"RGB, {'scaled so the shorter side is image_size' if geometry.mode == 'aspect' else f'scaled by {geometry.scale}'}"
+            f", cut into {geometry.tile_side} px tiles (overlap >= {geometry.overlap}) resized to image_size, "
+            "scaled to [0, 1] then backbone normalisation"
+        )
     meta["calibration"] = calibration.to_dict()
     meta["calibration_scores"] = _score_summary(scoring.calibration_scores)
     meta["threshold_source"] = threshold_source.replace("max score", f"{cfg.fit.threshold_rule} rule over the scores", 1)
@@ -320,7 +336,10 @@ def fit(
         meta["memory"] = {
             "bank_patches": int(memory.bank.shape[0]),
             # the patches the bank was chosen from (with fit.bank_held_out, the held-out images' too)
-            "train_patches": int((len(train_idx) + banked) * train_feats.shape[2] * train_feats.shape[3]),
+            "train_patches": int(
+                (len(train_feats) + (len(held_part.feats) if banked and held_part is not None else 0))
+                * train_feats.shape[2] * train_feats.shape[3]
+            ),
             "held_out_images_banked": banked,
             "bank_patches_at_calibration": scoring.bank_patches_at_calibration,
             "residual_median": memory.residual_median,

@@ -41,7 +41,9 @@ from .build import build_extractor, build_model
 from .checkpoint import load_run, save_run
 from .data import AnomalyDataset, Sample
 from .device import resolve_device
-from .features import extract_features
+from .features import extract_sample_features
+from .fitting import pixel_values, score_cached_images
+from .geometry import Geometry, Layout
 from .infer import Detector
 from .model.memory import greedy_coreset, patch_rows
 from .pipeline import MapPipeline
@@ -106,14 +108,17 @@ def update(
     samples, source = training_samples(data, minimum=1)
     version = int(run.meta.get("model_version", 1)) + 1
     bank_idx, held_idx = holdout_split(len(samples), cfg.fit.held_out, cfg.train.seed + version)
-    feats = extract_features(
-        pipe.extractor, samples, cfg.features.image_size, batch_size=cfg.infer.batch_size, device=dev, quiet=quiet
+    geometry = Geometry.from_features(cfg.features)
+    cached = extract_sample_features(
+        pipe.extractor, samples, geometry, batch_size=cfg.infer.batch_size, device=dev, quiet=quiet
     )
+    held = cached.select(held_idx) if len(held_idx) else None
     old_scores = [float(v) for v in (run.meta.get("calibration_scores") or {}).get("all", [])]
     before = run.calibration
     scores, banked_held_out = update_scoring(
-        pipe, feats[torch.from_numpy(bank_idx)], feats[torch.from_numpy(held_idx)] if len(held_idx) else None,
+        pipe, cached.select(bank_idx).feats, None if held is None else held.feats,
         old_scores, seed=cfg.train.seed, quiet=quiet,
+        held_out_layouts=held.layouts if held is not None and geometry.tiled else None,
     )
     after = pipe.calibration
     assert after is not None
@@ -159,10 +164,12 @@ def update_scoring(
     *,
     seed: int = 42,
     quiet: bool = True,
+    held_out_layouts: Sequence[Layout] | None = None,
 ) -> tuple[list[float], int]:
     """Extend ``pipe``'s bank with raw features of new good images and re-set its calibration
     (steps 2-4 of the module docstring). Returns the calibration scores (old, then new) and
-    the number of held-out images banked after calibration."""
+    the number of held-out images banked after calibration. ``held_out_layouts``: one tile
+    layout per held-out image when the run tiles (their features are tiles)."""
     memory, old_cal = pipe.memory, pipe.calibration
     if memory is None or old_cal is None:
         raise UpdateError("the pipeline has no memory bank or calibration to update")
@@ -173,8 +180,8 @@ def update_scoring(
     new_scores: list[float] = []
     maps = None
     if held_out_feats is not None and len(held_out_feats):
-        maps_t, scores_t = pipe.score_cached(held_out_feats)
-        maps, new_scores = maps_t.numpy(), [float(v) for v in scores_t]
+        image_maps, image_scores = score_cached_images(pipe, held_out_feats, held_out_layouts)
+        maps, new_scores = pixel_values(image_maps), [float(v) for v in image_scores]
     scores = [*old_scores, *new_scores] or [old_cal.image_threshold]
     fit = pipe.config.fit
     cal = calibrate(np.asarray(scores), maps, fit.threshold_rule, min_images=fit.min_calibration, seed=pipe.config.train.seed)
@@ -184,7 +191,7 @@ def update_scoring(
     if fit.bank_held_out and held_out_feats is not None and len(held_out_feats):
         size += int(ratio * len(held_out_feats) * grid)
         memory.bank = _coreset(memory.bank, [pipe.standardize(held_out_feats.to(dev))], size, seed, quiet)
-        banked = int(len(held_out_feats))
+        banked = len(held_out_layouts) if held_out_layouts is not None else int(len(held_out_feats))
     return scores, banked
 
 

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..fileio import sha256_file
+from ..geometry import Geometry
 from ..scorer import Scorer
 from ..thresholds import Calibration
 from .engines import ENGINES, Engine, EngineError, available, create, read_onnx_metadata
@@ -103,6 +104,11 @@ class ExportedModel(Scorer):
     def batch_size(self) -> int:
         """Default images per engine call: the run's ``infer.batch_size``."""
         return int((self.config.get("infer") or {}).get("batch_size") or 16)
+
+    @property
+    def geometry(self) -> Geometry:
+        """The run's input geometry, from the export's config (``resize`` for older exports)."""
+        return Geometry.from_config_dict(self.config, self.image_size)
 
     def score_uint8(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S, 3) images at the model size -> (maps (N, S, S), scores (N,)) float32."""
