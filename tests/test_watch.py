@@ -4,6 +4,7 @@ Mosquitto broker (started here, on loopback), both taken away and brought back m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -165,9 +166,13 @@ class _Broker:
     def __init__(self, root: Path, port: int) -> None:
         self.port, self.root = port, root
         root.mkdir(parents=True, exist_ok=True)
+        # Started as root, Mosquitto drops to its own user, which cannot write into pytest's
+        # 0700 tmp folders: no persistence file, so a restart forgets the subscriber's
+        # session and the test turns into a race. ``user root`` keeps it able to save.
+        stay = "user root\n" if os.geteuid() == 0 else ""
         (root / "mosquitto.conf").write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {root}/\nlog_dest none\n"
+            f"persistence_location {root}/\nlog_dest none\n{stay}"
         )
         self.proc: subprocess.Popen | None = None
 
@@ -213,6 +218,8 @@ def test_mqtt_messages_survive_the_broker_going_away(line, tmp_path):
         w.scan_once(), w.scan_once()
         assert _wait(lambda: len(got) == 1)
         broker.kill()  # the broker goes away mid-run
+        # it saved the subscriber's session, so what arrives while the subscriber reconnects waits
+        assert (tmp_path / "broker" / "mosquitto.db").exists()
         for i in (1, 2):
             write_png(inbox / f"{i}.png", good)
         w.scan_once(), w.scan_once()
