@@ -35,6 +35,15 @@ What it times, per preset (``default``, ``accurate``):
   ``Detector.predict`` on that file (reduced decode) against ``full_resolution=True`` (full
   decode and a full-size map).
 
+- ``tiled``: one camera frame of 5 megapixels (2592 x 1944, a test image scaled up) scored at
+  batch 1 (one image per call) squeezed to the model size (``Detector.predict``) and cut into
+  model-size tiles at scale 1 (``stmae.geometry.score_split`` over the same model's
+  ``score_uint8``: the path ``Scorer.predict`` takes for a run fitted with ``--tile``; the
+  weights do not change the cost), in ms per image and per megapixel; the same frame at a
+  quarter and a half of its area as well, so ms per tile shows whether the cost is linear in
+  the number of tiles. ``--only-tiled`` times this row alone (one short fit of the default
+  preset) and writes ``speed-tiled-<device>.json``.
+
 On a GPU (``--device cuda``) the bf16 rows are replaced by ``cuda``: the pipeline alone on
 64 images already on the device, eagerly and replayed from CUDA graphs, at batch 1 and 64, in
 both precisions, against the GPU targets (<= 2 ms at batch 1, >= 3,000 images/s at batch 64);
@@ -169,6 +178,50 @@ def time_decode(det: Detector, image: np.ndarray, work: Path, calls: int) -> dic
     }
     row["read_speedup"] = row["read_full"]["median_ms"] / row["read_reduced"]["median_ms"]
     return row
+
+
+#: The tiled row's frame: 5.04 megapixels, a common industrial camera's resolution.
+TILED_FRAME = (1944, 2592)
+TILED_CALLS = 5  # calls per size after one warm-up: a 5 MP frame takes seconds
+
+
+def time_tiled(det: Detector, image: np.ndarray, calls: int) -> dict[str, Any]:
+    """One large frame at batch 1, squeezed against tiled (module docstring, ``tiled``)."""
+    from PIL import Image
+
+    from stmae.geometry import Geometry, score_split
+
+    size = det.config.features.image_size
+    geometry = Geometry(mode="tile", size=size, overlap=0.25)
+    h, w = TILED_FRAME
+    frames = []
+    for area in (0.25, 0.5, 1.0):
+        fh, fw = int(round(h * area ** 0.5)), int(round(w * area ** 0.5))
+        frame = np.asarray(Image.fromarray(image).resize((fw, fh), Image.BILINEAR))
+        tiles = geometry.layout(fh, fw).count
+
+        def tiled(frame: np.ndarray = frame) -> None:
+            score_split(det.score_uint8, geometry, [geometry.split(frame)], det.batch_size)
+
+        t = timed(tiled, calls, warmup=1)
+        mp = fh * fw / 1e6
+        frames.append({
+            "shape": [fh, fw], "megapixels": round(mp, 3), "tiles": tiles, "tiled": t,
+            "ms_per_megapixel": t["median_ms"] / mp, "ms_per_tile": t["median_ms"] / tiles,
+        })
+    big = frames[-1]
+    frame = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    squeezed = timed(lambda: det.predict(frame), calls, warmup=1)
+    per_tile = [f["ms_per_tile"] for f in frames]
+    return {
+        "image": f"{w} x {h} RGB (a test image scaled up), {h * w / 1e6:.2f} MP, batch 1",
+        "tile": size, "overlap": 0.25, "tile_batch": det.batch_size,
+        "frames": frames,
+        "squeezed": squeezed,
+        "squeezed_ms_per_megapixel": squeezed["median_ms"] / big["megapixels"],
+        "tiled_over_squeezed": big["tiled"]["median_ms"] / squeezed["median_ms"],
+        "ms_per_tile_spread": max(per_tile) / min(per_tile),
+    }
 
 
 #: GPU targets (issue "One fast inference pipeline"): batch 64 and batch 1.
@@ -358,6 +411,7 @@ def bench_preset(name: str, train: Sequence[Sample], test: Sequence[Sample], arg
             row["bank_search"] = time_bank_search(det, images, args.calls)
         if device.type == "cpu":
             row["stages"] = time_stages(det, images, args.calls)
+        row["tiled"] = time_tiled(det, images[0], TILED_CALLS)
     row["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     row["run_dir"] = str(result.run_dir)
     return row
@@ -412,7 +466,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/speed-<device type>.json")
+    p.add_argument("--only-tiled", action="store_true",
+                   help="time the tiled 5 MP row alone, on a --fit-epochs fit of the default preset "
+                   "(default out: speed-tiled-<device type>.json)")
     return p.parse_args(argv)
+
+
+def main_tiled(args: argparse.Namespace, train: Sequence[Sample], test: Sequence[Sample],
+               device: torch.device, started: float) -> dict[str, Any]:
+    """``--only-tiled``: the ``tiled`` row of the default preset, alone."""
+    with tempfile.TemporaryDirectory(prefix="stmae-speed-") as tmp:
+        cfg = preset_config("default")
+        result = fit(list(train), Path(tmp) / "default", cfg, train__epochs=args.fit_epochs,
+                     train__device=str(device), quiet=True)
+        det = Detector.load(result.run_dir, device=str(device))
+        row = time_tiled(det, images_of(test, 1)[0], TILED_CALLS)
+    results = {"benchmark": "speed-tiled", "threads": args.threads, "preset": "default",
+               "fit_epochs": args.fit_epochs, "train_images": len(train),
+               "memory_bank_patches": (result.meta.get("memory") or {}).get("bank_patches"),
+               "tiled": row, "provenance": provenance.collect(str(device), started=started)}
+    out = args.out or HERE / "results" / f"speed-tiled-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+    tmp_out.replace(out)
+    print(tiled_summary(row))
+    print(f"wrote {out}")
+    return results
+
+
+def tiled_summary(t: dict[str, Any]) -> str:
+    lines = [f"tiled {t['image']}: squeezed {t['squeezed']['median_ms']:.0f} ms "
+             f"({t['squeezed_ms_per_megapixel']:.0f} ms/MP); tiled {t['tiled_over_squeezed']:.1f}x that"]
+    for f in t["frames"]:
+        lines.append(f"  {f['shape'][0]} x {f['shape'][1]} ({f['megapixels']:.2f} MP, {f['tiles']} tiles): "
+                     f"{f['tiled']['median_ms']:.0f} ms = {f['ms_per_megapixel']:.0f} ms/MP, {f['ms_per_tile']:.1f} ms/tile")
+    lines.append(f"  ms per tile, largest / smallest over the three sizes: {t['ms_per_tile_spread']:.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -427,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     idx = knn.subsample_indices(len(ds.train), args.train, seed=0)
     train = [ds.train[i] for i in idx]
     test = ds.test[:32]
+    if args.only_tiled:
+        return main_tiled(args, train, test, device, started)
     results: dict[str, Any] = {"benchmark": "speed", "threads": args.threads, "presets": {}}
     with tempfile.TemporaryDirectory(prefix="stmae-speed-") as tmp:
         for name in args.presets_list:
@@ -502,6 +594,8 @@ def summary(results: dict[str, Any]) -> str:
                 f"{b['float32_b32']['median_ms']:.0f} ms; from float64 {b['bf16_max_abs_diff_vs_float64']:.1e} vs "
                 f"{b['float32_max_abs_diff_vs_float64']:.1e}"
             )
+        if "tiled" in row:
+            lines.append(f"{name:9s} " + tiled_summary(row["tiled"]))
         if "stages" in row:
             st = row["stages"]
             lines.append(f"{name:9s} stages, ms per image b1 -> b32: " + "; ".join(
