@@ -61,7 +61,6 @@ Run: ``python benchmarks/speed.py [--data DIR] [--threads 2] [--device cpu]``; w
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 import time
@@ -79,6 +78,7 @@ from stmae import Detector, fit, provenance  # noqa: E402
 from stmae.config import preset as preset_config  # noqa: E402
 from stmae.data import load_mvtec, resize_image, to_tensor_batch  # noqa: E402
 from stmae.data.base import Sample  # noqa: E402
+from stmae.fileio import atomic_write_json  # noqa: E402
 from stmae.pipeline import MapPipeline  # noqa: E402
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
@@ -485,14 +485,15 @@ def main_tiled(args: argparse.Namespace, train: Sequence[Sample], test: Sequence
                "fit_epochs": args.fit_epochs, "train_images": len(train),
                "memory_bank_patches": (result.meta.get("memory") or {}).get("bank_patches"),
                "tiled": row, "provenance": provenance.collect(str(device), started=started)}
-    out = args.out or HERE / "results" / f"speed-tiled-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    tmp_out.replace(out)
-    print(tiled_summary(row))
-    print(f"wrote {out}")
+    write_results(args.out or HERE / "results" / f"speed-tiled-{device.type}.json", results, tiled_summary(row))
     return results
+
+
+def write_results(out: Path, results: dict[str, Any], text: str) -> None:
+    """Write the results JSON atomically and print its summary."""
+    atomic_write_json(out, results)
+    print(text)
+    print(f"wrote {out}")
 
 
 def tiled_summary(t: dict[str, Any]) -> str:
@@ -534,13 +535,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for row in results["presets"].values():
         row.pop("run_dir", None)
     results["provenance"] = provenance.collect(str(device), started=started)
-    out = args.out or HERE / "results" / f"speed-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    tmp_out.replace(out)
-    print(summary(results))
-    print(f"wrote {out}")
+    write_results(args.out or HERE / "results" / f"speed-{device.type}.json", results, summary(results))
     return results
 
 
