@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .data import Sample, resize_image, to_tensor_batch
+from .data import Sample, to_tensor_batch
 from .device import tracing
 from .geometry import Geometry, Layout
 
@@ -133,7 +133,6 @@ def batched(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-@torch.no_grad()
 def extract_features(
     extractor: FeatureExtractor,
     samples: Sequence[Sample],
@@ -147,16 +146,12 @@ def extract_features(
     """Read, resize (to ``image_size``) and featurise samples: a CPU cache (len, C, G, G).
 
     The one place where images become cached features, so training, the one-class test
-    cache and the kNN yardstick all see exactly the same inputs.
+    cache and the kNN yardstick all see exactly the same inputs: the squeezing geometry of
+    :func:`extract_sample_features`.
     """
-    out = torch.empty(len(samples), extractor.out_channels, extractor.grid_size, extractor.grid_size)
-    with tqdm(total=len(samples), desc=desc, unit="img", disable=quiet, leave=False) as bar:
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            images = to_tensor_batch([resize_image(s.load_image(reduce_to=image_size), image_size) for s in chunk])
-            out[start : start + len(chunk)] = extractor(images.to(device)).cpu()
-            bar.update(len(chunk))
-    return out
+    return extract_sample_features(
+        extractor, samples, Geometry(size=image_size), batch_size=batch_size, device=device, desc=desc, quiet=quiet
+    ).feats
 
 
 @dataclass
@@ -183,6 +178,7 @@ class SampleFeatures:
         return SampleFeatures(self.feats[torch.as_tensor(rows, dtype=torch.long)], [self.layouts[i] for i in picked])
 
 
+@torch.no_grad()
 def extract_sample_features(
     extractor: FeatureExtractor,
     samples: Sequence[Sample],
@@ -193,13 +189,8 @@ def extract_sample_features(
     desc: str = "features",
     quiet: bool = False,
 ) -> SampleFeatures:
-    """Read, cut by ``geometry`` and featurise samples (see :func:`extract_features`, which
-    this equals for ``resize``). Tiles of consecutive samples share backbone calls of at
-    most ``batch_size`` tiles."""
-    if geometry.mode == "resize":
-        feats = extract_features(extractor, samples, geometry.size, batch_size=batch_size, device=device,
-                                 desc=desc, quiet=quiet)
-        return SampleFeatures(feats, [geometry.layout(geometry.size, geometry.size)] * len(samples))
+    """Read, cut by ``geometry`` and featurise samples (``resize``: one input per sample).
+    Tiles of consecutive samples share backbone calls of at most ``batch_size`` tiles."""
     chunks: list[torch.Tensor] = []
     layouts: list[Layout] = []
     pending: list[np.ndarray] = []
