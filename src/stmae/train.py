@@ -146,8 +146,8 @@ def train_model(
     Each step draws a fresh random split per image (the decoupling), so over training every
     patch is reconstructed from many different halves of its image.
 
-    Three extension points, so that a training variant (the ablation study's, in
-    ``research/_lib/variants.py``) reuses this loop instead of copying it; their defaults
+    Three extension points, so that a training variant (the ablation study's, see
+    docs/research.md) reuses this loop instead of copying it; their defaults
     are the package's training: ``loss`` (:data:`LossFn`, default
     :func:`~stmae.model.reconstruction_loss`), ``draw_splits`` (the per-step splits,
     :data:`~stmae.model.decoupling.SplitDrawer`, default per token), and ``after_step``,
